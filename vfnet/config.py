@@ -1,0 +1,352 @@
+"""Configuration: dataclasses, TOML loading, `--set key=value` overrides and validation.
+
+A config is a TOML file with the sections below; every key is optional and defaults to the
+reference VFNet R-50 1x COCO settings (DESIGN.md §3). Relative paths are resolved against the
+current working directory. `vfnet train` with no `--config` uses `configs/shapes_tiny.toml`.
+
+Errors (unknown section or key, wrong value type, out-of-range value, unreadable file) raise
+`ConfigError`, a `ValueError` whose message names the file and the key at fault.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+import tomli_w
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is invalid; the message names which."""
+
+
+@dataclass
+class ModelConfig:
+    """The detector: backbone, FPN, head, and which kernels it runs."""
+
+    depth: int = 50  # ResNet depth: 18, 34, 50 or 101
+    num_classes: int = 80
+    pretrained: str = ""  # path to a torchvision-format ImageNet state dict; "" = random init
+    frozen_stages: int = 1  # 0 = nothing frozen, 1 = stem + stage 1 frozen, ...
+    norm_eval: bool = True  # backbone BatchNorm statistics frozen (eval mode)
+    fpn_channels: int = 256
+    head_channels: int = 256
+    stacked_convs: int = 3  # conv-GN-ReLU layers per head tower
+    gn_groups: int = 32
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    reg_denoms: list[float] = field(default_factory=lambda: [64.0, 128.0, 256.0, 512.0, 1024.0])
+    gradient_mul: float = 0.1  # scale of the star conv's gradient to the initial boxes
+    kernels: str = "triton"  # "triton" (Triton kernels where they run) or "torch" (references)
+
+
+@dataclass
+class AssignConfig:
+    """ATSS target assignment."""
+
+    topk: int = 9  # candidates per level and gt
+    anchor_scale: float = 8.0  # anchor side = anchor_scale * stride
+
+
+@dataclass
+class LossConfig:
+    """VFNet loss: varifocal loss + GIoU on the initial and the refined boxes."""
+
+    alpha: float = 0.75
+    gamma: float = 2.0
+    iou_weighted: bool = True
+    cls_weight: float = 1.0
+    init_weight: float = 1.5
+    refine_weight: float = 2.0
+
+
+@dataclass
+class InferConfig:
+    """Inference: score threshold, top-k, NMS."""
+
+    nms_pre: int = 1000  # top points per level before NMS
+    score_thr: float = 0.05
+    nms_iou: float = 0.6
+    max_per_img: int = 100
+
+
+@dataclass
+class DataConfig:
+    """Data sets and the input pipeline."""
+
+    train_ann: str = "data/coco/annotations/instances_train2017.json"
+    train_images: str = "data/coco/train2017"
+    val_ann: str = "data/coco/annotations/instances_val2017.json"
+    val_images: str = "data/coco/val2017"
+    train_parquet: str = ""  # directory of `vfnet data pack` shards; "" = read json + images
+    synth: bool = False  # generate the synthetic shapes data set at `synth_dir` if missing
+    synth_dir: str = "data/shapes"
+    synth_images: int = 512  # training images (the val split has a quarter as many)
+    synth_size: int = 256  # side of a synthetic image, pixels
+    synth_seed: int = 0
+    img_scale: list[int] = field(default_factory=lambda: [1333, 800])  # max long, max short side
+    multiscale: list[list[int]] = field(default_factory=list)  # [[long, short], ...] sampled per image
+    flip_prob: float = 0.5
+    size_divisor: int = 32
+    mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255 scale
+    std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    num_workers: int = 2  # DataLoader worker processes
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, checkpoints and evaluation during training."""
+
+    batch_size: int = 2  # images per worker and step
+    epochs: int = 12
+    max_iters: int = 0  # > 0: train this many iterations instead of `epochs`
+    lr: float = 0.01  # for `base_batch_size` images; scaled linearly to the global batch
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    bias_lr_mult: float = 2.0
+    bias_decay_mult: float = 0.0
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.1
+    schedule: str = "step"  # "step" or "cosine"
+    lr_steps: list[float] = field(default_factory=lambda: [8.0, 11.0])  # in epochs (step schedule)
+    lr_gamma: float = 0.1
+    grad_clip: float = 0.0  # max gradient norm; 0 = no clipping
+    amp: bool = True  # bf16 autocast on CUDA
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    seed: int = 0
+    log_interval: int = 20
+    checkpoint_interval: int = 0  # iterations between checkpoints; 0 = once per epoch
+    eval_interval: int = 0  # iterations between evaluations; 0 = only at the end
+    keep_checkpoints: int = 3  # per-epoch checkpoints kept (last.pt is always kept)
+    max_failures: int = 3  # Ray Train: restarts after a worker failure
+
+
+@dataclass
+class TuneConfig:
+    """Ray Tune sweep: the search space and ASHA.
+
+    `space` maps a dotted config key to a distribution: {type = "uniform" | "loguniform",
+    low, high} or {type = "choice", values = [...]}.
+    """
+
+    space: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "loss.alpha": {"type": "uniform", "low": 0.25, "high": 1.0},
+            "loss.gamma": {"type": "uniform", "low": 1.0, "high": 3.0},
+            "loss.init_weight": {"type": "uniform", "low": 0.75, "high": 3.0},
+            "loss.refine_weight": {"type": "uniform", "low": 1.0, "high": 4.0},
+            "train.lr": {"type": "loguniform", "low": 0.0025, "high": 0.04},
+        }
+    )
+    metric: str = "bbox_mAP"
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+
+
+@dataclass
+class Config:
+    """A whole run's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    assign: AssignConfig = field(default_factory=AssignConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def get(self, key: str) -> Any:
+        """The value at a dotted key, e.g. `cfg.get("train.lr")`."""
+        section, name = _split_key(key)
+        return getattr(getattr(self, section), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML config (the shapes default when `path` is None), apply `key=value` overrides,
+    validate, and return it. Raises ConfigError naming the file/key/value at fault."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    cfg = config_from_dict(raw, source=str(path))
+    return apply_overrides(cfg, overrides or [])
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated Config from nested dicts (as read from TOML)."""
+    cfg = Config()
+    for section, values in raw.items():
+        if section not in _sections():
+            raise ConfigError(f"{source}: unknown config section [{section}]{_hint(section, _sections())}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, source)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings (value in TOML syntax; bare words are strings)."""
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in _sections()})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = (part.strip() for part in item.split("=", 1))
+        _set(cfg, key, _parse_value(text), f"--set {key}")
+    validate(cfg, "--set")
+    return cfg
+
+
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set one dotted key in place, with type checking (used by sweeps)."""
+    _set(cfg, key, value, key)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(cfg.to_toml())
+    tmp.replace(path)
+
+
+def validate(cfg: Config, source: str = "config") -> None:
+    """Check value ranges and choices; raise ConfigError naming the key."""
+    checks: list[tuple[str, bool, str]] = [
+        ("model.depth", cfg.model.depth in (18, 34, 50, 101), "one of 18, 34, 50, 101"),
+        ("model.num_classes", cfg.model.num_classes >= 1, ">= 1"),
+        ("model.frozen_stages", 0 <= cfg.model.frozen_stages <= 4, "in 0..4"),
+        ("model.kernels", cfg.model.kernels in ("triton", "torch"), "'triton' or 'torch'"),
+        ("model.strides", len(cfg.model.strides) == 5 and all(s > 0 for s in cfg.model.strides),
+         "5 positive strides (P3-P7)"),
+        ("model.reg_denoms", len(cfg.model.reg_denoms) == len(cfg.model.strides),
+         "one per stride"),
+        ("model.head_channels", cfg.model.head_channels % cfg.model.gn_groups == 0,
+         "a multiple of model.gn_groups"),
+        ("assign.topk", cfg.assign.topk >= 1, ">= 1"),
+        ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"),
+        ("loss.alpha", cfg.loss.alpha >= 0, ">= 0"),
+        ("infer.score_thr", 0 <= cfg.infer.score_thr < 1, "in [0, 1)"),
+        ("infer.nms_iou", 0 < cfg.infer.nms_iou <= 1, "in (0, 1]"),
+        ("data.img_scale", len(cfg.data.img_scale) == 2 and min(cfg.data.img_scale) > 0,
+         "[max_long_side, max_short_side], positive"),
+        ("data.multiscale", all(len(s) == 2 and min(s) > 0 for s in cfg.data.multiscale),
+         "a list of [long, short] pairs"),
+        ("data.flip_prob", 0 <= cfg.data.flip_prob <= 1, "in [0, 1]"),
+        ("data.size_divisor", cfg.data.size_divisor >= 1, ">= 1"),
+        ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
+        ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
+        ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_iters > 0, ">= 1"),
+        ("train.max_iters", cfg.train.max_iters >= 0, ">= 0"),
+        ("train.lr", cfg.train.lr > 0, "> 0"),
+        ("train.schedule", cfg.train.schedule in ("step", "cosine"), "'step' or 'cosine'"),
+        ("train.warmup_ratio", 0 < cfg.train.warmup_ratio <= 1, "in (0, 1]"),
+        ("train.grad_clip", cfg.train.grad_clip >= 0, ">= 0"),
+        ("train.checkpoint_interval", cfg.train.checkpoint_interval >= 0, ">= 0"),
+        ("train.eval_interval", cfg.train.eval_interval >= 0, ">= 0"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1"),
+        ("train.max_failures", cfg.train.max_failures >= -1, ">= -1 (-1 = unlimited)"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {key} = {cfg.get(key)!r} is invalid: expected {expected}")
+    device = cfg.train.device
+    if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise ConfigError(f"{source}: train.device = {device!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _sections():
+        raise ConfigError(f"unknown config key {key!r}{_hint(key, _all_keys())}")
+    return parts[0], parts[1]
+
+
+def _all_keys() -> list[str]:
+    cfg = Config()
+    return [f"{s}.{f.name}" for s in _sections() for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _hint(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _set(cfg: Config, key: str, value: Any, source: str) -> None:
+    section_name, name = _split_key(key)
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise ConfigError(f"{source}: unknown config key {key!r}{_hint(key, _all_keys())}")
+    hint = typing.get_type_hints(type(section))[name]
+    setattr(section, name, _coerce(value, hint, f"{source}: {key}"))
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint (int/float/bool/str, list[...], dict[...])."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner,) = typing.get_args(hint)
+        return [_coerce(v, inner, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint}")  # a programming error, not user input
+
+
+def _parse_value(text: str) -> Any:
+    """Parse a `--set` value as TOML (`3`, `0.5`, `true`, `[1, 2]`, `"s"`); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
