@@ -1,0 +1,149 @@
+"""VFNet: ResNet + FPN + VFNet head, with ATSS targets, the VFNet loss and inference."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from vfnet.assign import atss_assign, pad_gts
+from vfnet.boxes import batched_nms, distance_to_box
+from vfnet.config import Config
+from vfnet.losses import flatten_levels, vfnet_loss
+from vfnet.model.backbone import ResNet
+from vfnet.model.fpn import FPN
+from vfnet.model.head import HeadOutputs, VFNetHead
+
+log = logging.getLogger(__name__)
+
+
+def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
+    """Point coordinates of one level: [H*W, 2] (x, y) = (j * stride, i * stride), row-major."""
+    h, w = shape
+    ys = torch.arange(h, dtype=torch.float32, device=device) * stride
+    xs = torch.arange(w, dtype=torch.float32, device=device) * stride
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x.reshape(-1), grid_y.reshape(-1)], dim=1)
+
+
+class VFNet(nn.Module):
+    """The VarifocalNet detector configured by `cfg.model`, `cfg.assign`, `cfg.loss`, `cfg.infer`.
+
+    `kernels` ("triton" | "torch") picks the `kernels` ops or their PyTorch references for the star
+    conv and the varifocal loss. With `cfg.model.pretrained` set, the backbone loads that
+    torchvision-format state dict.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.cfg = cfg
+        self.kernels = m.kernels
+        use_kernels = m.kernels == "triton"
+        self.backbone = ResNet(m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
+        if m.pretrained:
+            self.backbone.load_torchvision_state_dict(m.pretrained)
+        self.neck = FPN(self.backbone.out_channels, m.fpn_channels)
+        self.head = VFNetHead(
+            m.num_classes,
+            m.fpn_channels,
+            channels=m.head_channels,
+            stacked_convs=m.stacked_convs,
+            gn_groups=m.gn_groups,
+            strides=m.strides,
+            reg_denoms=m.reg_denoms,
+            gradient_mul=m.gradient_mul,
+            use_kernels=use_kernels,
+        )
+
+    def forward(self, images: torch.Tensor) -> HeadOutputs:
+        """images [B, 3, H, W] normalised -> per-level head outputs."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        return self.head(self.neck(self.backbone(images)))
+
+    def points(self, outputs: HeadOutputs) -> list[torch.Tensor]:
+        """Per-level point coordinates [H_l*W_l, 2] matching `outputs`."""
+        return [
+            level_points(tuple(s.shape[-2:]), stride, s.device)
+            for s, stride in zip(outputs.cls_scores, self.head.strides)
+        ]
+
+    def loss(
+        self, outputs: HeadOutputs, gt_boxes: list[torch.Tensor], gt_labels: list[torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Training losses for a batch.
+
+        gt_boxes[i] [n_i, 4] xyxy in input pixels, gt_labels[i] [n_i] int 0..C-1. Returns
+        `loss_cls`, `loss_bbox_init`, `loss_bbox_refine` (weighted; the total is their sum) and
+        `num_pos` (detached).
+        """
+        batch = outputs.cls_scores[0].shape[0]
+        if len(gt_boxes) != batch:
+            raise ValueError(f"gt_boxes has {len(gt_boxes)} images but the batch has {batch}")
+        points = self.points(outputs)
+        device = points[0].device
+        boxes, labels, valid = pad_gts(gt_boxes, gt_labels, device)
+        targets = atss_assign(
+            points, self.head.strides, boxes, labels, valid, self.head.num_classes,
+            topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
+        )
+        return vfnet_loss(
+            flatten_levels(outputs.cls_scores),
+            flatten_levels(outputs.bbox_init),
+            flatten_levels(outputs.bbox_refine),
+            torch.cat(points),
+            targets,
+            self.cfg.loss,
+            use_kernels=self.kernels == "triton",
+        )
+
+    @torch.no_grad()
+    def predict(
+        self, images: torch.Tensor, image_sizes: torch.Tensor, scales: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Detect objects (call `eval()` first).
+
+        images [B, 3, H, W]; image_sizes [B, 2] (h, w) of the resized, unpadded images; scales
+        [B, 2] (sx, sy) = resized / original. Returns per image a dict with `boxes` [k, 4] xyxy in
+        original-image pixels, `scores` [k], `labels` [k] int64 (k <= infer.max_per_img).
+        """
+        batch = images.shape[0]
+        for name, value in (("image_sizes", image_sizes), ("scales", scales)):
+            if value.shape != (batch, 2):
+                raise ValueError(f"{name} must be [{batch}, 2], got {tuple(value.shape)}")
+        outputs = self(images)
+        return self.detections(outputs, image_sizes, scales)
+
+    def detections(
+        self, outputs: HeadOutputs, image_sizes: torch.Tensor, scales: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]]:
+        """Post-process head outputs into per-image detections (see `predict`)."""
+        infer = self.cfg.infer
+        device = outputs.cls_scores[0].device
+        image_sizes = image_sizes.to(device)
+        scales = scales.to(device=device, dtype=torch.float32)
+        cand_boxes, cand_scores = [], []
+        for scores_map, refine_map, points in zip(outputs.cls_scores, outputs.bbox_refine, self.points(outputs)):
+            scores = flatten_levels([scores_map]).float().sigmoid()  # [B, P_l, C]
+            distances = flatten_levels([refine_map]).float()  # [B, P_l, 4]
+            if 0 < infer.nms_pre < scores.shape[1]:
+                top = scores.max(dim=2).values.topk(infer.nms_pre, dim=1).indices  # [B, k]
+                scores = scores.gather(1, top.unsqueeze(-1).expand(-1, -1, scores.shape[2]))
+                distances = distances.gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
+                level_pts = points[top]  # [B, k, 2]
+            else:
+                level_pts = points.expand(scores.shape[0], -1, -1)
+            cand_boxes.append(distance_to_box(level_pts, distances, image_sizes[:, None, :]))
+            cand_scores.append(scores)
+        boxes_all = torch.cat(cand_boxes, dim=1) / scales.repeat(1, 2)[:, None, :]
+        scores_all = torch.cat(cand_scores, dim=1)
+        return [self._nms(b, s) for b, s in zip(boxes_all, scores_all)]
+
+    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        """boxes [K, 4], scores [K, C] of one image -> thresholded, class-wise NMS'd detections."""
+        infer = self.cfg.infer
+        point, label = torch.nonzero(scores > infer.score_thr, as_tuple=True)
+        kept_boxes, kept_scores = boxes[point], scores[point, label]
+        keep = batched_nms(kept_boxes, kept_scores, label, infer.nms_iou)[: infer.max_per_img]
+        return {"boxes": kept_boxes[keep], "scores": kept_scores[keep], "labels": label[keep]}
