@@ -1,5 +1,6 @@
 """Public ops: Triton kernels with autograd, dispatching to `kernels.reference` where Triton
 does not run (see `kernels.dispatch`)."""
+from kernels.star_conv import star_deform_conv2d, star_deform_conv2d_pair
 from kernels.varifocal import varifocal_loss, varifocal_loss_dense
 
-__all__ = ["varifocal_loss", "varifocal_loss_dense"]
+__all__ = ["star_deform_conv2d", "star_deform_conv2d_pair", "varifocal_loss", "varifocal_loss_dense"]
