@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+
+from vfnet.assign import atss_assign, pad_gts
+from vfnet.boxes import iou_aligned
+from vfnet.model.detector import level_points
+
+C = 4  # classes; background label = C
+
+
+def grid(h, w, stride):
+    return level_points((h, w), stride, torch.device("cpu"))
+
+
+def assign(points, strides, gt_boxes, gt_labels, **kw):
+    boxes, labels, valid = pad_gts(gt_boxes, gt_labels, torch.device("cpu"))
+    return atss_assign(points, strides, boxes, labels, valid, C, **kw)
+
+
+def test_hand_built_single_positive():
+    # 4x4 points at 0, 8, 16, 24; anchors of side 16. gt centre (11, 10): the 3 nearest points are
+    # (8, 8), (16, 8), (8, 16) with IoUs 196/348, 168/376, 140/404 -> threshold mean + std = 0.5606;
+    # only (8, 8) (IoU 0.5632, inside the gt) is positive.
+    ious = torch.tensor([196 / 348, 168 / 376, 140 / 404])
+    assert ious[0] >= ious.mean() + ious.std() > ious[1]
+    t = assign([grid(4, 4, 8)], [8], [torch.tensor([[2.0, 2.0, 20.0, 18.0]])], [torch.tensor([3])],
+               topk=3, anchor_scale=2.0)
+    expected = torch.full((1, 16), C)
+    expected[0, 1 * 4 + 1] = 3
+    assert torch.equal(t.labels, expected)
+    assert torch.equal(t.positive, expected < C)
+    assert t.boxes[0, 5].tolist() == [2.0, 2.0, 20.0, 18.0] and (t.boxes[0, :5] == 0).all()
+    # topk 2: mean + unbiased std of two IoUs exceeds the larger one (a biased std would equal it)
+    t = assign([grid(4, 4, 8)], [8], [torch.tensor([[2.0, 2.0, 20.0, 18.0]])], [torch.tensor([3])],
+               topk=2, anchor_scale=2.0)
+    assert not t.positive.any()
+
+
+def test_point_must_lie_inside_gt():
+    # gt (9, 9, 14, 14) contains no grid point: high-IoU candidates are rejected.
+    t = assign([grid(4, 4, 8)], [8], [torch.tensor([[9.0, 9.0, 14.0, 14.0]])], [torch.tensor([0])],
+               topk=3, anchor_scale=1.0)
+    assert not t.positive.any()
+    # candidates (8, 8), (16, 8), (8, 16) with IoUs ~0.145, 0, 0: (8, 8) passes the IoU threshold,
+    # and is positive when inside by 0.02 px, not when inside by only 0.005 px (< 0.01)
+    t = assign([grid(4, 4, 8)], [8], [torch.tensor([[7.98, 7.98, 12.0, 12.0]])], [torch.tensor([0])],
+               topk=3, anchor_scale=0.5)
+    assert t.positive[0].nonzero().flatten().tolist() == [5]
+    t = assign([grid(4, 4, 8)], [8], [torch.tensor([[7.995, 7.995, 12.0, 12.0]])], [torch.tensor([0])],
+               topk=3, anchor_scale=0.5)
+    assert not t.positive.any()
+
+
+def test_empty_images_and_padding():
+    points = [grid(6, 6, 8), grid(3, 3, 16)]
+    t = assign(points, [8, 16], [torch.zeros(0, 4), torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)] * 2)
+    assert not t.positive.any() and (t.labels == C).all()
+    one = torch.tensor([[4.0, 4.0, 30.0, 28.0]])
+    t = assign(points, [8, 16], [one, torch.zeros(0, 4)], [torch.tensor([1]), torch.zeros(0, dtype=torch.long)],
+               anchor_scale=2.0)
+    assert t.positive[0].any() and not t.positive[1].any() and (t.labels[0][t.positive[0]] == 1).all()
+
+
+def brute_force(points, strides, gt_boxes, gt_labels, topk, anchor_scale):
+    """Per image, per gt, per level loops over plain Python values."""
+    all_pts = torch.cat(points)
+    sizes = [p.shape[0] for p in points]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    anchor_half = torch.cat([torch.full((n,), anchor_scale * s / 2) for n, s in zip(sizes, strides)])
+    anchors = torch.cat([all_pts - anchor_half[:, None], all_pts + anchor_half[:, None]], dim=1)
+    labels = torch.full((len(gt_boxes), all_pts.shape[0]), C)
+    for b, (boxes, cls) in enumerate(zip(gt_boxes, gt_labels)):
+        best = {}
+        for g, box in enumerate(boxes):
+            cx, cy = float(box[0] + box[2]) / 2, float(box[1] + box[3]) / 2
+            cands = []
+            for start, n in zip(starts, sizes):
+                d = [math.hypot(float(all_pts[i, 0]) - cx, float(all_pts[i, 1]) - cy) for i in range(start, start + n)]
+                order = sorted(range(n), key=lambda i: d[i])[:topk]
+                cands += [start + i for i in order]
+            ious = torch.stack([iou_aligned(anchors[i], box) for i in cands])
+            thr = ious.mean() + ious.std()
+            for i, iou in zip(cands, ious):
+                x, y = all_pts[i].tolist()
+                inside = min(x - box[0], y - box[1], box[2] - x, box[3] - y) > 0.01
+                if iou >= thr and inside and float(iou) > best.get(i, (-1.0, 0))[0]:
+                    best[i] = (float(iou), int(cls[g]))
+        for i, (_, label) in best.items():
+            labels[b, i] = label
+    return labels
+
+
+@pytest.mark.parametrize("topk", [3, 9])
+def test_matches_brute_force(seeded, topk):
+    points = [grid(12, 16, 8), grid(6, 8, 16), grid(3, 4, 32), grid(2, 2, 64), grid(1, 1, 128)]
+    strides = [8, 16, 32, 64, 128]
+    gt_boxes, gt_labels = [], []
+    for n in (7, 0, 3):  # crowded, empty, sparse images
+        xy = torch.rand(n, 2, generator=seeded) * torch.tensor([100.0, 70.0])
+        wh = torch.rand(n, 2, generator=seeded) * 60 + 4
+        gt_boxes.append(torch.cat([xy, xy + wh], dim=1))
+        gt_labels.append(torch.randint(0, C, (n,), generator=seeded))
+    t = assign(points, strides, gt_boxes, gt_labels, topk=topk, anchor_scale=8.0)
+    expected = brute_force(points, strides, gt_boxes, gt_labels, topk, 8.0)
+    assert t.positive.sum() > 5
+    assert torch.equal(t.labels, expected)
+    # the assigned box is a gt of the assigned class
+    for b in range(3):
+        for i in t.positive[b].nonzero().flatten():
+            g = (gt_boxes[b] == t.boxes[b, i]).all(dim=1).nonzero().flatten()
+            assert len(g) == 1 and gt_labels[b][g[0]] == t.labels[b, i]
+
+
+def test_pad_gts_bad_input():
+    with pytest.raises(ValueError, match="gt_boxes\\[0\\]"):
+        pad_gts([torch.zeros(2, 5)], [torch.zeros(2, dtype=torch.long)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="gt_labels\\[0\\]"):
+        pad_gts([torch.zeros(2, 4)], [torch.zeros(3, dtype=torch.long)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="gt_labels has 2"):
+        pad_gts([torch.zeros(2, 4)], [torch.zeros(2, dtype=torch.long)] * 2, torch.device("cpu"))
