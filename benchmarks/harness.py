@@ -119,10 +119,13 @@ def ceiling_rows(benchmark: str, device: torch.device) -> list[Row]:
     ]
 
 
-def write_rows(script: str, rows: list[Row], device: torch.device) -> Path:
-    """Stamp rows with device, commit and time; append them to results/<script>.csv."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{script}.csv"
+def write_rows(script: str, rows: list[Row], device: torch.device, *,
+               out_dir: Path | None = None) -> Path:
+    """Stamp rows with device, commit and time; append them to <out_dir>/<script>.csv
+    (out_dir defaults to benchmarks/results)."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{script}.csv"
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     name, commit = device_name(device), git_commit()
     new = not path.exists()
@@ -136,9 +139,10 @@ def write_rows(script: str, rows: list[Row], device: torch.device) -> Path:
     return path
 
 
-def plot_rows(script: str, rows: list[Row], metric: str, title: str) -> Path:
+def plot_rows(script: str, rows: list[Row], metric: str, title: str, *,
+              out_dir: Path | None = None) -> Path:
     """A grouped bar chart of `metric` (p50, with p20-p80 whiskers) per shape/mode/dtype and
-    provider; saved as results/<script>.png."""
+    provider; saved as <out_dir>/<script>.png (out_dir defaults to benchmarks/results)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,7 +171,9 @@ def plot_rows(script: str, rows: list[Row], metric: str, title: str) -> Path:
     ax.set_title(f"{title} ({rows[0].device if rows else ''})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = RESULTS_DIR / f"{script}.png"
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{script}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
