@@ -1,0 +1,67 @@
+"""Fixtures of the Ray tests: tiny synthetic data, a tiny config, one in-process Ray per session.
+
+Tests that need a cluster of their own (`ray start` heads for `ray job submit`, the SIGKILL and
+two-node runs) live in test_cluster.py and start it in subprocesses (see `RayHead` there); the
+in-process session cluster is started with `address="local"`, so it never joins one of those.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vfnet.config import Config, config_from_dict
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 training and 2 validation shapes images of 64 px."""
+    from vfnet.data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("shapes")
+    synthesize(root, images=8, size=64, seed=0)
+    return root
+
+
+def tiny_config_dict(data_dir: Path) -> dict:
+    """A ResNet-18 VFNet with 16-channel FPN/head on 64 px images, the reference kernels, on the
+    CPU: 4 iterations of batch 2 per worker, a checkpoint every 2 and an evaluation at the end."""
+    return {
+        "model": {"depth": 18, "num_classes": 4, "fpn_channels": 16, "head_channels": 16,
+                  "gn_groups": 4, "stacked_convs": 1, "kernels": "torch"},
+        "infer": {"nms_pre": 100, "max_per_img": 20},
+        "data": {"train_ann": str(data_dir / "annotations" / "train.json"),
+                 "train_images": str(data_dir / "images" / "train"),
+                 "val_ann": str(data_dir / "annotations" / "val.json"),
+                 "val_images": str(data_dir / "images" / "val"),
+                 "img_scale": [64, 64], "num_workers": 0},
+        "train": {"batch_size": 2, "max_iters": 4, "warmup_iters": 1, "checkpoint_interval": 2,
+                  "log_interval": 1, "device": "cpu", "amp": False, "keep_checkpoints": 2,
+                  "max_failures": 2},
+    }
+
+
+@pytest.fixture
+def tiny_config(synth_dir: Path) -> Callable[..., Config]:
+    """`tiny_config(**{"train.max_iters": 6, ...})`: the tiny config with dotted-key overrides."""
+
+    def make(**overrides: object) -> Config:
+        raw = tiny_config_dict(synth_dir)
+        for key, value in overrides.items():
+            section, name = key.split(".")
+            raw.setdefault(section, {})[name] = value
+        return config_from_dict(raw, source="tiny test config")
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """A local in-process Ray for the whole session: 4 logical CPUs, no dashboard."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+             object_store_memory=80 * 1024 * 1024)
+    yield
+    ray.shutdown()
