@@ -1,15 +1,50 @@
 """The training loop: used alone (`vfnet train`) and inside each Ray Train worker.
 
-The engine never imports Ray: a caller plugs in through `TrainHooks`.
+A run writes into its work dir (rank 0 only): `config.toml` (the resolved config),
+`metrics.jsonl` (one JSON object per log interval and per evaluation), `checkpoints/last.pt` plus
+`checkpoints/epoch_N.pt` (the newest `train.keep_checkpoints`), and `eval.json` (the final COCO
+metrics). Iterations count optimiser steps; `iter` in the records is the number of steps done.
+
+Checkpoints are written after every `train.checkpoint_interval` iterations, at the end of every
+epoch (also kept as `epoch_N.pt`) and at the end of training. Re-running on a work dir that holds
+`checkpoints/last.pt` resumes from it: model, optimiser, iteration, RNG states; the lr is a pure
+function of the iteration and the data order of (seed, epoch, batch), so the resumed run continues
+as the uninterrupted one would have. The engine never imports Ray: a caller plugs in through
+`TrainHooks`.
 """
 from __future__ import annotations
 
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vfnet.config import Config
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from vfnet.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint, set_rng_state
+from vfnet.config import Config, save_config
+from vfnet.data import Batch, build_train_loader, build_val_loader
+from vfnet.evaluate import STAT_NAMES, evaluate, write_json
+from vfnet.model import VFNet
+from vfnet.optim import LrSchedule, build_optimizer
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = ("loss_cls", "loss_bbox_init", "loss_bbox_refine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the iteration (1-based)."""
 
 
 @dataclass
@@ -17,7 +52,7 @@ class TrainHooks:
     """How a caller (e.g. a Ray Train worker) plugs into the engine; the engine never imports Ray."""
 
     # (epoch, start_batch) -> this worker's batches for that epoch; replaces build_train_loader
-    train_batches: Callable[[int, int], Iterable[Any]] | None = None
+    train_batches: Callable[[int, int], Iterable[Batch]] | None = None
     iters_per_epoch: int | None = None  # required with train_batches
     # called on EVERY rank after each checkpoint save and evaluation:
     # (metrics, checkpoint file on rank 0 / None on other ranks)
@@ -25,8 +60,346 @@ class TrainHooks:
     resume_from: Path | None = None  # resume from this checkpoint instead of workdir/checkpoints/last.pt
 
 
+def resolve_device(spec: str) -> torch.device:
+    """`train.device` -> a torch device: "auto" = CUDA when available (the LOCAL_RANK-th GPU under
+    a launcher that sets it, else the current one), otherwise the CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        local = os.environ.get("LOCAL_RANK")
+        index = int(local) % torch.cuda.device_count() if local else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    return torch.device(spec)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _config_diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object a line; rank 0 only.
+
+    A fresh run replaces an old file with its first record (the old one stays until then); a
+    resumed run first drops the records past the iteration it resumes from (they will be
+    redone), atomically.
+    """
+
+    def __init__(self, path: Path, *, resume_iter: int | None) -> None:
+        self.path = path
+        self._fresh = resume_iter is None
+        if resume_iter is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _record_iter(line) <= resume_iter]
+            self._replace("".join(line + "\n" for line in kept))
+
+    def _replace(self, text: str) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record) + "\n"
+        if self._fresh:
+            self._replace(line)
+            self._fresh = False
+            return
+        with self.path.open("a") as fh:
+            fh.write(line)
+
+
+def _record_iter(line: str) -> int:
+    try:
+        return int(json.loads(line).get("iter", 0))
+    except (ValueError, AttributeError):
+        return 0  # a torn last line of a killed run: keep nothing past what is known
+
+
+class _Meter:
+    """Sums of per-iteration values over one log interval."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.data_time = 0.0
+        self.step_time = 0.0
+
+    def add(self, values: dict[str, float], data_time: float, step_time: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.data_time += data_time
+        self.step_time += step_time
+
+    def means(self) -> dict[str, float]:
+        n = max(self.count, 1)
+        out = {k: v / n for k, v in self.sums.items()}
+        out["time_per_iter"] = (self.data_time + self.step_time) / n
+        out["data_time"] = self.data_time / n
+        return out
+
+
+@dataclass
+class _Run:
+    """Everything the loop needs, built once."""
+
+    cfg: Config
+    workdir: Path
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module  # DDP-wrapped under torch.distributed
+    core: VFNet
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    iters_per_epoch: int
+    total_iters: int
+    hooks: TrainHooks
+    metrics: MetricsLog | None  # rank 0 only
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.workdir / "checkpoints"
+
+
 def train(
     cfg: Config, workdir: str | Path, *, resume: bool = True, hooks: TrainHooks | None = None
 ) -> dict[str, float]:
-    """Train `cfg` in `workdir`; return the final COCO metrics by name plus `iterations`."""
-    raise NotImplementedError("engine body lands in the next commit")
+    """Train `cfg` in `workdir`; return the final COCO metrics by name plus `iterations`.
+
+    resume: continue from `hooks.resume_from` or `workdir/checkpoints/last.pt` when present;
+    False starts over (old files are replaced as new ones are written). Under an initialised
+    torch.distributed group the model is wrapped in DDP, data is sharded by rank, and only rank 0
+    writes files and evaluates (its metrics are broadcast so every rank returns them).
+    Raises NonFiniteLossError (the last good checkpoint is kept) when the loss is NaN/inf.
+    """
+    hooks = hooks or TrainHooks()
+    if hooks.train_batches is not None and not hooks.iters_per_epoch:
+        raise ValueError("TrainHooks.iters_per_epoch is required with TrainHooks.train_batches")
+    workdir = Path(workdir)
+    rank, world_size = _dist_info()
+    device = resolve_device(cfg.train.device)
+
+    if cfg.data.synth and hooks.train_batches is None:
+        _prepare_synth(cfg, rank, world_size)
+
+    state, source = _find_checkpoint(workdir, resume, hooks, device)
+    _seed_everything(cfg.train.seed)
+    core = VFNet(cfg).to(device)
+    optimizer = build_optimizer(core, cfg.train, world_size)
+    start_iter = 0
+    if state is not None:
+        diff = _config_diff(checkpoint_config(state, source), cfg)
+        if diff:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(diff))
+        core.load_state_dict(state["model"])
+        if state["optimizer"]:
+            optimizer.load_state_dict(state["optimizer"])
+        start_iter = int(state["iteration"])
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at iteration %d", source, start_iter)
+    model: torch.nn.Module = core
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
+
+    ipe = hooks.iters_per_epoch or len(build_train_loader(cfg, 0, rank=rank, world_size=world_size))
+    total = cfg.train.max_iters if cfg.train.max_iters > 0 else cfg.train.epochs * ipe
+    schedule = LrSchedule.from_config(cfg.train, iters_per_epoch=ipe, total_iters=total,
+                                      world_size=world_size)
+    metrics = None
+    if rank == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, workdir / "config.toml")
+        metrics = MetricsLog(workdir / "metrics.jsonl", resume_iter=start_iter if state else None)
+    run = _Run(cfg, workdir, rank, world_size, device, model, core, optimizer, schedule, ipe, total,
+               hooks, metrics)
+    log.info("training %d iterations (%d per epoch, global batch %d) on %s", total, ipe,
+             cfg.train.batch_size * world_size, device)
+    return _loop(run, start_iter)
+
+
+def _prepare_synth(cfg: Config, rank: int, world_size: int) -> None:
+    """Generate the synthetic data on rank 0 before any rank reads it."""
+    from vfnet.data.synth import ensure_synth
+
+    if rank == 0 and ensure_synth(cfg.data):
+        log.info("generated the synthetic shapes data in %s", cfg.data.synth_dir)
+    if world_size > 1:
+        dist.barrier()
+
+
+def _find_checkpoint(workdir: Path, resume: bool, hooks: TrainHooks,
+                     device: torch.device) -> tuple[dict[str, Any] | None, Path | None]:
+    if hooks.resume_from is not None:
+        path = Path(hooks.resume_from)
+    elif resume and (workdir / "checkpoints" / "last.pt").is_file():
+        path = workdir / "checkpoints" / "last.pt"
+    else:
+        return None, None
+    return load_checkpoint(path, map_location=device), path
+
+
+def _batches(run: _Run, epoch: int, start_batch: int) -> Iterable[Batch]:
+    if run.hooks.train_batches is not None:
+        return run.hooks.train_batches(epoch, start_batch)
+    return build_train_loader(run.cfg, epoch, rank=run.rank, world_size=run.world_size,
+                              start_batch=start_batch)
+
+
+def _loop(run: _Run, start_iter: int) -> dict[str, float]:
+    cfg = run.cfg
+    it = start_iter
+    meter = _Meter()
+    last_train: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    lr = run.schedule.lr(it)
+    bar = tqdm(total=run.total_iters, initial=it, desc="train", dynamic_ncols=True,
+               disable=not (run.is_main and sys.stderr.isatty()))
+    run.model.train()
+    try:
+        while it < run.total_iters:
+            epoch, start_batch = divmod(it, run.iters_per_epoch)
+            expected = min(run.iters_per_epoch, run.total_iters - epoch * run.iters_per_epoch)
+            tic = time.perf_counter()
+            for batch in _batches(run, epoch, start_batch):
+                data_time = time.perf_counter() - tic
+                lr = run.schedule.apply(run.optimizer, it)
+                values = _step(run, batch, it)
+                it += 1
+                meter.add(values, data_time, time.perf_counter() - tic - data_time)
+                bar.update(1)
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
+                if it % cfg.train.log_interval == 0 or it == run.total_iters:
+                    last_train = _log_train(run, it, lr, meter)
+                due_ckpt = (it % run.iters_per_epoch == 0 or it == run.total_iters
+                            or (cfg.train.checkpoint_interval > 0
+                                and it % cfg.train.checkpoint_interval == 0))
+                due_eval = it == run.total_iters or (
+                    cfg.train.eval_interval > 0 and it % cfg.train.eval_interval == 0)
+                if due_ckpt or due_eval:
+                    ckpt = _save(run, it) if due_ckpt else None
+                    if due_eval:
+                        eval_metrics = _evaluate(run, it)
+                    _report(run, it, lr, {**last_train, **eval_metrics}, ckpt)
+                if it == run.total_iters or it % run.iters_per_epoch == 0:
+                    break
+                tic = time.perf_counter()
+            done = it - epoch * run.iters_per_epoch
+            if done < expected:
+                raise RuntimeError(f"the training batches of epoch {epoch} ran out after {done} "
+                                   f"of {expected} iterations (iters_per_epoch is wrong)")
+    finally:
+        bar.close()
+    if not eval_metrics:  # resumed a finished run: evaluate again
+        eval_metrics = _evaluate(run, it)
+        _report(run, it, lr, eval_metrics, run.checkpoint_dir / "last.pt" if run.is_main else None)
+    return {**{k: eval_metrics[k] for k in STAT_NAMES}, "iterations": float(it)}
+
+
+def _step(run: _Run, batch: Batch, it: int) -> dict[str, float]:
+    """One optimiser step; returns the (all-rank mean) losses and num_pos as floats."""
+    batch = batch.to(run.device, non_blocking=True)
+    amp = run.cfg.train.amp and run.device.type == "cuda"
+    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = run.model(batch.images)
+        losses = run.core.loss(outputs, batch.boxes, batch.labels)
+    loss = sum(losses[k] for k in LOSS_NAMES)
+    stats = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in LOSS_NAMES),
+                         losses["num_pos"].detach().float().reshape(())])
+    if run.world_size > 1:
+        dist.all_reduce(stats)
+        stats /= run.world_size
+    values = dict(zip(("loss", *LOSS_NAMES, "num_pos"), stats.tolist()))
+    if not math.isfinite(values["loss"]):
+        detail = ", ".join(f"{k}={values[k]:.4g}" for k in LOSS_NAMES)
+        raise NonFiniteLossError(f"non-finite loss at iteration {it + 1} ({detail}); "
+                                 "the last good checkpoint is kept")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if run.cfg.train.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.cfg.train.grad_clip)
+        values["grad_norm"] = float(norm)
+    run.optimizer.step()
+    return values
+
+
+def _epoch_of(run: _Run, it: int) -> int:
+    """The 1-based epoch that iteration `it` (1-based) belongs to."""
+    return (it - 1) // run.iters_per_epoch + 1
+
+
+def _log_train(run: _Run, it: int, lr: float, meter: _Meter) -> dict[str, float]:
+    means = meter.means()
+    meter.reset()
+    record = {"mode": "train", "iter": it, "epoch": _epoch_of(run, it), "lr": lr, **means}
+    if run.is_main:
+        assert run.metrics is not None
+        run.metrics.write(record)
+        eta = means["time_per_iter"] * (run.total_iters - it)
+        log.info("iter %d/%d epoch %d lr %.3g loss %.4f (cls %.4f init %.4f refine %.4f) "
+                 "num_pos %.1f %.3fs/iter eta %s", it, run.total_iters, record["epoch"], lr,
+                 means["loss"], means["loss_cls"], means["loss_bbox_init"],
+                 means["loss_bbox_refine"], means["num_pos"], means["time_per_iter"],
+                 time.strftime("%H:%M:%S", time.gmtime(eta)))
+    return {k: float(v) for k, v in record.items() if k != "mode"}
+
+
+def _save(run: _Run, it: int) -> Path | None:
+    """Checkpoint after `it` iterations (rank 0 writes; others get None)."""
+    if not run.is_main:
+        return None
+    epoch_end = it % run.iters_per_epoch == 0
+    path = save_checkpoint(
+        run.checkpoint_dir, model=run.core, optimizer=run.optimizer, iteration=it,
+        epoch=it // run.iters_per_epoch, config=run.cfg,
+        epoch_file=it // run.iters_per_epoch if epoch_end else None,
+        keep=run.cfg.train.keep_checkpoints,
+    )
+    log.debug("saved %s at iteration %d", path, it)
+    return path
+
+
+def _evaluate(run: _Run, it: int) -> dict[str, float]:
+    """COCO metrics after `it` iterations: computed on rank 0, broadcast to every rank."""
+    payload: list[Any] = [None]
+    if run.is_main:
+        loader, dataset = build_val_loader(run.cfg)
+        metrics = evaluate(run.core, loader, dataset, run.device)
+        assert run.metrics is not None
+        run.metrics.write({"mode": "eval", "iter": it, "epoch": _epoch_of(run, it), **metrics})
+        write_json(run.workdir / "eval.json", metrics)
+        log.info("evaluation at iteration %d: bbox_mAP %.4f, bbox_mAP_50 %.4f", it,
+                 metrics["bbox_mAP"], metrics["bbox_mAP_50"])
+        payload = [metrics]
+    if run.world_size > 1:
+        dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def _report(run: _Run, it: int, lr: float, metrics: dict[str, float], ckpt: Path | None) -> None:
+    if run.hooks.report is None:
+        return
+    run.hooks.report({**metrics, "iteration": float(it), "lr": lr}, ckpt)

@@ -126,7 +126,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Any], dataset: Any,
     predictions, image_ids = predict_dataset(model, loader, device)
     results = to_coco_results(predictions, image_ids, dataset.cat_ids)
     metrics = coco_eval(dataset.coco, results, image_ids)
-    log.info("COCO bbox evaluation on %d images:\n%s", len(image_ids), format_table(metrics))
+    log.debug("COCO bbox evaluation on %d images:\n%s", len(image_ids), format_table(metrics))
     return metrics
 
 

@@ -1,0 +1,277 @@
+"""The `vfnet` command: train, eval, predict and the data tools.
+
+    vfnet train   [--config FILE] [--workdir DIR] [--set key=value ...] [--no-resume]
+    vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
+    vfnet predict --checkpoint FILE --out DIR [--score-thr S] IMAGE...
+    vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
+    vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
+    vfnet data pack    --ann FILE --images DIR --out DIR [--rows-per-shard N]
+
+Bad input (a missing or corrupt file, an unknown config key, a wrong value type, a missing or
+truncated checkpoint, a non-finite loss) prints one line naming the file, key or value on stderr
+and exits with status 2, without a traceback (`-v` logs it).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vfnet.config import Config, ConfigError, apply_overrides, load_config
+
+log = logging.getLogger("vfnet")
+
+EXIT_BAD_INPUT = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from vfnet.engine import train
+    from vfnet.evaluate import format_table
+
+    cfg = load_config(args.config, args.set)
+    stem = Path(args.config).stem if args.config else "shapes_tiny"
+    workdir = Path(args.workdir) if args.workdir else Path("work_dirs") / stem
+    with logging_redirect_tqdm():
+        metrics = train(cfg, workdir, resume=not args.no_resume)
+    print(format_table(metrics))
+    print(f"iterations: {int(metrics['iterations'])}; metrics in {workdir / 'eval.json'}, "
+          f"checkpoint {workdir / 'checkpoints' / 'last.pt'}")
+    return 0
+
+
+def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
+               device: torch.device | None = None) -> tuple[torch.nn.Module, Config, torch.device]:
+    """The model of a training checkpoint in eval mode, its config (with `overrides` applied)
+    and the device it is on. CheckpointError when the file is missing or unreadable."""
+    from vfnet.checkpoint import checkpoint_config, load_checkpoint
+    from vfnet.engine import resolve_device
+    from vfnet.model import VFNet
+
+    state = load_checkpoint(checkpoint)
+    cfg = apply_overrides(checkpoint_config(state, checkpoint), overrides or [])
+    cfg.model.pretrained = ""  # the checkpoint holds every weight
+    device = device or resolve_device(cfg.train.device)
+    model = VFNet(cfg)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg, device
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import functools
+
+    from torch.utils.data import DataLoader
+
+    from vfnet.data import CocoDetection, build_transform, build_val_loader, collate
+    from vfnet.evaluate import evaluate, format_table, write_json
+
+    if (args.ann is None) != (args.images is None):
+        raise ConfigError("--ann and --images go together: give both or neither")
+    model, cfg, device = load_model(args.checkpoint, args.set)
+    if args.ann is None:
+        loader, dataset = build_val_loader(cfg)
+    else:
+        dataset = CocoDetection(args.ann, args.images, build_transform(cfg.data, train=False))
+        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                            collate_fn=functools.partial(collate, size_divisor=cfg.data.size_divisor))
+    metrics = evaluate(model, loader, dataset, device)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent
+    path = write_json(out / "eval.json", metrics)
+    print(format_table(metrics))
+    print(f"metrics in {path}")
+    return 0
+
+
+def class_info(cfg: Config) -> tuple[list[int], list[str]]:
+    """COCO category ids and names of the model's classes, read from the config's val (else
+    train) annotation file; `1..C` and `class_i` when neither can be read."""
+    from vfnet.data import DatasetError
+    from vfnet.data.coco import parse_coco, read_json
+
+    for ann in (cfg.data.val_ann, cfg.data.train_ann):
+        try:
+            _, cat_ids, names = parse_coco(read_json(ann), ann)
+        except DatasetError:
+            continue
+        if len(cat_ids) == cfg.model.num_classes:
+            return cat_ids, names
+    log.warning("class names unknown (annotation files of the checkpoint's config not readable): "
+                "using category ids 1..%d", cfg.model.num_classes)
+    return list(range(1, cfg.model.num_classes + 1)), [f"class_{i}" for i in range(cfg.model.num_classes)]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import ImageDraw
+
+    from vfnet.data import Sample, build_transform, collate
+    from vfnet.data.coco import decode_image
+    from vfnet.evaluate import to_coco_results, write_json
+
+    if not 0 <= args.score_thr <= 1:
+        raise ValueError(f"--score-thr must be in [0, 1], got {args.score_thr}")
+    images = [Path(p) for p in args.images]
+    for path in images:  # fail before any work on a typo
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+    model, cfg, device = load_model(args.checkpoint)
+    cat_ids, names = class_info(cfg)
+    transform = build_transform(cfg.data, train=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for image_id, path in enumerate(images, start=1):
+        image = decode_image(path, path)
+        t = transform(image, torch.zeros(0, 4))
+        sample = Sample(image=t.image, boxes=t.boxes, labels=torch.zeros(0, dtype=torch.int64),
+                        image_id=image_id, orig_size=(image.height, image.width), scale=t.scale)
+        batch = collate([sample], cfg.data.size_divisor).to(device)
+        (pred,) = model.predict(batch.images, batch.image_sizes, batch.scales)
+        pred = {k: v.cpu() for k, v in pred.items()}
+        for entry in to_coco_results([pred], [image_id], cat_ids):
+            results.append({**entry, "file_name": path.name})
+        draw = ImageDraw.Draw(image)
+        shown = 0
+        for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+            if score < args.score_thr:
+                continue
+            shown += 1
+            draw.rectangle(box, outline=_colour(label), width=2)
+            text = f"{names[label]} {score:.2f}"
+            left, top, right, bottom = draw.textbbox((box[0], box[1]), text)
+            y = max(box[1] - (bottom - top) - 2, 0)
+            draw.rectangle((box[0], y, box[0] + right - left + 2, y + bottom - top + 2), fill=_colour(label))
+            draw.text((box[0] + 1, y), text, fill=(255, 255, 255))
+        target = out / f"{path.stem}.png"
+        image.save(target)
+        log.info("%s: %d detections (%d drawn with score >= %.2f) -> %s", path, len(pred["scores"]),
+                 shown, args.score_thr, target)
+    write_json(out / "results.json", results)
+    print(f"{len(images)} images, {len(results)} detections; PNGs and results.json in {out}")
+    return 0
+
+
+def _colour(label: int) -> tuple[int, int, int]:
+    palette = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (128, 128, 0))
+    return palette[label % len(palette)]
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from vfnet.data.synth import synthesize
+
+    stats = synthesize(args.out, images=args.images, size=args.size, seed=args.seed)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from vfnet.data.voc import convert_voc
+
+    stats = convert_voc(args.voc, args.images, args.out, split_file=args.split)
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from vfnet.data.parquet import pack
+
+    shards = pack(args.ann, args.images, args.out, rows_per_shard=args.rows_per_shard)
+    print(f"wrote {len(shards)} shards to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `vfnet` command."""
+    parser = argparse.ArgumentParser(prog="vfnet", description="VarifocalNet training with Triton kernels.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sets = dict(action="append", default=[], metavar="KEY=VALUE",
+                help="override a config key, e.g. train.max_iters=100 (value in TOML syntax)")
+    p = sub.add_parser("train", help="train (and evaluate) a detector")
+    p.add_argument("--config", help="TOML config (default: configs/shapes_tiny.toml)")
+    p.add_argument("--workdir", help="output directory (default: work_dirs/<config name>)")
+    p.add_argument("--set", **sets)
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over even if WORKDIR/checkpoints/last.pt exists")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="COCO bbox evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--ann", help="COCO json (default: the checkpoint config's data.val_ann)")
+    p.add_argument("--images", help="image directory of --ann")
+    p.add_argument("--out", help="where eval.json goes (default: the checkpoint's directory)")
+    p.add_argument("--set", **sets)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="draw detections on images and write COCO results")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True, help="output directory for PNGs and results.json")
+    p.add_argument("--score-thr", type=float, default=0.3, help="draw boxes scoring at least this")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
+                                                                        metavar="TOOL")
+    p = data.add_parser("synth", help="generate the synthetic shapes data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images", type=int, default=512, help="training images (val gets a quarter)")
+    p.add_argument("--size", type=int, default=256, help="image side, pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = data.add_parser("convert", help="Pascal VOC xml to COCO json")
+    p.add_argument("--voc", required=True, help="directory of VOC xml files")
+    p.add_argument("--images", required=True, help="image directory")
+    p.add_argument("--split", help="file of xml stems to convert, one a line")
+    p.add_argument("--out", required=True, help="COCO json to write")
+    p.set_defaults(func=cmd_data_convert)
+    p = data.add_parser("pack", help="COCO json + images to Parquet shards")
+    p.add_argument("--ann", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rows-per-shard", type=int, default=256)
+    p.set_defaults(func=cmd_data_pack)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `vfnet` command; returns the exit status (2 for bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from vfnet.data import DatasetError
+    from vfnet.engine import NonFiniteLossError
+
+    try:
+        return args.func(args)
+    except (ValueError, DatasetError, OSError, NonFiniteLossError) as exc:  # ConfigError, CheckpointError: ValueError
+        log.debug("traceback", exc_info=True)
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"vfnet: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("vfnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
