@@ -107,7 +107,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
         self.out_channels = [64 * block.expansion * 2**i for i in (1, 2, 3)]
         self._init_weights()
-        self._freeze()
+        self.train()  # apply frozen_stages and norm_eval from the start
 
     def _init_weights(self) -> None:
         """Kaiming-normal convs (fan_out), unit BN; the last BN of every residual branch starts at
