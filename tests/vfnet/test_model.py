@@ -272,3 +272,25 @@ def test_overfits_one_batch():
         history.append(total.item())
     assert all(math.isfinite(v) for v in history)
     assert history[-1] < 0.7 * history[0], history
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_matches_float32():
+    torch.manual_seed(0)
+    model = VFNet(small_cfg(kernels="triton")).cuda()
+    images = torch.randn(2, 3, 128, 96, device="cuda")
+    boxes, labels = gts()
+    boxes, labels = [b.cuda() for b in boxes], [lab.cuda() for lab in labels]
+    reference = model.loss(model(images), boxes, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(images)
+        losses = model.loss(out, boxes, labels)
+    assert all(b.dtype == torch.float32 for b in out.bbox_init + out.bbox_refine)
+    assert losses["num_pos"].item() == reference["num_pos"].item() > 0
+    for name in ("loss_cls", "loss_bbox_init", "loss_bbox_refine"):  # bf16 has ~3 significant digits
+        assert losses[name].item() == pytest.approx(reference[name].item(), rel=0.05, abs=1e-3), name
+    sum(v for k, v in losses.items() if k != "num_pos").backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.eval()
+    results = model.predict(images, torch.tensor([[128, 96]] * 2), torch.ones(2, 2))
+    assert all(r["boxes"].device.type == "cuda" for r in results)

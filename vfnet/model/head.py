@@ -11,7 +11,7 @@ logits. Boxes are computed in float32 even under autocast (exp of low-precision 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -22,9 +22,9 @@ from kernels import reference
 PRIOR_PROB = 0.01  # initial foreground probability of the class logits
 
 
-@dataclass
-class HeadOutputs:
-    """Per-level head outputs (lists ordered P3..P7).
+class HeadOutputs(NamedTuple):
+    """Per-level head outputs (lists ordered P3..P7). A NamedTuple, so DDP and torch's pytree
+    utilities see the tensors inside.
 
     cls_scores: [B, C, H_l, W_l] logits; bbox_init, bbox_refine: [B, 4, H_l, W_l] float32
     (l, t, r, b) distances in input-image pixels.
