@@ -248,6 +248,7 @@ def validate(cfg: Config, source: str = "config") -> None:
          "5 positive strides (P3-P7)"),
         ("model.reg_denoms", len(cfg.model.reg_denoms) == len(cfg.model.strides),
          "one per stride"),
+        ("model.stacked_convs", cfg.model.stacked_convs >= 1, ">= 1"),
         ("model.head_channels", cfg.model.head_channels % cfg.model.gn_groups == 0,
          "a multiple of model.gn_groups"),
         ("assign.topk", cfg.assign.topk >= 1, ">= 1"),

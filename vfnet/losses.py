@@ -81,7 +81,7 @@ def vfnet_loss(
     num_pos = positive.sum().to(torch.float32)
     vfl = kernels.varifocal_loss if use_kernels else reference.varifocal_loss_reference
     loss_cls = vfl(
-        cls_logits.reshape(-1, num_classes),
+        cls_logits.reshape(-1, num_classes).float(),  # as the reference: the loss runs in fp32
         targets.labels.reshape(-1),
         iou_refine,
         alpha=cfg.alpha,
@@ -89,7 +89,7 @@ def vfnet_loss(
         iou_weighted=cfg.iou_weighted,
         reduction="sum",
     )
-    loss_cls = cfg.cls_weight * loss_cls.float() / reduce_mean(num_pos).clamp(min=1)
+    loss_cls = cfg.cls_weight * loss_cls / reduce_mean(num_pos).clamp(min=1)
     return {
         "loss_cls": loss_cls,
         "loss_bbox_init": loss_init,

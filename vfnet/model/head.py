@@ -74,6 +74,8 @@ class VFNetHead(nn.Module):
         use_kernels: bool = True,
     ):
         super().__init__()
+        if stacked_convs < 1:
+            raise ValueError(f"stacked_convs must be >= 1, got {stacked_convs}")
         if len(reg_denoms) != len(strides):
             raise ValueError(f"reg_denoms {list(reg_denoms)} must have one entry per stride {list(strides)}")
         self.num_classes = num_classes
