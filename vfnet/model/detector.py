@@ -1,8 +1,6 @@
 """VFNet: ResNet + FPN + VFNet head, with ATSS targets, the VFNet loss and inference."""
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -13,8 +11,6 @@ from vfnet.losses import flatten_levels, vfnet_loss
 from vfnet.model.backbone import ResNet
 from vfnet.model.fpn import FPN
 from vfnet.model.head import HeadOutputs, VFNetHead
-
-log = logging.getLogger(__name__)
 
 
 def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
