@@ -33,8 +33,8 @@ bound by memory bandwidth.
 Passes. A reduced loss ("sum", "mean") has a scalar upstream gradient, so the forward kernel writes
 dL/dx * (1 / denominator) while it reads the logits, and backward only rescales it by grad_output
 (skipped when grad_output is exactly 1, the usual case). Reduction "none" has an [N, C] upstream
-gradient: the forward kernel writes only the loss and a backward launch of the same kernel recomputes
-dL/dx and multiplies it by grad_output. Per-program partial sums of the loss are reduced by a
+gradient: the forward kernel writes only the loss and a backward launch of the same kernel
+recomputes dL/dx and multiplies it by grad_output. Per-program partial sums of the loss are reduced by a
 deterministic `torch.sum` (no atomics).
 
 Targets. The sparse form reads one label and one score per row (q = score at column label, 0
@@ -77,7 +77,7 @@ def _vfl_kernel(
     scores_ptr,  # [N] float (sparse form)
     targets_ptr,  # [N, C] contiguous float (dense form)
     grad_out_ptr,  # [N, C] contiguous (GRAD_OUT)
-    denom_ptr,  # 0-dim, compute dtype: the gradient is scaled by 1 / denom (STORE_GRAD, not GRAD_OUT)
+    denom_ptr,  # 0-dim, compute dtype: gradient scaled by 1 / denom (STORE_GRAD, not GRAD_OUT)
     loss_ptr,  # [N, C] out (STORE_LOSS)
     grad_ptr,  # [N, C] out (STORE_GRAD)
     partial_ptr,  # [num_programs] out, compute dtype (REDUCE)
