@@ -34,8 +34,8 @@ Passes. A reduced loss ("sum", "mean") has a scalar upstream gradient, so the fo
 dL/dx * (1 / denominator) while it reads the logits, and backward only rescales it by grad_output
 (skipped when grad_output is exactly 1, the usual case). Reduction "none" has an [N, C] upstream
 gradient: the forward kernel writes only the loss and a backward launch of the same kernel
-recomputes dL/dx and multiplies it by grad_output. Per-program partial sums of the loss are reduced by a
-deterministic `torch.sum` (no atomics).
+recomputes dL/dx and multiplies it by grad_output. Per-program partial sums of the loss are reduced
+by a deterministic `torch.sum` (no atomics).
 
 Targets. The sparse form reads one label and one score per row (q = score at column label, 0
 elsewhere; a label outside [0, C) gives an all-negative row) and never builds [N, C] targets. The
