@@ -1,7 +1,8 @@
 """Distributed training on Ray Train: `python -m orchestration.train` (the `ray job submit` entry).
 
     python -m orchestration.train [--config FILE] [--set key=value ...] --num-workers N
-        [--use-gpu] [--cpus-per-worker C] [--storage DIR] [--name NAME] [--address ADDR]
+        [--use-gpu] [--cpus-per-worker C] [--placement-strategy S] [--storage DIR] [--name NAME]
+        [--address ADDR]
 
 A `TorchTrainer` runs `vfnet.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
 Ray sets up the process group, the engine wraps the model). Each worker trains on its share of
@@ -54,6 +55,7 @@ WORKDIR_NAME = "workdir"
 PACKED_DIR = "packed"  # under the storage path: the content-keyed cache of packed shards
 DATASET_NAME = "train"
 DEFAULT_STORAGE = "work_dirs/ray"
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # Paths in the config that workers open; made absolute on the driver, since a Ray worker's
 # current directory is not the driver's (Tune trials even change into their trial dir).
 _PATH_KEYS = ("data.train_ann", "data.train_images", "data.val_ann", "data.val_images",
@@ -195,16 +197,18 @@ def connect(address: str | None) -> bool:
 
 
 def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
-                  storage: Path, name: str, parquet_dir: Path,
+                  storage: Path, name: str, parquet_dir: Path, placement_strategy: str = "PACK",
                   callbacks: Sequence[Any] = ()) -> Any:
     """A `TorchTrainer` running `train_loop_per_worker` on `num_workers` workers over the shards
-    in `parquet_dir`, its run in `storage/name`. `cfg` must have absolute paths."""
+    in `parquet_dir`, its run in `storage/name`. `cfg` must have absolute paths.
+    `placement_strategy` places the workers' resource bundles (Ray placement group strategies:
+    PACK fills few nodes, SPREAD / STRICT_SPREAD put workers on different nodes)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestration.data import count_rows, iters_per_epoch, read_train_dataset, shard_cat_ids
 
-    _check_resources(num_workers, cpus_per_worker)
+    _check_resources(num_workers, cpus_per_worker, placement_strategy)
     spec = WorkerSpec(
         config=cfg.to_dict(),
         run_dir=str(storage / name),
@@ -217,7 +221,8 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_work
         train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=_worker_resources(use_gpu, cpus_per_worker)),
+                                     resources_per_worker=_worker_resources(use_gpu, cpus_per_worker),
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -231,7 +236,7 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_work
 
 def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
                  cpus_per_worker: float = 0.5, storage: str | Path = DEFAULT_STORAGE,
-                 name: str | None = None) -> dict[str, Any]:
+                 name: str | None = None, placement_strategy: str = "PACK") -> dict[str, Any]:
     """Train `cfg` on the connected Ray cluster and write `<storage>/<name>/result.json`;
     return its contents. Raises `TrainingFailed` when the run failed for good."""
     storage = Path(storage).resolve()
@@ -246,7 +251,7 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
     parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR)
     trainer = build_trainer(cfg, num_workers=num_workers, use_gpu=use_gpu,
                             cpus_per_worker=cpus_per_worker, storage=storage, name=name,
-                            parquet_dir=parquet_dir)
+                            parquet_dir=parquet_dir, placement_strategy=placement_strategy)
     starts_before = _rank0_starts(run_dir)
     log.info("training %s on %d worker(s) (%s) in %s", name, num_workers,
              "GPU" if use_gpu else "CPU", run_dir)
@@ -300,11 +305,14 @@ def _worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]
     return resources
 
 
-def _check_resources(num_workers: int, cpus_per_worker: float) -> None:
+def _check_resources(num_workers: int, cpus_per_worker: float, placement_strategy: str) -> None:
     if num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
     if not cpus_per_worker > 0:
         raise ValueError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
+    if placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"--placement-strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                         f"got {placement_strategy!r}")
 
 
 def _rank0_starts(run_dir: Path) -> int:
@@ -332,6 +340,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logical CPUs Ray reserves per training worker (default 0.5; "
                              "fractional leaves CPUs to Ray Data); also torch's thread count, "
                              "rounded down, at least 1")
+    parser.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
+                        help="how workers are placed on nodes (default PACK: as few nodes as "
+                             "possible; SPREAD / STRICT_SPREAD: across nodes)")
     parser.add_argument("--storage", type=Path, default=Path(DEFAULT_STORAGE),
                         help=f"run storage every node can reach (default {DEFAULT_STORAGE})")
     parser.add_argument("--address", default=None,
@@ -354,14 +365,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        _check_resources(args.num_workers, args.cpus_per_worker)
+        _check_resources(args.num_workers, args.cpus_per_worker, args.placement_strategy)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     started = connect(args.address)
     try:
         run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                     cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name)
+                     cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,
+                     placement_strategy=args.placement_strategy)
     except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,17 +16,18 @@ from vfnet.config import Config, config_from_dict
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """8 training and 2 validation shapes images of 64 px."""
+    """16 training and 4 validation shapes images of 64 px."""
     from vfnet.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("shapes")
-    synthesize(root, images=8, size=64, seed=0)
+    synthesize(root, images=16, size=64, seed=0)
     return root
 
 
 def tiny_config_dict(data_dir: Path) -> dict:
     """A ResNet-18 VFNet with 16-channel FPN/head on 64 px images, the reference kernels, on the
-    CPU: 4 iterations of batch 2 per worker, a checkpoint every 2 and an evaluation at the end."""
+    CPU: 4 iterations of batch 2 per worker (one epoch on two workers), a checkpoint every 2 and
+    an evaluation at the end."""
     return {
         "model": {"depth": 18, "num_classes": 4, "fpn_channels": 16, "head_channels": 16,
                   "gn_groups": 4, "stacked_convs": 1, "kernels": "torch"},

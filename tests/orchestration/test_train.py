@@ -1,0 +1,97 @@
+"""orchestration.train: the Ray Train driver and worker hooks, run on the session's local Ray."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestration import train as otrain
+from vfnet.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.ray
+
+
+def test_absolute_paths(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(**{"data.val_images": "rel/val", "model.pretrained": ""})
+    resolved = otrain.absolute_paths(cfg, base=tmp_path)
+    assert resolved.data.val_images == str(tmp_path.resolve() / "rel" / "val")
+    assert resolved.data.train_ann == cfg.data.train_ann  # already absolute
+    assert resolved.model.pretrained == "" and resolved.data.train_parquet == ""
+
+
+def test_reporter_forwards_metrics_and_checkpoint_file(tmp_path: Path) -> None:
+    calls = []
+
+    def report(metrics, checkpoint=None):
+        content = None
+        if checkpoint is not None:  # the temporary directory only lives during the call
+            content = (Path(checkpoint.path) / otrain.CHECKPOINT_NAME).read_bytes()
+        calls.append((metrics, content))
+
+    engine_file = tmp_path / "last.pt"
+    engine_file.write_bytes(b"weights")
+    reporter = otrain.RayReporter(report)
+    reporter({"iteration": 2.0}, engine_file)
+    reporter({"iteration": 3.0, "bbox_mAP": 0.5}, None)
+    assert calls == [({"iteration": 2.0}, b"weights"), ({"iteration": 3.0, "bbox_mAP": 0.5}, None)]
+
+
+def test_restore_checkpoint(tmp_path: Path) -> None:
+    from ray.train import Checkpoint
+
+    assert otrain.restore_checkpoint(None, tmp_path) is None
+    src = tmp_path / "ray_ckpt"
+    src.mkdir()
+    (src / otrain.CHECKPOINT_NAME).write_bytes(b"state")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    restored = otrain.restore_checkpoint(Checkpoint.from_directory(src), dest)
+    assert restored == dest / otrain.CHECKPOINT_NAME and restored.read_bytes() == b"state"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=otrain.CHECKPOINT_NAME):
+        otrain.restore_checkpoint(Checkpoint.from_directory(empty), dest)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-workers", "1", "--set", "model.depth=7"], "model.depth"),
+    (["--num-workers", "1", "--set", "train.nope=1"], "train.nope"),
+    (["--num-workers", "1", "--config", "missing.toml"], "missing.toml"),
+    (["--num-workers", "0"], "--num-workers"),
+    (["--num-workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
+])
+def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypatch) -> None:
+    def no_connect(address):
+        raise AssertionError("bad input must be reported before connecting to Ray")
+
+    monkeypatch.setattr(otrain, "connect", no_connect)
+    assert otrain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) -> None:
+    storage = tmp_path / "runs"
+    summary = otrain.run_training(tiny_config(), num_workers=2, storage=storage, name="pair")
+    run_dir = storage / "pair"
+    assert json.loads((run_dir / otrain.RESULT_NAME).read_text()) == summary
+    assert summary["iterations"] == 4 and summary["restarts"] == 0 and summary["num_workers"] == 2
+    assert 0.0 <= summary["bbox_mAP"] <= 1.0 and "bbox_mAP_50" in summary
+    state = load_checkpoint(Path(summary["checkpoint"]))
+    assert int(state["iteration"]) == 4
+    records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
+    assert sorted(r["rank"] for r in records) == [0, 1]
+    assert all(r["world_size"] == 2 and r["resumed_from"] is None for r in records)
+    assert len({r["pid"] for r in records}) == 2
+    assert (run_dir / otrain.WORKDIR_NAME / "eval.json").is_file()
+    # The same name again, with a longer schedule: resumes from the registered checkpoint,
+    # which is not a restart after a failure.
+    more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2,
+                               storage=storage, name="pair")
+    assert more["iterations"] == 6 and more["restarts"] == 0
+    assert int(load_checkpoint(Path(more["checkpoint"]))["iteration"]) == 6
+    resumed = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
+    assert sum(r["resumed_from"] is not None for r in resumed) == 2
+    # train.keep_checkpoints = 2 registered checkpoints are kept
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
