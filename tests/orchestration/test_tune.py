@@ -1,0 +1,137 @@
+"""orchestration.tune: search space, output files, and real sweeps on the session's local Ray."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from orchestration import tune as otune
+from vfnet.config import Config, ConfigError, load_config
+
+pytestmark = pytest.mark.ray
+
+SPACE = {"loss.alpha": {"type": "uniform", "low": 0.25, "high": 1.0},
+         "loss.gamma": {"type": "uniform", "low": 1.0, "high": 3.0}}
+
+
+def test_default_space_builds() -> None:
+    from ray.tune.search.sample import Categorical, Float
+
+    cfg = Config()
+    space = otune.build_search_space(cfg.tune.space, cfg)
+    assert set(space) == {"loss.alpha", "loss.gamma", "loss.init_weight", "loss.refine_weight", "train.lr"}
+    assert all(isinstance(d, Float) for d in space.values())
+    assert (space["loss.alpha"].lower, space["loss.alpha"].upper) == (0.25, 1.0)
+    assert (space["train.lr"].lower, space["train.lr"].upper) == (0.0025, 0.04)
+    choice = otune.build_search_space({"model.depth": {"type": "choice", "values": [18, 34]}}, cfg)
+    assert isinstance(choice["model.depth"], Categorical)
+
+
+@pytest.mark.parametrize("space, message", [
+    ({}, "empty"),
+    ({"loss.alfa": {"type": "uniform", "low": 0.1, "high": 1.0}}, "loss.alfa"),
+    ({"loss.alpha": {"type": "normal", "low": 0.1, "high": 1.0}}, "type"),
+    ({"loss.alpha": {"type": "uniform", "low": 1.0, "high": 0.5}}, "low < high"),
+    ({"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}, "low > 0"),
+    ({"loss.alpha": {"type": "uniform", "low": 0.1}}, "exactly low, high"),
+    ({"model.depth": {"type": "choice", "values": []}}, "non-empty"),
+    ({"model.depth": {"type": "choice", "values": ["deep"]}}, "model.depth"),
+    ({"model.depth": {"type": "choice", "values": [18, 19]}}, "model.depth"),  # 19 fails validation
+])
+def test_bad_space_names_the_key(space, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        otune.build_search_space(space, Config())
+
+
+def test_write_outputs(tmp_path: Path) -> None:
+    base = Config()
+    rows = [
+        {"trial_id": "a", "loss.alpha": 0.3, "loss.gamma": 1.5, "final_bbox_mAP": 0.2,
+         "best_bbox_mAP": 0.25, "iterations": 8, "status": "completed"},
+        {"trial_id": "b", "loss.alpha": 0.9, "loss.gamma": 2.5, "final_bbox_mAP": 0.4,
+         "best_bbox_mAP": 0.4, "iterations": 8, "status": "completed"},
+        {"trial_id": "c", "loss.alpha": 0.5, "loss.gamma": 2.0, "final_bbox_mAP": 0.1,
+         "best_bbox_mAP": 0.1, "iterations": 4, "status": "stopped"},
+        {"trial_id": "d", "loss.alpha": 0.6, "loss.gamma": 1.2, "final_bbox_mAP": math.nan,
+         "best_bbox_mAP": math.nan, "iterations": 0, "status": "error"},
+    ]
+    otune.write_outputs(rows, base, ["loss.alpha", "loss.gamma"], "bbox_mAP", tmp_path)
+    table = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert [r["trial_id"] for r in table] == ["a", "b", "c", "d"]
+    assert table[1] == rows[1]
+    best = load_config(tmp_path / "best.toml")
+    assert (best.loss.alpha, best.loss.gamma) == (0.9, 2.5)
+    assert best.loss.init_weight == base.loss.init_weight
+    assert (tmp_path / "bbox_mAP_vs_params.png").stat().st_size > 1000
+
+
+def _sweep_config(tiny_config) -> Config:
+    cfg = tiny_config(**{"train.eval_interval": 2})
+    cfg.tune.space = SPACE
+    return cfg
+
+
+def _check_sweep(rows: list[dict], out: Path, num_samples: int) -> None:
+    assert len(rows) == num_samples
+    for row in rows:
+        assert row["status"] == "completed" and row["iterations"] == 4
+        assert 0.25 <= row["loss.alpha"] <= 1.0 and 1.0 <= row["loss.gamma"] <= 3.0
+        assert row["best_bbox_mAP"] >= row["final_bbox_mAP"] >= 0.0
+    assert pq.read_table(out / "results.parquet").num_rows == num_samples
+    best = load_config(out / "best.toml")
+    top = max(rows, key=lambda r: r["final_bbox_mAP"])
+    assert (best.loss.alpha, best.loss.gamma) == (top["loss.alpha"], top["loss.gamma"])
+    assert (out / "bbox_mAP_vs_params.png").is_file()
+
+
+def test_sweep_engine_in_trial(tiny_config, tmp_path: Path, ray_session) -> None:
+    out = tmp_path / "out"
+    rows = otune.run_sweep(_sweep_config(tiny_config), num_samples=2, out=out, max_concurrent=2,
+                           storage=tmp_path / "runs", name="sweep1")
+    _check_sweep(rows, out, 2)
+
+
+def test_sweep_torch_trainer_per_trial(tiny_config, tmp_path: Path, ray_session) -> None:
+    out = tmp_path / "out"
+    rows = otune.run_sweep(_sweep_config(tiny_config), num_samples=1, out=out, num_workers=2,
+                           storage=tmp_path / "runs", name="sweep2")
+    _check_sweep(rows, out, 1)
+    # the trial drove a 2-worker TorchTrainer whose run lives in the trial directory
+    records = list((tmp_path / "runs" / "sweep2").glob("*/train/workers/rank*.json"))
+    assert len(records) == 2
+
+
+def test_asha_milestone(tiny_config) -> None:
+    assert otune.asha_milestone(tiny_config(**{"train.eval_interval": 3})) == 3
+    assert otune.asha_milestone(tiny_config(**{"train.eval_interval": 0, "train.max_iters": 7})) == 7
+
+
+class _FakeResult:
+    """The parts of a Tune `Result` that trial_row reads."""
+
+    def __init__(self, reports: list[dict], config: dict, error: Exception | None = None) -> None:
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame(reports) if reports else None
+        self.metrics = reports[-1] if reports else {}
+        self.config = config
+        self.error = error
+        self.path = "/runs/sweep/run_trial_abc_00007"
+
+
+def test_trial_row_status_and_metrics() -> None:
+    config = {"loss.alpha": 0.5, "loss.gamma": 2.0}
+    early = [{"iteration": 2, "trial_id": "t1"},  # a checkpoint report before any evaluation
+             {"iteration": 4, "bbox_mAP": 0.3, "trial_id": "t1"},
+             {"iteration": 6, "bbox_mAP": 0.2, "trial_id": "t1"}]
+    row = otune.trial_row(_FakeResult(early, config), ["loss.alpha", "loss.gamma"], "bbox_mAP")
+    assert row == {"trial_id": "t1", "loss.alpha": 0.5, "loss.gamma": 2.0, "final_bbox_mAP": 0.2,
+                   "best_bbox_mAP": 0.3, "iterations": 6, "status": "stopped"}
+    done = early + [{"iteration": 8, "bbox_mAP": 0.35, otune.FINISHED: 1.0, "trial_id": "t1"}]
+    row = otune.trial_row(_FakeResult(done, config), ["loss.alpha"], "bbox_mAP")
+    assert (row["status"], row["final_bbox_mAP"], row["best_bbox_mAP"]) == ("completed", 0.35, 0.35)
+    row = otune.trial_row(_FakeResult([], config, RuntimeError("boom")), ["loss.alpha"], "bbox_mAP")
+    assert row["status"] == "error" and math.isnan(row["final_bbox_mAP"])
+    assert row["trial_id"] == "run_trial_abc_00007" and row["iterations"] == 0
