@@ -1,22 +1,598 @@
-"""Star deformable convolution: VFNet's 3x3 conv over the 9 star points of each location.
+r"""Star deformable convolution: VFNet's 3x3 conv over the 9 star points of each location.
 
-Public API (DESIGN.md §2):
+Public API (DESIGN.md §2)::
+
     star_deform_conv2d(x, bbox_pred, weight, stride, *, bias=None, gradient_mul=0.1)
     star_deform_conv2d_pair(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul=0.1)
 
-Negative distances are used as given (the sample lands on the other side of the location);
-the head only produces positive ones.
+Geometry. Location (y, x) with box distances (l, t, r, b) (input pixels, divided by the stride to
+get cells) samples the 9 points on rows Y = (y - t, y, y + b) and columns X = (x - l, x, x + r);
+tap (ky, kx) is (Y[ky], X[kx]). Bilinear sampling follows torchvision's `deform_conv2d`: a point
+with y <= -1, y >= H, x <= -1 or x >= W reads 0, else each corner outside the map reads 0.
+Negative distances are used as given (the sample lands on the other side of the location; the
+head only produces positive ones); the reference and the kernels agree on this.
+
+Kernels (implicit GEMM, M = B*H*W locations, N = Cout, K = 9*Cin, no columns buffer):
+- forward: per tile of BLOCK_M locations, the box is read once; for each of the 9 taps the
+  bilinear corner offsets and weights are computed, then for each BLOCK_K channel chunk the 4
+  corners are gathered from a channels-last copy of x (contiguous channel runs), interpolated in
+  fp32 (fp64 for fp64 inputs) and fed to `tl.dot` against the weight tile, accumulating in fp32.
+  The pair variant gathers from both inputs with the same offsets and weights.
+- backward, data: per tile of locations and per tap/channel chunk, the sample gradient
+  grad_out @ W_tap^T is formed in registers, scattered to the 4 corners of x's gradient with fp32
+  atomics (fp64 for fp64), and contracted with the corner differences for the coordinate
+  gradient, which is summed over channels and over the 3 taps each distance moves, then scaled by
+  gradient_mul / stride (the centre row and column do not depend on the box). Each location's box
+  gradient is written by the one program that owns it (no atomics).
+- backward, weight: per (tap, channel chunk, Cout tile) and a slice of the locations (split-M so
+  the grid fills the GPU), samples are re-gathered and multiplied with grad_out; partial sums are
+  added with fp32 atomics into a [9*Cin, Cout] buffer. grad_bias is a plain torch sum.
+
+Layouts and their cost. The head's tensors are NCHW. x (and grad_out in backward) are copied once
+per call to channels-last (B*H*W*C elements each; about 1/(9*Cout) of the GEMM's work in bytes per
+flop), the weight to [9*Cin, Cout]; outputs are written NCHW directly; x's gradient is accumulated
+in a channels-last fp32 buffer and converted at the end.
+
+Precision. Coordinates, interpolation and accumulation run in fp32 (fp64 for fp64 inputs). On the
+GPU the dot operands are x's dtype for bf16/fp16 (tensor cores); fp32 inputs use IEEE fp32 dots
+unless `torch.set_float32_matmul_precision` allows TF32. Under the interpreter dot operands are fp32
+(bf16 dots are unreliable there). Under autocast, x, weight and bias are cast to the autocast dtype
+(like conv2d); bbox_pred keeps its dtype (coordinates are fp32 regardless).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import check_float, check_same_device, check_tensor
+from kernels.dispatch import (
+    check_float,
+    check_same_device,
+    check_tensor,
+    compute_dtype,
+    interpreter_enabled,
+    use_triton,
+)
 
 __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
+
+# Launch configurations. Under the interpreter (~4 ms per program whatever the tile) one small
+# config that still exercises several channel chunks and Cout tiles on test shapes.
+_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+_FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 32, 8, 3),
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 3),
+        (128, 64, 64, 4, 3),
+        (128, 256, 32, 8, 2),
+        (64, 64, 32, 4, 4),
+    ]
+]
+_BWD_DATA_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (64, 64, 64, 4, 3),
+        (128, 64, 64, 8, 3),
+        (64, 128, 64, 4, 3),
+        (128, 64, 32, 4, 3),
+        (64, 64, 32, 4, 4),
+    ]
+]
+_BWD_WEIGHT_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bn, bk, w, s in [
+        (64, 128, 64, 4, 3),
+        (64, 128, 128, 8, 3),
+        (32, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+        (128, 128, 64, 8, 3),
+    ]
+]
+_PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
+
+
+def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
+    return _INTERPRETER_CONFIGS if interpreter_enabled() else gpu_configs
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device functions
+
+
+@triton.jit
+def _tap_coordinate(centre, before, after, TAP: tl.constexpr):
+    """Row/column of tap TAP (0, 1, 2): centre - before, centre, centre + after."""
+    coord = centre
+    if TAP == 0:
+        coord = centre - before
+    if TAP == 2:
+        coord = centre + after
+    return coord
+
+
+@triton.jit
+def _axis(coord, size):
+    """Along one axis: clamped floor/ceil indices, fractional part, and whether each of the two
+    neighbours may be read (torchvision: point in (-1, size), neighbour in [0, size - 1])."""
+    low = tl.floor(coord)
+    frac = coord - low
+    inside = (coord > -1) & (coord < size)
+    low_ok = inside & (low >= 0)
+    high_ok = inside & (low + 1 <= size - 1)
+    last = size - 1
+    low_idx = tl.minimum(tl.maximum(low, 0.0), last).to(tl.int64)
+    high_idx = tl.minimum(tl.maximum(low + 1, 0.0), last).to(tl.int64)
+    return low_idx, high_idx, frac, low_ok, high_ok
+
+
+@triton.jit
+def _location_tile(box_ptr, start, M, H, W, stride, BLOCK_M: tl.constexpr):
+    """The BLOCK_M flat locations m = (b*H + y)*W + x from `start`: int64 indices, validity mask, channels-last row base
+    b*H*W, y, x as floats, and the box (l, t, r, b) in cells (box_ptr: [B, 4, H, W] contiguous, in
+    the compute dtype)."""
+    offs_m = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mask_m = offs_m < M
+    hw = H * W
+    batch = offs_m // hw
+    pix = offs_m % hw
+    ct = box_ptr.dtype.element_ty
+    box = box_ptr + batch * 4 * hw + pix
+    left = tl.load(box, mask=mask_m, other=0.0) / stride
+    top = tl.load(box + hw, mask=mask_m, other=0.0) / stride
+    right = tl.load(box + 2 * hw, mask=mask_m, other=0.0) / stride
+    bottom = tl.load(box + 3 * hw, mask=mask_m, other=0.0) / stride
+    yf = (pix // W).to(ct)
+    xf = (pix % W).to(ct)
+    return offs_m, mask_m, batch * hw, yf, xf, left, top, right, bottom
+
+
+@triton.jit
+def _corners(yc, xc, row_base, mask_m, H, W, CIN):
+    """Channels-last element offsets of the 4 bilinear corners of points (yc, xc) [BLOCK_M]
+    (00, 01, 10, 11 = (low y, low x), (low y, high x), ...), their read masks, and the
+    fractional parts ly, lx."""
+    y0, y1, ly, y0_ok, y1_ok = _axis(yc, H)
+    x0, x1, lx, x0_ok, x1_ok = _axis(xc, W)
+    r0 = (row_base + y0 * W) * CIN
+    r1 = (row_base + y1 * W) * CIN
+    o00 = r0 + x0 * CIN
+    o01 = r0 + x1 * CIN
+    o10 = r1 + x0 * CIN
+    o11 = r1 + x1 * CIN
+    m00 = mask_m & y0_ok & x0_ok
+    m01 = mask_m & y0_ok & x1_ok
+    m10 = mask_m & y1_ok & x0_ok
+    m11 = mask_m & y1_ok & x1_ok
+    return o00, o01, o10, o11, m00, m01, m10, m11, ly, lx
+
+
+@triton.jit
+def _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c, ct):
+    """The 4 corner values [BLOCK_M, BLOCK_K] of channels offs_c, 0 where a corner may not be read."""
+    c = offs_c[None, :]
+    mc = mask_c[None, :]
+    v00 = tl.load(x_ptr + o00[:, None] + c, mask=m00[:, None] & mc, other=0.0).to(ct)
+    v01 = tl.load(x_ptr + o01[:, None] + c, mask=m01[:, None] & mc, other=0.0).to(ct)
+    v10 = tl.load(x_ptr + o10[:, None] + c, mask=m10[:, None] & mc, other=0.0).to(ct)
+    v11 = tl.load(x_ptr + o11[:, None] + c, mask=m11[:, None] & mc, other=0.0).to(ct)
+    return v00, v01, v10, v11
+
+
+@triton.jit
+def _interpolate(v00, v01, v10, v11, ly, lx):
+    """Bilinear combination of the corner values [BLOCK_M, BLOCK_K] with fractions ly, lx [BLOCK_M]."""
+    wy = ly[:, None]
+    wx = lx[:, None]
+    top = v00 + (v01 - v00) * wx
+    low = v10 + (v11 - v10) * wx
+    return top + (low - top) * wy
+
+
+@triton.jit
+def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
+    v00, v01, v10, v11 = _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c,
+                                       ly.dtype)
+    return _interpolate(v00, v01, v10, v11, ly, lx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.autotune(configs=_configs(_FWD_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"])
+@triton.jit
+def _star_fwd_kernel(
+    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR only)
+    w1_ptr, w2_ptr,  # [9 * CIN, COUT] in the dot dtype, row tap * CIN + c
+    bias_ptr,  # [COUT] compute dtype (HAS_BIAS)
+    box_ptr,  # [B, 4, H, W] compute dtype
+    out1_ptr, out2_ptr,  # [B, COUT, H, W]
+    M, H, W, CIN, COUT, M_LOG2, stride,
+    PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    num_n = tl.cdiv(COUT, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
+        box_ptr, pid_m * BLOCK_M, M, H, W, stride, BLOCK_M)
+    ct = yf.dtype
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(
+                _tap_coordinate(yf, top, bottom, ky), _tap_coordinate(xf, left, right, kx),
+                row_base, mask_m, H, W, CIN)
+            for k0 in range(0, CIN, BLOCK_K):
+                offs_c = k0 + tl.arange(0, BLOCK_K)
+                mask_c = offs_c < CIN
+                w_offs = ((ky * 3 + kx) * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
+                w_mask = mask_c[:, None] & mask_n[None, :]
+                w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
+                s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+                acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION)
+                if PAIR:
+                    w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
+                    s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+                    acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc1 += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    hw = H * W
+    batch = offs_m // hw
+    out_offs = (batch * COUT * hw + offs_m % hw)[:, None] + (offs_n * hw)[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(out1_ptr + out_offs, acc1.to(out1_ptr.dtype.element_ty), mask=out_mask)
+    if PAIR:
+        tl.store(out2_ptr + out_offs, acc2.to(out2_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: x and box gradients
+
+
+@triton.jit
+def _sample_grad(go_ptr, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """d loss / d sample [BLOCK_M, BLOCK_K] of one tap = grad_out[m, :] @ W_tap[:, c]
+    (go_ptr: [M, COUT] channels-last; w_ptr: [9 * CIN, COUT])."""
+    gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
+    for n0 in range(0, COUT, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < COUT
+        go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
+                     mask=mask_c[None, :] & mask_n[:, None], other=0.0)
+        gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION)
+    return gs
+
+
+@triton.jit
+def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
+    """Add gs [BLOCK_M, BLOCK_K] times each corner's bilinear weight into x's gradient."""
+    c = offs_c[None, :]
+    mc = mask_c[None, :]
+    wy = ly[:, None]
+    wx = lx[:, None]
+    g_low = gs * (1 - wy)
+    g_high = gs * wy
+    tl.atomic_add(gx_ptr + o00[:, None] + c, g_low * (1 - wx), mask=m00[:, None] & mc)
+    tl.atomic_add(gx_ptr + o01[:, None] + c, g_low * wx, mask=m01[:, None] & mc)
+    tl.atomic_add(gx_ptr + o10[:, None] + c, g_high * (1 - wx), mask=m10[:, None] & mc)
+    tl.atomic_add(gx_ptr + o11[:, None] + c, g_high * wx, mask=m11[:, None] & mc)
+
+
+@triton.jit
+def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
+    """sum over channels of gs * d sample / d y and gs * d sample / d x, each [BLOCK_M]."""
+    v00, v01, v10, v11 = _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c,
+                                       gs.dtype)
+    wy = ly[:, None]
+    wx = lx[:, None]
+    d_dy = (v10 - v00) * (1 - wx) + (v11 - v01) * wx
+    d_dx = (v01 - v00) * (1 - wy) + (v11 - v10) * wy
+    return tl.sum(gs * d_dy, axis=1), tl.sum(gs * d_dx, axis=1)
+
+
+@triton.autotune(configs=_configs(_BWD_DATA_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"],
+                 reset_to_zero=["gx1_ptr", "gx2_ptr"])
+@triton.jit
+def _star_bwd_data_kernel(
+    go1_ptr, go2_ptr,  # [M, COUT] channels-last grad_out, dot dtype
+    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last
+    w1_ptr, w2_ptr,  # [9 * CIN, COUT] dot dtype
+    box_ptr,  # [B, 4, H, W] compute dtype
+    gx1_ptr, gx2_ptr,  # [B, H, W, CIN] compute dtype, zero-initialised, atomically accumulated
+    gbox_ptr,  # [B, 4, H, W] compute dtype (NEED_BOX)
+    M, H, W, CIN, COUT, M_LOG2, stride, gradient_mul,
+    PAIR: tl.constexpr, NEED_X: tl.constexpr, NEED_BOX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
+        box_ptr, pid_m * BLOCK_M, M, H, W, stride, BLOCK_M)
+    ct = yf.dtype
+    g_left = tl.zeros((BLOCK_M,), dtype=ct)
+    g_top = tl.zeros((BLOCK_M,), dtype=ct)
+    g_right = tl.zeros((BLOCK_M,), dtype=ct)
+    g_bottom = tl.zeros((BLOCK_M,), dtype=ct)
+    for ky in tl.static_range(3):
+        for kx in tl.static_range(3):
+            o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(
+                _tap_coordinate(yf, top, bottom, ky), _tap_coordinate(xf, left, right, kx),
+                row_base, mask_m, H, W, CIN)
+            d_y = tl.zeros((BLOCK_M,), dtype=ct)
+            d_x = tl.zeros((BLOCK_M,), dtype=ct)
+            for k0 in range(0, CIN, BLOCK_K):
+                offs_c = k0 + tl.arange(0, BLOCK_K)
+                mask_c = offs_c < CIN
+                gs1 = _sample_grad(go1_ptr, w1_ptr, offs_m, mask_m, offs_c, mask_c, ky * 3 + kx, CIN,
+                                   COUT, ct, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                if NEED_X:
+                    _scatter_corners(gx1_ptr, gs1, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
+                                     offs_c, mask_c)
+                if NEED_BOX:
+                    dy1, dx1 = _coordinate_grads(x1_ptr, gs1, o00, o01, o10, o11, m00, m01, m10, m11,
+                                                 ly, lx, offs_c, mask_c)
+                    d_y += dy1
+                    d_x += dx1
+                if PAIR:
+                    gs2 = _sample_grad(go2_ptr, w2_ptr, offs_m, mask_m, offs_c, mask_c, ky * 3 + kx,
+                                       CIN, COUT, ct, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+                    if NEED_X:
+                        _scatter_corners(gx2_ptr, gs2, o00, o01, o10, o11, m00, m01, m10, m11, ly,
+                                         lx, offs_c, mask_c)
+                    if NEED_BOX:
+                        dy2, dx2 = _coordinate_grads(x2_ptr, gs2, o00, o01, o10, o11, m00, m01, m10,
+                                                     m11, ly, lx, offs_c, mask_c)
+                        d_y += dy2
+                        d_x += dx2
+            # rows (y - t, y, y + b), columns (x - l, x, x + r)
+            if ky == 0:
+                g_top -= d_y
+            if ky == 2:
+                g_bottom += d_y
+            if kx == 0:
+                g_left -= d_x
+            if kx == 2:
+                g_right += d_x
+    if NEED_BOX:
+        hw = H * W
+        gbox = gbox_ptr + (offs_m // hw) * 4 * hw + offs_m % hw
+        tl.store(gbox, g_left * gradient_mul / stride, mask=mask_m)
+        tl.store(gbox + hw, g_top * gradient_mul / stride, mask=mask_m)
+        tl.store(gbox + 2 * hw, g_right * gradient_mul / stride, mask=mask_m)
+        tl.store(gbox + 3 * hw, g_bottom * gradient_mul / stride, mask=mask_m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: weight gradient
+
+
+@triton.autotune(configs=_configs(_BWD_WEIGHT_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"],
+                 reset_to_zero=["gw1_ptr", "gw2_ptr"])
+@triton.jit
+def _star_bwd_weight_kernel(
+    go1_ptr, go2_ptr,  # [M, COUT] channels-last grad_out, dot dtype
+    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last
+    box_ptr,  # [B, 4, H, W] compute dtype
+    gw1_ptr, gw2_ptr,  # [9 * CIN, COUT] compute dtype, zero-initialised, atomically accumulated
+    M, H, W, CIN, COUT, M_LOG2, stride,
+    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # axis 0: (tap, channel chunk, Cout tile); axis 1: slice of the locations
+    num_n = tl.cdiv(COUT, BLOCK_N)
+    num_k = tl.cdiv(CIN, BLOCK_K)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n
+    k_tile = (pid // num_n) % num_k
+    tap = pid // (num_n * num_k)
+    ky = tap // 3
+    kx = tap % 3
+    offs_c = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_c = offs_c < CIN
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < COUT
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(m_tiles, tl.num_programs(1))
+    first = tl.program_id(1) * per_split
+    last = tl.minimum(first + per_split, m_tiles)
+    ct = box_ptr.dtype.element_ty
+    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ct)
+    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ct)
+    for start in range(first * BLOCK_M, last * BLOCK_M, BLOCK_M):
+        offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
+            box_ptr, start, M, H, W, stride, BLOCK_M)
+        # the tap is a runtime value here
+        yc = tl.where(ky == 0, yf - top, tl.where(ky == 2, yf + bottom, yf))
+        xc = tl.where(kx == 0, xf - left, tl.where(kx == 2, xf + right, xf))
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
+        go_offs = offs_m[:, None] * COUT + offs_n[None, :]
+        go_mask = mask_m[:, None] & mask_n[None, :]
+        go1 = tl.load(go1_ptr + go_offs, mask=go_mask, other=0.0)
+        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        acc1 = tl.dot(tl.trans(s1.to(go1.dtype)), go1, acc1, input_precision=DOT_PRECISION)
+        if PAIR:
+            go2 = tl.load(go2_ptr + go_offs, mask=go_mask, other=0.0)
+            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+            acc2 = tl.dot(tl.trans(s2.to(go2.dtype)), go2, acc2, input_precision=DOT_PRECISION)
+    gw_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
+    gw_mask = mask_c[:, None] & mask_n[None, :]
+    tl.atomic_add(gw1_ptr + gw_offs, acc1, mask=gw_mask)
+    if PAIR:
+        tl.atomic_add(gw2_ptr + gw_offs, acc2, mask=gw_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers and autograd
+
+
+def _dot_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the tl.dot operands: x's for bf16/fp16 on the GPU (tensor cores), else compute."""
+    if x_dtype in (torch.bfloat16, torch.float16) and not interpreter_enabled():
+        return x_dtype
+    return compute_dtype(x_dtype)
+
+
+def _dot_precision(dot_dtype: torch.dtype) -> str:
+    """IEEE unless fp32 dots on the GPU and torch's matmul precision setting allows TF32."""
+    if (dot_dtype == torch.float32 and not interpreter_enabled()
+            and torch.get_float32_matmul_precision() != "highest"):
+        return "tf32"
+    return "ieee"
+
+
+def _channels_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, H, W] -> contiguous [B, H, W, C] in `dtype` (one copy)."""
+    return t.to(dtype).permute(0, 2, 3, 1).contiguous()
+
+
+def _weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[Cout, Cin, 3, 3] -> contiguous [9 * Cin, Cout], row (3 * ky + kx) * Cin + c."""
+    cout, cin = weight.shape[:2]
+    return weight.to(dtype).permute(2, 3, 1, 0).reshape(9 * cin, cout)
+
+
+def _m_log2(m: int) -> int:
+    """Autotuning bucket of the number of locations."""
+    return max(m - 1, 1).bit_length()
+
+
+def _weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
+    """How many slices of the locations the weight-gradient grid uses: enough programs to fill the
+    GPU (_PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = -(-_PROGRAMS_PER_SM * sms // tiles)
+    else:
+        wanted = 2
+    return max(1, min(m_tiles, wanted))
+
+
+def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.Tensor | None,
+                    box: torch.Tensor, stride: float) -> list[torch.Tensor]:
+    """Outputs [B, Cout, H, W] (x's dtype) of the star conv of each x in xs with its weight."""
+    b, cin, h, w = xs[0].shape
+    cout = ws[0].shape[0]
+    m = b * h * w
+    ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
+    xl = [_channels_last(x, x.dtype) for x in xs]
+    wl = [_weight_matrix(wt, dot) for wt in ws]
+    boxc = box.to(ct).contiguous()
+    biasc = bias.to(ct).contiguous() if bias is not None else boxc
+    outs = [torch.empty(b, cout, h, w, dtype=x.dtype, device=x.device) for x in xs]
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+
+    _star_fwd_kernel[grid](
+        xl[0], xl[-1], wl[0], wl[-1], biasc, boxc, outs[0], outs[-1],
+        m, h, w, cin, cout, _m_log2(m), stride,
+        PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(dot),
+    )
+    return outs
+
+
+def _launch_backward(
+    grads: list[torch.Tensor], xs: list[torch.Tensor], ws: list[torch.Tensor], box: torch.Tensor,
+    stride: float, gradient_mul: float, need_x: bool, need_box: bool, need_w: bool,
+) -> tuple[list[torch.Tensor | None], torch.Tensor | None, list[torch.Tensor | None]]:
+    """(grad of each x, grad of box, grad of each weight), None where not needed."""
+    b, cin, h, w = xs[0].shape
+    cout = ws[0].shape[0]
+    m = b * h * w
+    device = xs[0].device
+    ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
+    pair = len(xs) == 2
+    precision = _dot_precision(dot)
+    xl = [_channels_last(x, x.dtype) for x in xs]
+    gl = [_channels_last(g, dot) for g in grads]
+    boxc = box.to(ct).contiguous()
+    grad_xs: list[torch.Tensor | None] = [None] * len(xs)
+    grad_ws: list[torch.Tensor | None] = [None] * len(xs)
+    grad_box = None
+    if need_x or need_box:
+        wl = [_weight_matrix(wt, dot) for wt in ws]
+        dummy = torch.zeros(1, dtype=ct, device=device)  # never written: the flags skip it
+        gx = [torch.zeros(b, h, w, cin, dtype=ct, device=device) for _ in xs] if need_x else [dummy]
+        gbox = torch.empty_like(boxc) if need_box else dummy
+
+        def grid(meta: dict) -> tuple[int]:
+            return (triton.cdiv(m, meta["BLOCK_M"]),)
+
+        _star_bwd_data_kernel[grid](
+            gl[0], gl[-1], xl[0], xl[-1], wl[0], wl[-1], boxc, gx[0], gx[-1], gbox,
+            m, h, w, cin, cout, _m_log2(m), stride, gradient_mul,
+            PAIR=pair, NEED_X=need_x, NEED_BOX=need_box, DOT_PRECISION=precision,
+        )
+        if need_x:
+            grad_xs = [torch.empty_like(x).copy_(g.permute(0, 3, 1, 2)) for x, g in zip(xs, gx)]
+        if need_box:
+            grad_box = gbox.to(box.dtype)
+    if need_w:
+        gw = [torch.zeros(9 * cin, cout, dtype=ct, device=device) for _ in xs]
+
+        def wgrid(meta: dict) -> tuple[int, int]:
+            tiles = 9 * triton.cdiv(cin, meta["BLOCK_K"]) * triton.cdiv(cout, meta["BLOCK_N"])
+            return (tiles, _weight_split(triton.cdiv(m, meta["BLOCK_M"]), tiles, device))
+
+        _star_bwd_weight_kernel[wgrid](
+            gl[0], gl[-1], xl[0], xl[-1], boxc, gw[0], gw[-1],
+            m, h, w, cin, cout, _m_log2(m), stride,
+            PAIR=pair, DOT_PRECISION=precision,
+        )
+        grad_ws = [g.view(3, 3, cin, cout).permute(3, 2, 0, 1).to(wt.dtype) for g, wt in zip(gw, ws)]
+    return grad_xs, grad_box, grad_ws
+
+
+class _StarConvFunction(torch.autograd.Function):
+    """One star conv (x2 = w2 = None) or the pair sharing bbox_pred (no bias then)."""
+
+    @staticmethod
+    def forward(ctx, bbox_pred, stride, gradient_mul, bias, x1, w1, x2, w2):  # type: ignore[override]
+        xs = [x1] if x2 is None else [x1, x2]
+        ws = [w1] if w2 is None else [w1, w2]
+        outs = _launch_forward(xs, ws, bias, bbox_pred, stride)
+        ctx.save_for_backward(bbox_pred, *xs, *ws)
+        ctx.stride, ctx.gradient_mul, ctx.has_bias = stride, gradient_mul, bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        bbox_pred, *rest = ctx.saved_tensors
+        n = len(grads)
+        xs, ws = rest[:n], rest[n:]
+        needs = ctx.needs_input_grad
+        need_x = needs[4] or (n == 2 and needs[6])
+        need_w = needs[5] or (n == 2 and needs[7])
+        grad_xs, grad_box, grad_ws = _launch_backward(
+            list(grads), list(xs), list(ws), bbox_pred, ctx.stride, ctx.gradient_mul,
+            need_x, needs[0], need_w,
+        )
+        grad_bias = None
+        if ctx.has_bias and needs[3]:
+            grad_bias = grads[0].sum(dim=(0, 2, 3), dtype=compute_dtype(grads[0].dtype)).to(ctx.bias_dtype)
+        second = (grad_xs[1], grad_ws[1]) if n == 2 else (None, None)
+        return grad_box, None, None, grad_bias, grad_xs[0], grad_ws[0], *second
+
+
+def _autocast(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t cast to the autocast dtype when autocast is on for its device (fp64 stays fp64)."""
+    if t is None or t.dtype == torch.float64 or not torch.is_autocast_enabled(t.device.type):
+        return t
+    return t.to(torch.get_autocast_dtype(t.device.type))
 
 
 def _check_stride(stride: float) -> float:
@@ -101,9 +677,12 @@ def star_deform_conv2d(
     check_same_device(x=x, bbox_pred=bbox_pred, weight=weight, bias=bias)
     stride = _check_stride(stride)
     gradient_mul = _check_gradient_mul(gradient_mul)
-    return reference.star_deform_conv2d_reference(
-        x, bbox_pred, weight, stride, bias=bias, gradient_mul=gradient_mul
-    )
+    x, weight, bias = _autocast(x), _autocast(weight), _autocast(bias)
+    if not use_triton(x):
+        return reference.star_deform_conv2d_reference(
+            x, bbox_pred, weight, stride, bias=bias, gradient_mul=gradient_mul
+        )
+    return _StarConvFunction.apply(bbox_pred, stride, gradient_mul, bias, x, weight, None, None)
 
 
 def star_deform_conv2d_pair(
@@ -132,9 +711,14 @@ def star_deform_conv2d_pair(
     bbox_pred = _check_box(bbox_pred, x_cls)
     w_cls = _check_weight("w_cls", w_cls, x_cls.shape[1])
     w_reg = _check_weight("w_reg", w_reg, x_cls.shape[1])
+    if w_reg.shape != w_cls.shape:
+        raise ValueError(f"w_reg must have w_cls's shape {tuple(w_cls.shape)}, got {tuple(w_reg.shape)}")
     check_same_device(x_cls=x_cls, x_reg=x_reg, bbox_pred=bbox_pred, w_cls=w_cls, w_reg=w_reg)
     stride = _check_stride(stride)
     gradient_mul = _check_gradient_mul(gradient_mul)
-    return reference.star_deform_conv2d_pair_reference(
-        x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, gradient_mul=gradient_mul
-    )
+    x_cls, x_reg, w_cls, w_reg = _autocast(x_cls), _autocast(x_reg), _autocast(w_cls), _autocast(w_reg)
+    if not use_triton(x_cls):
+        return reference.star_deform_conv2d_pair_reference(
+            x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, gradient_mul=gradient_mul
+        )
+    return _StarConvFunction.apply(bbox_pred, stride, gradient_mul, None, x_cls, w_cls, x_reg, w_reg)

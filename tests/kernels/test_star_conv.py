@@ -91,14 +91,158 @@ def test_reference_box_gradient_scaled_by_gradient_mul(seeded):
     torch.testing.assert_close(grads[1], 0.1 * grads[0])
 
 
-def test_public_pair_equals_two_singles(seeded):
-    x_cls = torch.randn(2, 5, 3, 4)
-    x_reg = torch.randn(2, 5, 3, 4)
-    box = _boxes(2, 3, 4, 8.0).float()
-    w_cls, w_reg = torch.randn(7, 5, 3, 3), torch.randn(7, 5, 3, 3)
+# ---------------------------------------------------------------------------------------------
+# Kernels (Triton interpreter on CPU, see conftest) against the float64 reference
+
+
+def _case(b, cin, cout, h, w, stride, box_cells, dtype, *, bias=True, seed=0):
+    """Leaf inputs: x, bbox_pred (distances up to `box_cells` cells), weight, bias."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64)
+    box = torch.rand(b, 4, h, w, generator=gen, dtype=torch.float64) * box_cells * stride
+    weight = torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64) / math.sqrt(9 * cin)
+    bias_t = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
+    return [t.to(dtype).requires_grad_() if t is not None else None for t in (x, box, weight, bias_t)]
+
+
+def _grads(out, inputs, grad_out):
+    leaves = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, leaves, grad_out)
+
+
+def _check_against_reference(x, box, weight, bias, stride, rtol, atol, gradient_mul=0.1):
+    """Kernel output and all four gradients vs the float64 reference on the same values."""
+    out = star_deform_conv2d(x, box, weight, stride, bias=bias, gradient_mul=gradient_mul)
+    assert out.dtype == x.dtype and out.shape == (x.shape[0], weight.shape[0], *x.shape[2:])
+    assert "StarConv" in type(out.grad_fn).__name__  # the Triton path ran
+    ref_inputs = [t.detach().double().requires_grad_() if t is not None else None
+                  for t in (x, box, weight, bias)]
+    ref = reference.star_deform_conv2d_reference(
+        ref_inputs[0], ref_inputs[1], ref_inputs[2], stride, bias=ref_inputs[3],
+        gradient_mul=gradient_mul)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    got = _grads(out, (x, box, weight, bias), grad_out)
+    grad_out = grad_out.double()
+    expected = _grads(ref, ref_inputs, grad_out)
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    for name, g, e in zip(("x", "bbox_pred", "weight", "bias"), got, expected):
+        assert g.dtype == x.dtype or name == "bbox_pred"
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+    return got
+
+
+# fp32: coordinates, interpolation and accumulation in fp32 over K = 9 * Cin <= 300 terms of
+# magnitude <~ 1: errors ~1e-6; 2e-5 leaves margin without hiding a wrong tap or corner (~1e-1).
+FP32_TOL = dict(rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "b, cin, cout, h, w, stride, box_cells",
+    [
+        (2, 33, 17, 5, 7, 8, 3.0),  # partly outside the map; 2 channel chunks
+        (1, 5, 33, 4, 6, 128, 2.0),  # stride 128; 2 Cout tiles
+        (1, 17, 3, 1, 9, 8, 1.5),  # H = 1
+        (2, 3, 5, 9, 1, 128, 1.5),  # W = 1
+    ],
+)
+def test_kernel_matches_reference_fp32(b, cin, cout, h, w, stride, box_cells):
+    _check_against_reference(*_case(b, cin, cout, h, w, stride, box_cells, torch.float32), stride,
+                             **FP32_TOL)
+
+
+def test_kernel_zero_boxes_sample_the_centre():
+    x, box, weight, bias = _case(1, 3, 5, 4, 5, 8, 0.0, torch.float32)
+    _check_against_reference(x, box, weight, bias, 8, **FP32_TOL)
+    # every tap reads the centre: the conv with the summed 3x3 kernel
+    expected = torch.einsum("bchw,oc->bohw", x.double(), weight.double().sum(dim=(2, 3))) + bias.double().view(1, -1, 1, 1)
+    torch.testing.assert_close(star_deform_conv2d(x, box, weight, 8, bias=bias).double(), expected, **FP32_TOL)
+
+
+def test_kernel_boxes_wholly_outside_get_zero_box_gradient():
+    x, box, weight, bias = _case(2, 5, 3, 3, 4, 16, 1.0, torch.float32)
+    with torch.no_grad():
+        box += 10 * 16  # every outer row and column is >= 10 cells away: outside the map
+    _, grad_box, *_ = _check_against_reference(x, box, weight, bias, 16, **FP32_TOL)
+    assert torch.equal(grad_box, torch.zeros_like(grad_box))
+
+
+def test_kernel_negative_distances_used_as_given():
+    x, box, weight, bias = _case(1, 3, 5, 5, 6, 8, 2.0, torch.float32)
+    with torch.no_grad():
+        box -= 8.0  # about half the distances negative
+    assert (box < 0).any() and (box > 0).any()
+    _check_against_reference(x, box, weight, bias, 8, **FP32_TOL)
+
+
+def test_kernel_bf16():
+    """bf16 in and out: under the interpreter the kernel computes in fp32 (dots included), so the
+    error is the rounding of outputs and gradients to bf16: 2^-8 relative (plus a little)."""
+    x, box, weight, bias = _case(2, 17, 33, 3, 5, 8, 2.0, torch.bfloat16)
+    _check_against_reference(x, box, weight, bias, 8, rtol=1e-2, atol=1e-2)
+
+
+def test_pair_equals_two_singles():
+    x_cls, box, w_cls, _ = _case(2, 17, 5, 4, 5, 8, 2.0, torch.float32, bias=False)
+    x_reg, _, w_reg, _ = _case(2, 17, 5, 4, 5, 8, 2.0, torch.float32, bias=False, seed=1)
     out_cls, out_reg = star_deform_conv2d_pair(x_cls, x_reg, box, w_cls, w_reg, 8)
-    torch.testing.assert_close(out_cls, star_deform_conv2d(x_cls, box, w_cls, 8))
-    torch.testing.assert_close(out_reg, star_deform_conv2d(x_reg, box, w_reg, 8))
+    single_cls = star_deform_conv2d(x_cls, box, w_cls, 8)
+    single_reg = star_deform_conv2d(x_reg, box, w_reg, 8)
+    torch.testing.assert_close(out_cls, single_cls, rtol=0, atol=0)
+    torch.testing.assert_close(out_reg, single_reg, rtol=0, atol=0)
+    g_cls, g_reg = torch.randn_like(out_cls), torch.randn_like(out_reg)
+    leaves = (x_cls, x_reg, box, w_cls, w_reg)
+    got = torch.autograd.grad((out_cls, out_reg), leaves, (g_cls, g_reg))
+    expected = torch.autograd.grad((single_cls, single_reg), leaves, (g_cls, g_reg))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **FP32_TOL)
+    # and against the pair reference in float64
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = reference.star_deform_conv2d_pair_reference(*ref_leaves[:2], ref_leaves[2], *ref_leaves[3:], 8)
+    torch.testing.assert_close(out_cls.double(), ref[0], **FP32_TOL)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, (g_cls.double(), g_reg.double()))
+    for g, e in zip(got, ref_grads):
+        torch.testing.assert_close(g.double(), e, **FP32_TOL)
+
+
+def _gradcheck_inputs(pair: bool):
+    """float64 inputs whose star points stay >= 0.1 cell away from integers (where the bilinear
+    weights' derivative jumps), so finite differences are exact up to rounding."""
+    gen = torch.Generator().manual_seed(3)
+    b, cin, cout, h, w, stride = 1, 3, 2, 3, 4, 8.0
+    cells = torch.randint(0, 3, (b, 4, h, w), generator=gen) + 0.1 + 0.8 * torch.rand(b, 4, h, w, generator=gen, dtype=torch.float64)
+    box = (cells * stride).requires_grad_()
+    xs = [torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(1 + pair)]
+    ws = [torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(1 + pair)]
+    return box, xs, ws, stride
+
+
+def test_gradcheck_single_float64():
+    box, (x,), (weight,), stride = _gradcheck_inputs(pair=False)
+    bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    fn = lambda x_, b_, w_, bias_: star_deform_conv2d(x_, b_, w_, stride, bias=bias_, gradient_mul=1.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, box, weight, bias), fast_mode=True)
+
+
+def test_gradcheck_pair_float64():
+    box, (x_cls, x_reg), (w_cls, w_reg), stride = _gradcheck_inputs(pair=True)
+    fn = lambda a, b_, c, d, e: star_deform_conv2d_pair(a, b_, c, d, e, stride, gradient_mul=1.0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x_cls, x_reg, box, w_cls, w_reg), fast_mode=True)
+
+
+def test_reference_forced_by_env(monkeypatch):
+    monkeypatch.setenv("VFNET_KERNELS", "torch")
+    x, box, weight, bias = _case(1, 3, 5, 2, 3, 8, 1.0, torch.float32)
+    out = star_deform_conv2d(x, box, weight, 8, bias=bias)
+    assert "StarConv" not in type(out.grad_fn).__name__
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, box, weight, _ = _case(1, 3, 5, 2, 3, 8, 1.0, torch.float32, bias=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = star_deform_conv2d(x, box, weight, 8)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
 
 
 def _good():
@@ -141,6 +285,7 @@ def test_single_rejects_bad_input(change, error, match):
         (lambda a: a.update(x_reg=torch.randn(1, 3, 4, 4).double()), TypeError, "x_reg must have"),
         (lambda a: a.update(w_reg=torch.randn(2, 4, 3, 3)), ValueError, "w_reg has Cin"),
         (lambda a: a.update(w_cls=torch.randn(2, 3, 3)), ValueError, "w_cls must be"),
+        (lambda a: a.update(w_reg=torch.randn(4, 3, 3, 3)), ValueError, "w_reg must have"),
         (lambda a: a.update(bbox_pred=torch.rand(2, 4, 4, 4)), ValueError, "bbox_pred must be"),
         (lambda a: a.update(w_reg=torch.randn(2, 3, 3, 3, device="meta")), ValueError, "w_reg is on"),
         (lambda a: a.update(stride=float("inf")), ValueError, "stride"),
