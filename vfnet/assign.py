@@ -110,9 +110,9 @@ def atss_assign(
     positive = (candidate_iou >= threshold) & inside & gt_valid.unsqueeze(1)
 
     # IoU of (point, gt) where positive, -inf elsewhere; candidates of one gt are distinct points.
-    neg_inf = torch.tensor(float("-inf"), dtype=overlaps.dtype, device=overlaps.device)
+    # (masked_fill with a Python scalar: torch.tensor(-inf, device=...) would be a blocking copy.)
     positive_iou = torch.full_like(overlaps, float("-inf")).scatter(
-        1, candidates, torch.where(positive, candidate_iou, neg_inf)
+        1, candidates, candidate_iou.masked_fill(~positive, float("-inf"))
     )
     best_iou, best_gt = positive_iou.max(dim=2)  # [B, P]
     is_pos = best_iou > float("-inf")

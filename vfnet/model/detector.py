@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from vfnet.assign import atss_assign, pad_gts
 from vfnet.boxes import batched_nms, distance_to_box
@@ -56,7 +57,14 @@ class VFNet(nn.Module):
         """images [B, 3, H, W] normalised -> per-level head outputs."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
-        return self.head(self.neck(self.backbone(images)))
+        # Profiler ranges (benchmarks.profile_step groups the step's time by them); each costs a
+        # few microseconds when no profiler runs.
+        with record_function("vfnet.backbone"):
+            features = self.backbone(images)
+        with record_function("vfnet.fpn"):
+            features = self.neck(features)
+        with record_function("vfnet.head"):
+            return self.head(features)
 
     def points(self, outputs: HeadOutputs) -> list[torch.Tensor]:
         """Per-level point coordinates [H_l*W_l, 2] matching `outputs`."""
@@ -77,22 +85,23 @@ class VFNet(nn.Module):
         batch = outputs.cls_scores[0].shape[0]
         if len(gt_boxes) != batch:
             raise ValueError(f"gt_boxes has {len(gt_boxes)} images but the batch has {batch}")
-        points = self.points(outputs)
-        device = points[0].device
-        boxes, labels, valid = pad_gts(gt_boxes, gt_labels, device)
-        targets = atss_assign(
-            points, self.head.strides, boxes, labels, valid, self.head.num_classes,
-            topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
-        )
-        return vfnet_loss(
-            flatten_levels(outputs.cls_scores),
-            flatten_levels(outputs.bbox_init),
-            flatten_levels(outputs.bbox_refine),
-            torch.cat(points),
-            targets,
-            self.cfg.loss,
-            use_kernels=self.kernels == "triton",
-        )
+        with record_function("vfnet.assign"):
+            points = self.points(outputs)
+            boxes, labels, valid = pad_gts(gt_boxes, gt_labels, points[0].device)
+            targets = atss_assign(
+                points, self.head.strides, boxes, labels, valid, self.head.num_classes,
+                topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
+            )
+        with record_function("vfnet.loss"):
+            return vfnet_loss(
+                flatten_levels(outputs.cls_scores),
+                flatten_levels(outputs.bbox_init),
+                flatten_levels(outputs.bbox_refine),
+                torch.cat(points),
+                targets,
+                self.cfg.loss,
+                use_kernels=self.kernels == "triton",
+            )
 
     @torch.no_grad()
     def predict(

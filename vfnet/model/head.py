@@ -11,10 +11,11 @@ logits. Boxes are computed in float32 even under autocast (exp of low-precision 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 import kernels
 from kernels import reference
@@ -57,7 +58,9 @@ def _conv_gn_relu(in_channels: int, out_channels: int, groups: int) -> nn.Sequen
 class VFNetHead(nn.Module):
     """forward(features: P3..P7 [B, in_channels, H_l, W_l]) -> HeadOutputs.
 
-    use_kernels picks `kernels.star_deform_conv2d_pair` (else its PyTorch reference).
+    use_kernels picks `kernels.star_deform_conv2d_pair` (else its PyTorch reference); setting
+    `star_op` to a function with that signature replaces both (benchmarks plug
+    torchvision's deform_conv2d in there).
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class VFNetHead(nn.Module):
         self.reg_denoms = [float(d) for d in reg_denoms]
         self.gradient_mul = gradient_mul
         self.use_kernels = use_kernels
+        self.star_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         self.cls_convs = nn.Sequential(
             *[_conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups) for i in range(stacked_convs)]
         )
@@ -114,16 +118,19 @@ class VFNetHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> HeadOutputs:
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(features)}")
-        star_pair = kernels.star_deform_conv2d_pair if self.use_kernels else reference.star_deform_conv2d_pair_reference
+        star_pair = self.star_op or (
+            kernels.star_deform_conv2d_pair if self.use_kernels else reference.star_deform_conv2d_pair_reference
+        )
         cls_scores, bbox_init, bbox_refine = [], [], []
         for level, x in enumerate(features):
             cls_feat = self.cls_convs(x)
             reg_feat = self.reg_convs(x)
             init = self.scales[level](self.reg_init(self.reg_init_conv(reg_feat))).exp() * self.reg_denoms[level]
-            cls_star, reg_star = star_pair(
-                cls_feat, reg_feat, init, self.star_cls_weight, self.star_reg_weight,
-                self.strides[level], gradient_mul=self.gradient_mul,
-            )
+            with record_function("vfnet.star_conv"):
+                cls_star, reg_star = star_pair(
+                    cls_feat, reg_feat, init, self.star_cls_weight, self.star_reg_weight,
+                    self.strides[level], gradient_mul=self.gradient_mul,
+                )
             refine = self.scales_refine[level](self.reg_refine(torch.relu(reg_star))).exp() * init.detach()
             cls_scores.append(self.cls(torch.relu(cls_star)))
             bbox_init.append(init)
