@@ -188,7 +188,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
             ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {reason}") from None
     if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
         missing = [k for k in _REQUIRED if not isinstance(state, dict) or k not in state]

@@ -1,0 +1,193 @@
+import math
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tiny_run import make_data, records, tiny_config, vfnet_command, write_config
+from vfnet.checkpoint import checkpoint_config, load_checkpoint
+from vfnet.config import load_config
+from vfnet.engine import NonFiniteLossError, TrainHooks, train
+from vfnet.evaluate import AP_NAMES
+from vfnet.model import VFNet
+from vfnet.optim import LrSchedule
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """An uninterrupted 12-iteration run (3 epochs of 4 batches) to compare others against."""
+    workdir = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(data, max_iters=12)
+    metrics = train(cfg, workdir)
+    return workdir, metrics
+
+
+def test_smoke_run_writes_everything(data, tmp_path):
+    cfg = tiny_config(data, max_iters=6, eval_interval=3, keep_checkpoints=1)
+    reports = []
+    metrics = train(cfg, tmp_path, hooks=TrainHooks(report=lambda m, c: reports.append((m, c))))
+    assert metrics["iterations"] == 6
+    assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1.0 for k in AP_NAMES)
+
+    assert load_config(tmp_path / "config.toml") == cfg
+    train_recs = records(tmp_path)
+    assert [r["iter"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in train_recs] == [1, 1, 1, 1, 2, 2]  # 8 images / batch 2 = 4 per epoch
+    for r in train_recs:
+        assert {"lr", "loss", "loss_cls", "loss_bbox_init", "loss_bbox_refine", "num_pos",
+                "time_per_iter"} <= r.keys()
+        assert math.isclose(r["loss"], r["loss_cls"] + r["loss_bbox_init"] + r["loss_bbox_refine"],
+                            rel_tol=1e-5)
+    assert [r["iter"] for r in records(tmp_path, "eval")] == [3, 6]
+
+    ckdir = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["epoch_1.pt", "last.pt"]  # keep 1 epoch file
+    state = load_checkpoint(ckdir / "last.pt")
+    assert state["iteration"] == 6 and state["epoch"] == 1
+    assert checkpoint_config(state) == cfg
+    assert load_checkpoint(ckdir / "epoch_1.pt")["iteration"] == 4
+    assert set(AP_NAMES) <= set(__import__("json").loads((tmp_path / "eval.json").read_text()))
+
+    # reports after each checkpoint (2, 4, 6) and evaluation (3, 6), on this (rank 0) process
+    assert [(int(m["iteration"]), c.name if c else None) for m, c in reports] == [
+        (2, "last.pt"), (3, None), (4, "last.pt"), (6, "last.pt")]
+    assert "bbox_mAP" in reports[1][0] and "loss" in reports[0][0]
+    assert reports[-1][0]["bbox_mAP"] == metrics["bbox_mAP"]
+
+
+def test_lr_follows_schedule_and_resume_is_exact(data, reference, tmp_path):
+    ref_dir, ref_metrics = reference
+    ref = records(ref_dir)
+    cfg = tiny_config(data, max_iters=12)
+    schedule = LrSchedule.from_config(cfg.train, iters_per_epoch=4, total_iters=12)
+    assert [r["lr"] for r in ref] == pytest.approx([schedule.lr(i) for i in range(12)])
+
+    # a run interrupted at iteration 7 (after the checkpoint at 6) and resumed
+    calls = {"n": 0}
+    original = VFNet.loss
+
+    def crash_at_7(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(VFNet, "loss", crash_at_7)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 6
+    resumed = train(cfg, tmp_path)
+    got = records(tmp_path)
+    assert [r["iter"] for r in got] == list(range(1, 13))
+    for a, b in zip(got, ref):  # same lr, same data order, same weights: same losses
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["iter"]
+        assert a["num_pos"] == b["num_pos"]
+    assert resumed["bbox_mAP"] == pytest.approx(ref_metrics["bbox_mAP"], abs=1e-3)
+    ref_state = load_checkpoint(ref_dir / "checkpoints" / "last.pt")["model"]
+    for name, value in load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"].items():
+        torch.testing.assert_close(value, ref_state[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_after_sigkill(data, reference, tmp_path):
+    """A `vfnet train` subprocess killed after its first checkpoint continues where it stopped."""
+    ref = records(reference[0])
+    config = write_config(tmp_path / "tiny.toml", data, max_iters=12)
+    workdir = tmp_path / "run"
+    last = workdir / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([*vfnet_command(), "train", "--config", str(config), "--workdir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    killed_at = load_checkpoint(last)["iteration"]
+    assert 2 <= killed_at < 12
+
+    done = subprocess.run([*vfnet_command(), "train", "--config", str(config), "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {last} at iteration {killed_at}" in done.stderr
+    got = records(workdir)
+    assert [r["iter"] for r in got] == list(range(1, 13))  # records past the checkpoint redone once
+    for a, b in zip(got[killed_at:], ref[killed_at:]):
+        assert a["lr"] == pytest.approx(b["lr"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["iter"]
+    assert load_checkpoint(last)["iteration"] == 12
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path, monkeypatch):
+    cfg = tiny_config(data, max_iters=6)
+    calls = {"n": 0}
+    original = VFNet.loss
+
+    def nan_at_3(self, *args):
+        losses = original(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            losses["loss_bbox_init"] = losses["loss_bbox_init"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(VFNet, "loss", nan_at_3)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3\b.*loss_bbox_init=nan"):
+        train(cfg, tmp_path)
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [r["iter"] for r in records(tmp_path)] == [1, 2]
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_no_resume_keeps_old_files_until_replaced(data, tmp_path, monkeypatch):
+    cfg = tiny_config(data, max_iters=2)
+    train(cfg, tmp_path)
+    old_ckpt = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+
+    def fail(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VFNet, "loss", fail)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, resume=False)
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == old_ckpt
+    assert (tmp_path / "metrics.jsonl").read_text() == old_metrics
+    monkeypatch.undo()
+    train(tiny_config(data, max_iters=1), tmp_path, resume=False)  # starts over: replaces both
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 1
+    assert [r["iter"] for r in records(tmp_path)] == [1]
+
+
+def test_hooks_batches_and_resume_from(data, reference, tmp_path):
+    from vfnet.data import build_train_loader
+
+    cfg = tiny_config(data, max_iters=5, checkpoint_interval=0)
+    seen = []
+
+    def batches(epoch, start):
+        seen.append((epoch, start))
+        return build_train_loader(cfg, epoch, start_batch=start)
+
+    ref_ckpt = reference[0] / "checkpoints" / "epoch_1.pt"  # iteration 4 of the reference run
+    hooks = TrainHooks(train_batches=batches, iters_per_epoch=4, resume_from=ref_ckpt)
+    metrics = train(cfg, tmp_path, hooks=hooks)
+    assert seen == [(1, 0)] and metrics["iterations"] == 5
+    (rec,) = records(tmp_path)
+    assert rec["iter"] == 5 and rec["loss"] == pytest.approx(records(reference[0])[4]["loss"], rel=1e-4)
+
+    with pytest.raises(ValueError, match="iters_per_epoch"):
+        train(cfg, tmp_path, hooks=TrainHooks(train_batches=batches))
+    short = TrainHooks(train_batches=lambda e, s: list(build_train_loader(cfg, e))[:2], iters_per_epoch=4)
+    with pytest.raises(RuntimeError, match="ran out after 2 of 4"):
+        train(cfg, tmp_path / "short", hooks=short)
