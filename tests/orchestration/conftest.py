@@ -45,10 +45,11 @@ def tiny_config_dict(data_dir: Path) -> dict:
 
 @pytest.fixture
 def tiny_config(synth_dir: Path) -> Callable[..., Config]:
-    """`tiny_config(**{"train.max_iters": 6, ...})`: the tiny config with dotted-key overrides."""
+    """`tiny_config(data_dir=None, **{"train.max_iters": 6, ...})`: the tiny config on
+    `data_dir` (default: the session's shapes data) with dotted-key overrides."""
 
-    def make(**overrides: object) -> Config:
-        raw = tiny_config_dict(synth_dir)
+    def make(data_dir: Path | None = None, **overrides: object) -> Config:
+        raw = tiny_config_dict(data_dir or synth_dir)
         for key, value in overrides.items():
             section, name = key.split(".")
             raw.setdefault(section, {})[name] = value

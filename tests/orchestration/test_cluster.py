@@ -1,0 +1,221 @@
+"""Real multi-process Ray clusters: `ray start` heads, `ray job submit`, two nodes, a SIGKILLed worker.
+
+The module starts its own cluster with the `ray` CLI in subprocesses: a head on 127.0.0.2 and a
+second raylet on 127.0.0.3 (two real nodes on one machine, DESIGN.md §8), on free ports and in a
+temp dir of their own, so it neither joins nor disturbs any other Ray on the machine (nor the
+in-process session cluster of the other test modules). Token authentication is on, with a
+fresh token passed in the environment of every command (the project's policy, see README).
+Each `ray start --block` runs in its own process group, which teardown terminates (then kills),
+so no Ray process outlives the module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestration import train as otrain
+from vfnet.checkpoint import load_checkpoint
+from vfnet.config import Config, save_config
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+class Cluster:
+    """A head and one more node, each a `ray start --block` process group."""
+
+    def __init__(self) -> None:
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="vr-"))  # short: Ray's socket paths
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.env = {
+            **os.environ,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",  # faster checkpoint registration, failure detection
+            # `python` in job entrypoints is this interpreter
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        self.env.pop("RAY_ADDRESS", None)
+        self.procs: list[subprocess.Popen] = []
+
+    @property
+    def address(self) -> str:
+        return f"{HEAD_IP}:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str], name: str) -> None:
+        common = ["--block", "--num-cpus=2", "--object-store-memory=80000000",
+                  f"--dashboard-agent-listen-port={_free_port()}",
+                  f"--dashboard-agent-grpc-port={_free_port()}",
+                  f"--runtime-env-agent-port={_free_port()}",
+                  f"--metrics-export-port={_free_port()}", "--disable-usage-stats"]
+        log = open(self.temp_dir / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(self) -> None:
+        self._start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
+                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp_dir}"],
+                    "head")
+        self._wait_nodes(1)
+        self._start([f"--address={self.address}", f"--node-ip-address={NODE_IP}"], "node")
+        self._wait_nodes(2)
+
+    def _wait_nodes(self, count: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc in self.procs:
+                assert proc.poll() is None, f"ray start exited: {self.logs()}"
+            out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status",
+                                  f"--address={self.address}"], env=self.env,
+                                 capture_output=True, text=True)
+            active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+            if out.returncode == 0 and active.count(" node_") >= count:
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{count} Ray node(s) not up after {timeout} s: {self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text()[-2000:] for p in sorted(self.temp_dir.glob("*.log")))
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+            for proc in self.procs:
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and any(_group_alive(p) for p in self.procs):
+                time.sleep(0.5)
+        for proc in self.procs:
+            proc.wait(timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _group_alive(proc: subprocess.Popen) -> bool:
+    proc.poll()  # reap the leader: a zombie still counts as a group member
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    cluster = Cluster()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _config_file(cfg: Config, directory: Path) -> Path:
+    path = directory / "config.toml"
+    save_config(cfg, path)
+    return path
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / otrain.WORKERS_DIR).glob("*.json"))]
+
+
+def _registered_checkpoints(run_dir: Path) -> list[dict]:
+    """The checkpoints Ray Train's controller has registered (its snapshot file), or []."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return []
+    return snapshot.get("checkpoint_results", [])
+
+
+def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
+    """`ray job submit --working-dir .` of `python -m orchestration.train`, one worker per node."""
+    config = _config_file(tiny_config(), tmp_path)
+    storage = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
+           f"--address={cluster.dashboard}", "--working-dir", ".",
+           "--runtime-env-json", json.dumps({"excludes": ["/.git/"]}), "--",
+           "python", "-m", "orchestration.train", "--config", str(config), "--num-workers", "2",
+           "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD",
+           "--storage", str(storage), "--name", "job2"]
+    out = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    result = json.loads((storage / "job2" / otrain.RESULT_NAME).read_text())
+    assert result["iterations"] == 4 and result["num_workers"] == 2 and result["restarts"] == 0
+    records = _records(storage / "job2")
+    assert sorted(r["rank"] for r in records) == [0, 1]
+    assert len({r["node_id"] for r in records}) == 2
+    assert {r["node_ip"] for r in records} == {HEAD_IP, NODE_IP}
+
+
+def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
+    """SIGKILL the worker after Ray registered a checkpoint: the run resumes from it and ends."""
+    from vfnet.data.synth import synthesize
+
+    data_dir = tmp_path / "shapes"
+    synthesize(data_dir, images=96, size=64, seed=1)  # 48 iterations an epoch: one epoch
+    config = _config_file(tiny_config(data_dir, **{"train.max_iters": 48, "train.checkpoint_interval": 4,
+                                                    "train.keep_checkpoints": 20}), tmp_path)
+    storage = tmp_path / "runs"
+    run_dir = storage / "ft"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--num-workers", "1",
+         "--cpus-per-worker", "1", "--storage", str(storage), "--name", "ft",
+         "--address", cluster.address],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        victim = None
+        deadline = time.monotonic() + 240
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            records = _records(run_dir) if (run_dir / otrain.WORKERS_DIR).is_dir() else []
+            if _registered_checkpoints(run_dir) and records:
+                victim = records[0]["pid"]
+                assert not (run_dir / otrain.RESULT_NAME).exists(), "the run ended before the kill"
+                os.kill(victim, signal.SIGKILL)
+            time.sleep(0.1)
+        assert victim is not None, "no checkpoint registered in time"
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    assert result["restarts"] >= 1 and result["iterations"] == 48
+    records = _records(run_dir)
+    assert victim in {r["pid"] for r in records}
+    resumed = [r for r in records if r["resumed_from"] is not None]
+    assert resumed and all(r["pid"] != victim for r in resumed)
+    # the restarted worker resumed mid-run from a registered checkpoint, not from scratch
+    state = load_checkpoint(Path(resumed[0]["resumed_from"]) / otrain.CHECKPOINT_NAME)
+    assert 4 <= int(state["iteration"]) < 48
