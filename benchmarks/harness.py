@@ -73,7 +73,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
 def time_calls_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3,
@@ -100,10 +100,11 @@ def time_calls_ms(fn: Callable[[], object], device: torch.device, *, warmup: int
             begin = time.perf_counter()
             fn()
             samples.append((time.perf_counter() - begin) * 1e3)
-    return _quantiles(samples)
+    return quantiles(samples)
 
 
-def _quantiles(samples: list[float]) -> tuple[float, float, float]:
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of `samples` (one sample: that value three times)."""
     if len(samples) == 1:
         return samples[0], samples[0], samples[0]
     cuts = statistics.quantiles(samples, n=10, method="inclusive")  # deciles: 10%, 20%, ... 90%

@@ -1,0 +1,309 @@
+"""Where one training step's time goes: `python -m benchmarks.profile_step`.
+
+Runs the training step of benchmarks.workload (forward, ATSS assignment, loss, backward, SGD
+step; bf16 autocast on CUDA) under `torch.profiler` and groups the time by the model's
+`record_function` ranges: backbone (`vfnet.backbone`), FPN (`vfnet.fpn`), head convs
+(`vfnet.head` outside the star conv), star conv (`vfnet.star_conv`), ATSS assignment
+(`vfnet.assign`), losses (`vfnet.loss`) and optimiser (`vfnet.optimizer`), forward and backward
+separately: a backward op is charged to the part whose forward op has its autograd sequence
+number. The rest is "other" (e.g. gradient accumulation, the loss sum).
+
+On CUDA the time counted is the device's (kernels, copies and memsets, each charged through the
+CPU op that launched it); "host gaps" is the step's time with the device idle: the step window
+(from the step's first Python op to the end of its last kernel, a synchronize closes each step)
+minus the union of device activity, with the largest single gap reported too (issue #6's
+target: no gap above 5% of the step). On the CPU the counted time is that of the top-level
+operators and the gaps are the step's time outside any operator (Python and dispatch overhead).
+
+Writes <out-dir>/profile_step_<device>.txt (device e.g. `cpu`, `nvidia_h100_80gb_hbm3`): the
+grouped table, then torch's own operator table; `--trace` also writes a Chrome trace next to it.
+Full (default with CUDA): VFNet R-50, 1333x800, batch 8, provider triton. `--small` (default
+without CUDA): ResNet-18 with 32 channels, 128x128, batch 2, provider torch (triton runs only
+under TRITON_INTERPRET=1).
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import datetime as _dt
+import logging
+import re
+import shlex
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from benchmarks import harness, workload
+
+log = logging.getLogger("benchmarks.profile_step")
+
+STEP = "vfnet.step"
+PARTS = {  # record_function range -> part; the order of the table
+    "vfnet.backbone": "backbone",
+    "vfnet.fpn": "FPN",
+    "vfnet.head": "head convs",
+    "vfnet.star_conv": "star conv",
+    "vfnet.assign": "ATSS assignment",
+    "vfnet.loss": "losses",
+    "vfnet.optimizer": "optimiser",
+}
+BACKWARD = "vfnet.backward"
+OPTIMIZER = "vfnet.optimizer"
+OTHER = "other"
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+@dataclass
+class Profile:
+    """A step's time by part, in ms per step. `busy[(part, phase)]` with phase "fwd", "bwd" or
+    "step" (the optimiser);
+    `step_ms` the step's duration; `idle_ms` the time nothing was running; `largest_gap_ms` the
+    longest such stretch."""
+
+    steps: int
+    step_ms: float
+    busy: dict[tuple[str, str], float] = field(default_factory=dict)
+    idle_ms: float = 0.0
+    largest_gap_ms: float = 0.0
+    on_device: bool = False
+
+
+class _Ranges:
+    """The `record_function` ranges and backward nodes of the CPU threads, for lookups by time."""
+
+    def __init__(self, cpu_events: list) -> None:
+        self.ranges: dict[int, list] = defaultdict(list)  # thread -> part ranges
+        self.nodes: dict[int, list] = defaultdict(list)  # thread -> backward nodes by start
+        for e in cpu_events:
+            if e.name in PARTS or e.name == BACKWARD:
+                self.ranges[e.thread].append(e)
+            elif e.name.startswith(BACKWARD_NODE):
+                self.nodes[e.thread].append(e)
+        for nodes in self.nodes.values():
+            nodes.sort(key=lambda e: e.time_range.start)
+        self.node_starts = {t: [e.time_range.start for e in n] for t, n in self.nodes.items()}
+        # The sequence numbers of the forward ops inside each range: a backward node belongs to
+        # the innermost range whose span holds its forward op's sequence number.
+        self.seq_span: dict[int, tuple[int, int]] = {}
+        for e in cpu_events:
+            if e.sequence_nr >= 0 and not e.name.startswith(BACKWARD_NODE) and e.name not in PARTS:
+                r = self.range_at(e.thread, e.time_range.start)
+                if r is not None and r.name in PARTS:
+                    lo, hi = self.seq_span.get(r.id, (e.sequence_nr, e.sequence_nr))
+                    self.seq_span[r.id] = (min(lo, e.sequence_nr), max(hi, e.sequence_nr))
+
+    def range_at(self, thread: int, t: float):
+        """The innermost part range (or the backward range) on `thread` containing time t."""
+        best = None
+        for r in self.ranges.get(thread, ()):
+            if r.time_range.start <= t <= r.time_range.end and (
+                    best is None or r.time_range.start >= best.time_range.start):
+                best = r
+        return best
+
+    def node_at(self, thread: int, t: float):
+        """The backward node running on `thread` at time t, if any."""
+        starts = self.node_starts.get(thread)
+        if not starts:
+            return None
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and self.nodes[thread][i].time_range.end >= t:
+            return self.nodes[thread][i]
+        return None
+
+    def backward_part(self, node) -> str:
+        best = None
+        for r in self.ranges.get(node.fwd_thread, ()):
+            span = self.seq_span.get(r.id)
+            if span and span[0] <= node.sequence_nr <= span[1] and (
+                    best is None or r.time_range.start >= best.time_range.start):
+                best = r
+        return PARTS[best.name] if best is not None else OTHER
+
+    def classify(self, thread: int, t: float) -> tuple[str, str]:
+        """(part, phase) of work issued on `thread` at time t."""
+        node = self.node_at(thread, t)
+        if node is not None:
+            return self.backward_part(node), "bwd"
+        r = self.range_at(thread, t)
+        if r is None:
+            return OTHER, "fwd"
+        if r.name == BACKWARD:
+            return OTHER, "bwd"
+        return PARTS[r.name], "step" if r.name == OPTIMIZER else "fwd"
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def summarise(events: list, on_device: bool) -> Profile:
+    """Group profiler events (`prof.events()`) of the `vfnet.step` ranges into a Profile.
+
+    Work items: device events (on_device) charged through their launching CPU op, else the
+    top-level CPU operators (parent None or a `record_function` range).
+    """
+    cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
+    steps = [e for e in cpu if e.name == STEP]
+    if not steps:
+        raise ValueError(f"no {STEP!r} range in the profile")
+    ranges = _Ranges(cpu)
+    work: list[tuple[float, float, str, str]] = []  # (start, end, part, phase), microseconds
+    if on_device:
+        launchers = {e.id: e for e in cpu if e.linked_correlation_id == 0}
+        for e in events:
+            # (record_function ranges also appear as device-side "gpu_user_annotation" spans)
+            if e.device_type != DeviceType.CUDA or e.is_user_annotation or e.name.startswith("vfnet."):
+                continue
+            op = launchers.get(e.linked_correlation_id)
+            part, phase = ranges.classify(op.thread, op.time_range.start) if op else (OTHER, "fwd")
+            work.append((e.time_range.start, e.time_range.end, part, phase))
+    else:
+        for e in cpu:
+            parent = e.cpu_parent
+            annotation = e.is_user_annotation or e.name in PARTS or e.name in (STEP, BACKWARD)
+            if annotation or not (parent is None or parent.is_user_annotation or parent.name in PARTS
+                                  or parent.name in (STEP, BACKWARD)):
+                continue
+            part, phase = ranges.classify(e.thread, e.time_range.start)
+            work.append((e.time_range.start, e.time_range.end, part, phase))
+
+    busy: dict[tuple[str, str], float] = defaultdict(float)
+    total_us = idle_us = largest_us = 0.0
+    for step in steps:
+        begin = step.time_range.start
+        inside = [w for w in work if w[0] >= begin and w[0] <= step.time_range.end]
+        end = max([step.time_range.end] + [w[1] for w in inside])
+        for start, stop, part, phase in inside:
+            busy[(part, phase)] += stop - start
+        cursor = begin
+        for start, stop in _merge([(max(w[0], begin), min(w[1], end)) for w in inside]):
+            gap = start - cursor
+            idle_us += max(gap, 0.0)
+            largest_us = max(largest_us, gap)
+            cursor = max(cursor, stop)
+        idle_us += end - cursor
+        largest_us = max(largest_us, end - cursor)
+        total_us += end - begin
+    n = len(steps)
+    return Profile(
+        steps=n,
+        step_ms=total_us / n / 1e3,
+        busy={k: v / n / 1e3 for k, v in busy.items()},
+        idle_ms=idle_us / n / 1e3,
+        largest_gap_ms=largest_us / 1e3,
+        on_device=on_device,
+    )
+
+
+def format_profile(p: Profile) -> str:
+    """The grouped table: per part forward / backward / total ms per step and share of the step."""
+    what = "device time" if p.on_device else "CPU operator time"
+    lines = [f"{'part':<18}{'forward ms':>12}{'backward ms':>13}{'total ms':>11}{'share':>8}"]
+    for part in [*PARTS.values(), OTHER]:
+        fwd, bwd = p.busy.get((part, "fwd"), 0.0), p.busy.get((part, "bwd"), 0.0)
+        total = fwd + bwd + p.busy.get((part, "step"), 0.0)
+        columns = f"{'':>25}" if part == PARTS[OPTIMIZER] else f"{fwd:>12.2f}{bwd:>13.2f}"
+        lines.append(f"{part:<18}{columns}{total:>11.2f}{100 * total / p.step_ms:>7.1f}%")
+    busy = sum(p.busy.values())
+    lines.append(f"{'sum (' + what + ')':<43}{busy:>11.2f}{100 * busy / p.step_ms:>7.1f}%")
+    gaps = "host gaps (device idle)" if p.on_device else "gaps (outside operators)"
+    lines.append(f"{gaps:<43}{p.idle_ms:>11.2f}{100 * p.idle_ms / p.step_ms:>7.1f}%")
+    lines.append(f"{'largest single gap':<43}{p.largest_gap_ms:>11.2f}"
+                 f"{100 * p.largest_gap_ms / p.step_ms:>7.1f}%")
+    lines.append(f"{'step':<43}{p.step_ms:>11.2f}{100.0:>7.1f}%")
+    return "\n".join(lines)
+
+
+def run_profile(step: Callable[[], None], device: torch.device, *, warmup: int, steps: int,
+                trace: Path | None = None) -> tuple[Profile, str]:
+    """Warm up, profile `steps` steps (each a `vfnet.step` range closed by a synchronize); return
+    the grouped Profile and torch's operator table."""
+    for _ in range(warmup):
+        step()
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    if on_device:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            with record_function(STEP):
+                step()
+                if on_device:
+                    torch.cuda.synchronize(device)
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    sort = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    return summarise(list(prof.events()), on_device), table
+
+
+def device_slug(device: torch.device) -> str:
+    """`cpu`, or the CUDA device name in lower case with runs of other characters as `_`."""
+    return re.sub(r"[^a-z0-9]+", "_", harness.device_name(device).lower()).strip("_")
+
+
+def main(argv: list[str] | None = None) -> Profile:
+    """Profile the step; write <out-dir>/profile_step_<device>.txt; return the Profile."""
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
+                                     description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", dest="small", action="store_true", default=None,
+                      help="ResNet-18, 32 channels, 128x128 (default without CUDA)")
+    size.add_argument("--full", dest="small", action="store_false",
+                      help="VFNet R-50, 1333x800 (default with CUDA)")
+    parser.add_argument("--batch", type=int, help="images per step (default 8, small 2)")
+    parser.add_argument("--provider", choices=workload.PROVIDERS,
+                        help="default triton on CUDA or under TRITON_INTERPRET=1, else torch")
+    parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
+    parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
+    parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (.json)")
+    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
+                        help="where the text goes (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.small if args.small is not None else device.type == "cpu"
+    batch = args.batch or (2 if small else 8)
+    provider = args.provider or workload.default_providers(device)[0]
+    if batch < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch and --steps must be >= 1, --warmup >= 0")
+    size = workload.SMALL_SIZE if small else workload.FULL_SIZE
+    cfg = workload.bench_config(small)
+    model = workload.build_models(cfg, [provider], device)[provider]
+    data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"profile_step_{device_slug(device)}"
+    trace = out_dir / f"{name}.json" if args.trace else None
+    profile_, table = run_profile(workload.train_step(model, data, device), device,
+                                  warmup=args.warmup, steps=args.steps, trace=trace)
+    dtype = "bf16 autocast" if workload.use_amp(device) else "fp32"
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    command = " ".join(["python -m benchmarks.profile_step", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    header = (f"VFNet training step profile: {workload.shape_label(cfg, batch, size)}, {dtype}, "
+              f"provider {provider}\n"
+              f"device {harness.device_name(device)}, commit {harness.git_commit()}, {stamp}\n"
+              f"command: {command}\n"
+              f"{profile_.steps} profiled step(s) after {args.warmup} warm-up step(s); ms per step\n")
+    path = out_dir / f"{name}.txt"
+    path.write_text(f"{header}\n{format_profile(profile_)}\n\ntorch.profiler operator table\n{table}\n")
+    log.info("\n%s", format_profile(profile_))
+    log.info("wrote %s", path)
+    return profile_
+
+
+if __name__ == "__main__":
+    main()

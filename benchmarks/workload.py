@@ -1,0 +1,252 @@
+"""The detector workload shared by `benchmarks.train_throughput`, `benchmarks.inference` and
+`benchmarks.profile_step`: the model configs, one model per provider with the same weights, a
+synthetic batch already on the device, and one training step.
+
+Providers: `triton` (`model.kernels = "triton"`: the Triton star conv and varifocal loss) and
+`torch` (`model.kernels = "torch"`: the PyTorch reference loss, and for the star conv
+`torchvision.ops.deform_conv2d` on the star offsets where torchvision imports, else the PyTorch
+reference star conv).
+
+Sizes: full = VFNet R-50 + FPN, 80 classes, 1333x800 padded to 1344x800 (W x H); small (CPU smoke
+runs) = ResNet-18, 32 channels, 3 classes, 128x128.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.profiler import record_function
+
+from benchmarks import harness
+from kernels import reference
+from kernels.dispatch import interpreter_enabled
+from vfnet.config import Config
+from vfnet.model import VFNet
+from vfnet.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = ("triton", "torch")
+FULL_SIZE = (800, 1344)  # (H, W): 1333x800 padded to a multiple of 32
+SMALL_SIZE = (128, 128)
+BOXES_PER_IMAGE = 7  # COCO train2017 averages 7.3 objects per image
+
+
+def bench_config(small: bool) -> Config:
+    """The reference VFNet R-50 config (DESIGN.md §3), or a tiny ResNet-18 one for CPU runs."""
+    cfg = Config()
+    if small:
+        cfg.model.depth = 18
+        cfg.model.num_classes = 3
+        cfg.model.fpn_channels = cfg.model.head_channels = 32
+        cfg.model.gn_groups = 8
+        cfg.model.stacked_convs = 2
+    return cfg
+
+
+def default_providers(device: torch.device) -> list[str]:
+    """Both providers on CUDA; on the CPU `torch`, plus `triton` when TRITON_INTERPRET=1 (the
+    kernels then run through the interpreter: slow, and only a smoke test)."""
+    if device.type == "cuda" or interpreter_enabled():
+        return list(PROVIDERS)
+    return ["torch"]
+
+
+def torchvision_star_pair() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The head's star-conv pair computed with `torchvision.ops.deform_conv2d` on
+    `kernels.reference.star_offsets` (same signature as `kernels.star_deform_conv2d_pair`), or
+    None when torchvision or its compiled ops do not load."""
+    try:
+        from torchvision.ops import deform_conv2d
+    except Exception as exc:  # noqa: BLE001 - missing package or unloadable compiled ops
+        log.warning("torchvision unavailable (%s: %s): the torch provider's star conv is the "
+                    "PyTorch reference", type(exc).__name__, exc)
+        return None
+
+    def star_pair(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul=0.1):
+        # Offsets stay float32 (bf16 would round a 100-cell offset by up to half a cell);
+        # torchvision's autocast rule runs deform_conv2d in float32.
+        offsets = reference.star_offsets(bbox_pred.float(), stride, gradient_mul)
+        return (deform_conv2d(x_cls, offsets, w_cls, padding=1),
+                deform_conv2d(x_reg, offsets, w_reg, padding=1))
+
+    return star_pair
+
+
+def build_models(cfg: Config, providers: list[str], device: torch.device, *,
+                 seed: int = 0) -> dict[str, VFNet]:
+    """One VFNet per provider, all with the weights of the first (seeded) one, on `device`."""
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        raise ValueError(f"providers must be among {PROVIDERS}, got {unknown}")
+    torch.manual_seed(seed)
+    state = None
+    models = {}
+    for provider in providers:
+        provider_cfg = copy.deepcopy(cfg)
+        provider_cfg.model.kernels = provider
+        model = VFNet(provider_cfg)
+        if state is None:
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+        if provider == "torch":
+            model.head.star_op = torchvision_star_pair()
+        models[provider] = model.to(device)
+    return models
+
+
+@dataclass
+class SyntheticBatch:
+    """A batch as the engine sees it after `Batch.to(device)`.
+
+    images [B, 3, H, W] ~ N(0, 1) (normalised pixels); boxes[i] [n, 4] xyxy pixels inside the
+    image, sides 16 px to half the image; labels[i] [n] int64; image_sizes [B, 2] (h, w);
+    scales [B, 2] (sx, sy) = 1.
+    """
+
+    images: torch.Tensor
+    boxes: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    image_sizes: torch.Tensor
+    scales: torch.Tensor
+
+
+def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, device: torch.device, *,
+                    boxes_per_image: int = BOXES_PER_IMAGE, seed: int = 0) -> SyntheticBatch:
+    """`batch` random images of `size` (H, W) with `boxes_per_image` random boxes each, built
+    once on `device` (the data pipeline is measured separately by `benchmarks.dataloader`)."""
+    if batch < 1 or boxes_per_image < 1:
+        raise ValueError(f"batch and boxes_per_image must be >= 1, got {batch}, {boxes_per_image}")
+    h, w = size
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, h, w, generator=gen)
+    extent = torch.tensor([w, h], dtype=torch.float32)
+    boxes, labels = [], []
+    for _ in range(batch):
+        side = (16 + torch.rand(boxes_per_image, 2, generator=gen) * (extent / 2 - 16)).clamp(max=extent)
+        corner = torch.rand(boxes_per_image, 2, generator=gen) * (extent - side)
+        boxes.append(torch.cat([corner, corner + side], dim=1).to(device))
+        labels.append(torch.randint(0, num_classes, (boxes_per_image,), generator=gen).to(device))
+    return SyntheticBatch(
+        images=images.to(device),
+        boxes=boxes,
+        labels=labels,
+        image_sizes=torch.tensor([[h, w]] * batch, dtype=torch.int64, device=device),
+        scales=torch.ones(batch, 2, device=device),
+    )
+
+
+def use_amp(device: torch.device) -> bool:
+    """bf16 autocast on CUDA (as training does), float32 on the CPU."""
+    return device.type == "cuda"
+
+
+def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Callable[[], None]:
+    """A closure running one training step: forward (bf16 autocast on CUDA), loss, backward and
+    an SGD step over the reference parameter groups.
+
+    The optimiser's learning rate is 0: it runs exactly the same kernels (momentum, weight decay,
+    update), but the weights stay put, so every timed step does the same data-dependent work and
+    random data cannot make the run diverge.
+    """
+    model.train()
+    train_cfg = copy.deepcopy(model.cfg.train)
+    train_cfg.batch_size = data.images.shape[0]
+    optimizer = build_optimizer(model, train_cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    amp = use_amp(device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(data.images)
+            losses = model.loss(outputs, data.boxes, data.labels)
+        total = losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
+        with record_function("vfnet.backward"):
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+        with record_function("vfnet.optimizer"):
+            optimizer.step()
+
+    return step
+
+
+def raise_class_scores(model: VFNet, classes: int, score: float = 0.3) -> None:
+    """Set the class-logit bias of the first `classes` classes to logit(`score`).
+
+    A randomly initialised head scores every point about 0.01 (its prior), below the 0.05
+    inference threshold, so NMS would see no candidate at all. With this, each image sends
+    every top-`nms_pre` point of `classes` classes to NMS (about 3,300 per class at 1333x800):
+    more than a trained model's typical load, so the measured latency is an upper bound.
+    """
+    if not 0 <= classes <= model.head.num_classes:
+        raise ValueError(f"classes must be in [0, {model.head.num_classes}], got {classes}")
+    with torch.no_grad():
+        model.head.cls.bias[:classes] = math.log(score / (1 - score))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options and logging shared by the detector benchmarks
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_batches: str) -> None:
+    """Options the detector benchmarks share (sizes, providers, timing, output)."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", dest="small", action="store_true", default=None,
+                      help="ResNet-18, 32 channels, 128x128 (default without CUDA)")
+    size.add_argument("--full", dest="small", action="store_false",
+                      help="VFNet R-50, 1333x800 (default with CUDA)")
+    parser.add_argument("--batches", type=_positive_int, nargs="+",
+                        help=f"batch sizes (default {default_batches})")
+    parser.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"),
+                        help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        help="default: both on CUDA; torch on CPU (+ triton under TRITON_INTERPRET=1)")
+    parser.add_argument("--warmup", type=_positive_int, help="untimed calls first (default 3, CPU small 1)")
+    parser.add_argument("--reps", type=_positive_int, help="timed calls (default 10, CPU small 3)")
+    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
+                        help="where the CSV and PNG go (default benchmarks/results)")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+
+
+def resolve_args(args: argparse.Namespace, device: torch.device, full_batches: list[int],
+            small_batches: list[int]) -> tuple[bool, tuple[int, int], list[int], list[str], int, int]:
+    """(small, size, batches, providers, warmup, reps) from the parsed options and the device."""
+    small = args.small if args.small is not None else device.type == "cpu"
+    size = tuple(args.size) if args.size else (SMALL_SIZE if small else FULL_SIZE)
+    if size[0] % 32 or size[1] % 32:
+        raise SystemExit(f"--size must be multiples of 32 (the padded input), got {size}")
+    batches = args.batches or (small_batches if small else full_batches)
+    providers = args.providers or default_providers(device)
+    quick = small and device.type == "cpu"
+    warmup = args.warmup or (1 if quick else 3)
+    reps = args.reps or (3 if quick else 10)
+    return small, size, batches, providers, warmup, reps
+
+
+def shape_label(cfg: Config, batch: int, size: tuple[int, int]) -> str:
+    """E.g. "R50 B8 800x1344" (depth, batch, H x W)."""
+    return f"R{cfg.model.depth} B{batch} {size[0]}x{size[1]}"
+
+
+def log_speedups(rows: list[harness.Row], metric: str = "img_per_s") -> None:
+    """Log triton's `metric` over torch's for each shape."""
+    values = {(r.provider, r.shape): r.p50 for r in rows if r.metric == metric}
+    for (provider, shape), value in sorted(values.items()):
+        if provider == "triton" and ("torch", shape) in values:
+            log.info("%s: triton %.2f / torch %.2f %s = %.2fx", shape, value,
+                     values[("torch", shape)], metric, value / values[("torch", shape)])
