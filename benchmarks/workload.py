@@ -203,6 +203,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def add_common_args(parser: argparse.ArgumentParser, default_batches: str) -> None:
     """Options the detector benchmarks share (sizes, providers, timing, output)."""
     size = parser.add_mutually_exclusive_group()
@@ -216,7 +223,8 @@ def add_common_args(parser: argparse.ArgumentParser, default_batches: str) -> No
                         help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
                         help="default: both on CUDA; torch on CPU (+ triton under TRITON_INTERPRET=1)")
-    parser.add_argument("--warmup", type=_positive_int, help="untimed calls first (default 3, CPU small 1)")
+    parser.add_argument("--warmup", type=_non_negative_int,
+                        help="untimed calls first (default 3, CPU small 1)")
     parser.add_argument("--reps", type=_positive_int, help="timed calls (default 10, CPU small 3)")
     parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
                         help="where the CSV and PNG go (default benchmarks/results)")
@@ -233,7 +241,7 @@ def resolve_args(args: argparse.Namespace, device: torch.device, full_batches: l
     batches = args.batches or (small_batches if small else full_batches)
     providers = args.providers or default_providers(device)
     quick = small and device.type == "cpu"
-    warmup = args.warmup or (1 if quick else 3)
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     reps = args.reps or (3 if quick else 10)
     return small, size, batches, providers, warmup, reps
 
