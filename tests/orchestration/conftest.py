@@ -1,17 +1,29 @@
 """Fixtures of the Ray tests: tiny synthetic data, a tiny config, one in-process Ray per session.
 
 Tests that need a cluster of their own (`ray start` heads for `ray job submit`, the SIGKILL and
-two-node runs) live in test_cluster.py and start it in subprocesses (see `RayHead` there); the
+two-node runs) live in test_cluster.py and start it in subprocesses (see `Cluster` there); the
 in-process session cluster is started with `address="local"`, so it never joins one of those.
 """
 from __future__ import annotations
 
+import os
+import secrets
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from vfnet.config import Config, config_from_dict
+
+# Token authentication (Ray's default since 2.59) with a fresh token of this test session: the
+# tests neither read nor write ~/.ray/auth_token, and every cluster they start, in process or by
+# `ray start`, uses this token. Ray reads the mode when it is imported: if something imported it
+# already, Ray's own default (a token in ~/.ray/auth_token) applies instead.
+if "ray" not in sys.modules and not os.environ.get("RAY_AUTH_MODE"):
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,9 @@
 The module starts its own cluster with the `ray` CLI in subprocesses: a head on 127.0.0.2 and a
 second raylet on 127.0.0.3 (two real nodes on one machine, DESIGN.md §8), on free ports and in a
 temp dir of their own, so it neither joins nor disturbs any other Ray on the machine (nor the
-in-process session cluster of the other test modules). Token authentication is on, with a
-fresh token passed in the environment of every command (the project's policy, see README).
+in-process session cluster of the other test modules). Token authentication is on, with the
+test session's token (conftest.py) in the environment of every command (the project's policy,
+see README).
 Each `ray start --block` runs in its own process group, which teardown terminates (then kills),
 so no Ray process outlives the module.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -49,8 +49,7 @@ class Cluster:
         self.port, self.dashboard_port = _free_port(), _free_port()
         self.env = {
             **os.environ,
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN": secrets.token_hex(16),
+            "RAY_AUTH_MODE": "token",  # with the session's token (conftest.py) or ~/.ray's
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",  # faster checkpoint registration, failure detection
