@@ -292,7 +292,8 @@ def main(argv: list[str] | None = None) -> Profile:
                                   warmup=args.warmup, steps=args.steps, trace=trace)
     dtype = "bf16 autocast" if workload.use_amp(device) else "fp32"
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    command = " ".join(["python -m benchmarks.profile_step", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m benchmarks.profile_step", *map(shlex.quote, given)])
     header = (f"VFNet training step profile: {workload.shape_label(cfg, batch, size)}, {dtype}, "
               f"provider {provider}\n"
               f"device {harness.device_name(device)}, commit {harness.git_commit()}, {stamp}\n"
