@@ -9,8 +9,8 @@ together, which would inflate the rate) and the rate over the following batches 
 `img_per_s` row (mode `load`). Quantiles are over the repetitions.
 
 Data: the BCCD images (/work/shared/data/bccd: 640x480 JPEGs, like COCO's) by default, any COCO
-json + image folder with `--ann`/`--images`, or `--synth` (the synthetic shapes set, 640 px PNGs,
-written to a temporary folder). When <out-dir>/train_throughput.csv holds training-step rows of
+json + image folder with `--ann`/`--images`, or `--synth N` (the synthetic shapes set, 640 px
+PNGs, written to a temporary folder; 512 of them when BCCD is absent and nothing is given). When <out-dir>/train_throughput.csv holds training-step rows of
 this device, each rate is compared with the fastest step's consumption (images/s): the pipeline
 must deliver more than that per GPU.
 
@@ -40,6 +40,7 @@ SCRIPT = "dataloader"
 BCCD = Path("/work/shared/data/bccd")
 BCCD_ANN = BCCD / "annotations" / "trainval.json"
 BCCD_IMAGES = BCCD / "images"
+DEFAULT_SYNTH = 512  # synthetic images when BCCD is absent
 
 
 def loader_config(ann: Path, images: Path, img_scale: list[int], batch_size: int, workers: int) -> Config:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize to fit (default 1333 800, small 320 240)")
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--ann", type=Path, help="COCO json (default: BCCD trainval)")
+    data.add_argument("--ann", type=Path, help="COCO json (default: BCCD trainval if present)")
     data.add_argument("--synth", type=int, metavar="IMAGES",
                       help="use this many synthetic 640 px images instead")
     parser.add_argument("--images", type=Path, help="image folder of --ann")
@@ -129,8 +130,12 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         parser.error("--ann and --images go together")
 
     with tempfile.TemporaryDirectory(prefix="vfnet-dataloader-") as tmp:
-        if args.synth is not None:
-            synthesize(tmp, images=args.synth, size=640, seed=0)
+        synth = args.synth
+        if synth is None and args.ann is None and not BCCD_ANN.is_file():
+            synth = DEFAULT_SYNTH
+            log.info("no BCCD data at %s: using %d synthetic images", BCCD, synth)
+        if synth is not None:
+            synthesize(tmp, images=synth, size=640, seed=0)
             ann, images = Path(tmp) / "annotations" / "train.json", Path(tmp) / "images" / "train"
         else:
             ann, images = args.ann or BCCD_ANN, args.images or BCCD_IMAGES

@@ -149,6 +149,11 @@ def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(a, b) for a, b in merged]
 
 
+def _annotation(event) -> bool:
+    """A `record_function` range (ours by name; any by the profiler's flag where it has one)."""
+    return event.name.startswith("vfnet.") or getattr(event, "is_user_annotation", False)
+
+
 def summarise(events: list, on_device: bool) -> Profile:
     """Group profiler events (`prof.events()`) of the `vfnet.step` ranges into a Profile.
 
@@ -162,20 +167,17 @@ def summarise(events: list, on_device: bool) -> Profile:
     ranges = _Ranges(cpu)
     work: list[tuple[float, float, str, str]] = []  # (start, end, part, phase), microseconds
     if on_device:
-        launchers = {e.id: e for e in cpu if e.linked_correlation_id == 0}
+        launchers = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
         for e in events:
             # (record_function ranges also appear as device-side "gpu_user_annotation" spans)
-            if e.device_type != DeviceType.CUDA or e.is_user_annotation or e.name.startswith("vfnet."):
+            if e.device_type != DeviceType.CUDA or _annotation(e):
                 continue
-            op = launchers.get(e.linked_correlation_id)
+            op = launchers.get(getattr(e, "linked_correlation_id", -1))
             part, phase = ranges.classify(op.thread, op.time_range.start) if op else (OTHER, "fwd")
             work.append((e.time_range.start, e.time_range.end, part, phase))
     else:
         for e in cpu:
-            parent = e.cpu_parent
-            annotation = e.is_user_annotation or e.name in PARTS or e.name in (STEP, BACKWARD)
-            if annotation or not (parent is None or parent.is_user_annotation or parent.name in PARTS
-                                  or parent.name in (STEP, BACKWARD)):
+            if _annotation(e) or not (e.cpu_parent is None or _annotation(e.cpu_parent)):
                 continue
             part, phase = ranges.classify(e.thread, e.time_range.start)
             work.append((e.time_range.start, e.time_range.end, part, phase))

@@ -176,10 +176,15 @@ def test_dataloader_rows_and_training_comparison(tmp_path, caplog, results_untou
     assert (tmp_path / "dataloader.png").stat().st_size > 0
 
 
-def test_dataloader_rejects_an_epoch_too_short(tmp_path):
-    with pytest.raises(ValueError, match="batches"):
-        dataloader.main(["--small", "--synth", "4", "--workers", "0", "--batches", "5", "--reps", "1",
+def test_dataloader_without_bccd_uses_synthetic_images_and_rejects_a_short_epoch(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(dataloader, "BCCD_ANN", tmp_path / "missing.json")
+    monkeypatch.setattr(dataloader, "DEFAULT_SYNTH", 4)
+    with caplog.at_level(logging.INFO, logger="benchmarks.dataloader"), \
+            pytest.raises(ValueError, match="an epoch has 2 batches; need 6"):
+        dataloader.main(["--small", "--workers", "0", "--batches", "5", "--reps", "1",
                          "--img-scale", "96", "64", "--out-dir", str(tmp_path)])
+    assert "using 4 synthetic images" in caplog.text
 
 
 def test_profile_step_groups_the_step(tmp_path, results_untouched):
