@@ -95,6 +95,7 @@ def giou_pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Non-maximum suppression
 
 NMS_MAX_JOINT = 10_000  # above this many boxes, NMS runs class by class (bounded memory)
+NMS_CHECK_EVERY = 4  # greedy-NMS iterations between convergence tests (each one a host sync)
 
 
 def batched_nms(
@@ -136,16 +137,18 @@ def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     box i (later) by more than the threshold; the greedy result is the unique fixed point of
     keep[i] = not any_j(keep[j] and suppresses[j, i]), reached by iterating from all-kept. After
     t iterations the first t boxes are final, so it ends after at most K iterations; in practice
-    after the length of the longest suppression chain (a few).
+    after the length of the longest suppression chain (a few). Convergence is tested (a
+    device-to-host read) only every NMS_CHECK_EVERY iterations: iterating past the fixed point
+    changes nothing.
     """
     order = torch.argsort(scores, descending=True, stable=True)
     sorted_boxes = boxes[order].float()
     iou = iou_pairwise(sorted_boxes, sorted_boxes)
     suppresses = torch.triu(iou > iou_threshold, diagonal=1).float()
     keep = torch.ones(len(order), dtype=torch.float32, device=boxes.device)
-    for _ in range(len(order)):
+    for step in range(1, len(order) + 1):
         new_keep = (keep @ suppresses == 0).float()
-        if torch.equal(new_keep, keep):
+        if step % NMS_CHECK_EVERY == 0 and torch.equal(new_keep, keep):
             break
         keep = new_keep
     return order[keep.bool()]

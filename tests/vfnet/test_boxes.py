@@ -80,6 +80,24 @@ def test_nms_matches_brute_force(seeded, monkeypatch, thr, joint_limit):
         assert keep.tolist() == brute_force_nms(boxes, scores, labels, thr)
 
 
+@pytest.mark.parametrize("check_every", [1, 3, 4])
+def test_nms_chain_converges_with_few_convergence_tests(monkeypatch, check_every):
+    """A chain where each box suppresses only the next: the greedy result alternates, the
+    fixed-point iteration needs n steps, and convergence is read back every check_every steps."""
+    monkeypatch.setattr(B, "NMS_CHECK_EVERY", check_every)
+    n = 13
+    x = torch.arange(n, dtype=torch.float32) * 2  # neighbours overlap by IoU 8/12, others less
+    boxes = torch.stack([x, torch.zeros(n), x + 10, torch.full((n,), 10.0)], dim=1)
+    scores = torch.linspace(1.0, 0.1, n)
+    labels = torch.zeros(n, dtype=torch.long)
+    calls = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: calls.append(1) or real_equal(a, b))
+    keep = B.batched_nms(boxes, scores, labels, 0.6)
+    assert keep.tolist() == brute_force_nms(boxes, scores, labels, 0.6)
+    assert len(calls) <= n // check_every + 1
+
+
 def test_nms_separates_classes_and_handles_empty():
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0]])
     keep = B.batched_nms(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.tensor([0, 1, 0]), 0.5)
