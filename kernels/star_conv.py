@@ -13,31 +13,36 @@ Negative distances are used as given (the sample lands on the other side of the 
 head only produces positive ones); the reference and the kernels agree on this.
 
 Kernels (implicit GEMM, M = B*H*W locations, N = Cout, K = 9*Cin, no columns buffer):
-- forward: per tile of BLOCK_M locations, the box is read once; for each of the 9 taps the
-  bilinear corner offsets and weights are computed, then for each BLOCK_K channel chunk the 4
-  corners are gathered from a channels-last copy of x (contiguous channel runs), interpolated in
-  fp32 (fp64 for fp64 inputs) and fed to `tl.dot` against the weight tile, accumulating in fp32.
-  The pair variant gathers from both inputs with the same offsets and weights.
-- backward, data: per tile of locations and per tap/channel chunk, the sample gradient
-  grad_out @ W_tap^T is formed in registers, scattered to the 4 corners of x's gradient with fp32
-  atomics (fp64 for fp64), and contracted with the corner differences for the coordinate
-  gradient, which is summed over channels and over the 3 taps each distance moves, then scaled by
-  gradient_mul / stride (the centre row and column do not depend on the box). Each location's box
-  gradient is written by the one program that owns it (no atomics).
-- backward, weight: per (tap, channel chunk, Cout tile) and a slice of the locations (split-M so
-  the grid fills the GPU), samples are re-gathered and multiplied with grad_out; partial sums are
-  added with fp32 atomics into a [9*Cin, Cout] buffer. grad_bias is a plain torch sum.
+- forward: a program owns BLOCK_M locations x BLOCK_N output channels and reads their boxes
+  once. One loop runs over K as (tap, channel chunk): the tap's bilinear corner offsets and
+  weights are derived from the boxes ([BLOCK_M] vectors, shared by both inputs of the pair), the
+  4 corners of BLOCK_K channels are gathered from a channels-last copy of x (contiguous channel
+  runs, asynchronously copied and pipelined), interpolated in fp32 (fp64 for fp64 inputs) and fed
+  to `tl.dot` against the weight tile, accumulating in fp32.
+- backward, data (grid: location tiles x inputs of the pair): per (tap, channel chunk) the sample
+  gradient grad_out @ W_tap^T is formed in registers (grad_out's tile stays resident when Cout
+  fits one BLOCK_N), scattered to the 4 corners of x's gradient with relaxed fp32 atomics (fp64
+  for fp64), and contracted with the corner values for the coordinate gradient: per corner one sum
+  over channels, then the bilinear weights' derivatives, summed over the 3 taps each distance
+  moves and scaled by gradient_mul / stride (the centre row and column do not depend on the box).
+  Each location's box gradient is written by the one program that owns it; the pair's two
+  shares are added by torch.
+- backward, weight (grid: (tap, channel chunk, Cout tile) x slices of the locations x inputs):
+  samples are re-gathered and multiplied with grad_out; partial sums are added with fp32 atomics
+  into a [9*Cin, Cout] buffer. grad_bias is a plain torch sum.
 
 Layouts and their cost. The head's tensors are NCHW. x (and grad_out in backward) are copied once
-per call to channels-last (B*H*W*C elements each; about 1/(9*Cout) of the GEMM's work in bytes per
-flop), the weight to [9*Cin, Cout]; outputs are written NCHW directly; x's gradient is accumulated
-in a channels-last fp32 buffer and converted at the end.
+per call to channels-last (B*H*W*C elements each, skipped for a single input that already is
+channels-last), the weight to [9*Cin, Cout]. Outputs are [B, Cout, H, W] tensors in channels-last
+memory (torch ops accept them; cuDNN convolutions prefer them); x's gradient is accumulated in a
+channels-last fp32 buffer and returned in x's dtype, also channels-last.
 
 Precision. Coordinates, interpolation and accumulation run in fp32 (fp64 for fp64 inputs). On the
 GPU the dot operands are x's dtype for bf16/fp16 (tensor cores); fp32 inputs use IEEE fp32 dots
 unless `torch.set_float32_matmul_precision` allows TF32. Under the interpreter dot operands are fp32
 (bf16 dots are unreliable there). Under autocast, x, weight and bias are cast to the autocast dtype
-(like conv2d); bbox_pred keeps its dtype (coordinates are fp32 regardless).
+(like conv2d); bbox_pred keeps its dtype (coordinates are fp32 regardless). The x and weight
+gradients are sums of fp32 atomic adds, so their last bits depend on the order the GPU runs them.
 """
 from __future__ import annotations
 
@@ -59,40 +64,33 @@ from kernels.dispatch import (
 
 __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
 
-# Launch configurations. Under the interpreter (~4 ms per program whatever the tile) one small
-# config that still exercises several channel chunks and Cout tiles on test shapes.
+# Launch configurations. GPU: autotuned per (Cin, Cout, log2 M) among tiles that compile for
+# sm_90 with bf16 operands without register spills and fit its 227 KB of shared memory (checked
+# offline with Triton 3.9's ptxas; a config that does not fit a device is skipped by the
+# autotuner). Under the interpreter (~4 ms per program whatever the tile) one small config that
+# still covers several channel chunks and Cout tiles on the tests' shapes.
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
-_FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (128, 128, 32, 8, 3),
-        (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 3),
-        (128, 64, 64, 4, 3),
-        (128, 256, 32, 8, 2),
-        (64, 64, 32, 4, 4),
-    ]
-]
-_BWD_DATA_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (64, 64, 64, 4, 3),
-        (128, 64, 64, 8, 3),
-        (64, 128, 64, 4, 3),
-        (128, 64, 32, 4, 3),
-        (64, 64, 32, 4, 4),
-    ]
-]
-_BWD_WEIGHT_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [
-        (64, 128, 64, 4, 3),
-        (64, 128, 128, 8, 3),
-        (32, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-        (128, 128, 64, 8, 3),
-    ]
-]
+
+
+def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_FWD_CONFIGS = _gpu_configs([
+    (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
+    (128, 256, 64, 8, 2), (64, 128, 32, 4, 3), (128, 128, 32, 8, 2),
+])
+# BLOCK_N >= Cout keeps the grad_out tile in registers for the whole K loop (GO_RESIDENT)
+_BWD_DATA_CONFIGS = _gpu_configs([
+    (64, 256, 32, 4, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 256, 64, 8, 3),
+    (128, 256, 32, 8, 2), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3),
+])
+_BWD_WEIGHT_CONFIGS = _gpu_configs([
+    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+    (64, 256, 64, 8, 3), (64, 256, 128, 8, 2),
+])
 _PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
 
 
@@ -105,14 +103,14 @@ def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
 
 
 @triton.jit
-def _tap_coordinate(centre, before, after, TAP: tl.constexpr):
-    """Row/column of tap TAP (0, 1, 2): centre - before, centre, centre + after."""
-    coord = centre
-    if TAP == 0:
-        coord = centre - before
-    if TAP == 2:
-        coord = centre + after
-    return coord
+def _tap_point(yf, xf, left, top, right, bottom, tap):
+    """Row and column [BLOCK_M] of tap `tap` = 3 * ky + kx (a runtime value): rows
+    (y - t, y, y + b)[ky], columns (x - l, x, x + r)[kx]."""
+    ky = tap // 3
+    kx = tap % 3
+    yc = tl.where(ky == 0, yf - top, tl.where(ky == 2, yf + bottom, yf))
+    xc = tl.where(kx == 0, xf - left, tl.where(kx == 2, xf + right, xf))
+    return yc, xc
 
 
 @triton.jit
@@ -172,32 +170,24 @@ def _corners(yc, xc, row_base, mask_m, H, W, CIN):
 
 
 @triton.jit
-def _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c, ct):
-    """The 4 corner values [BLOCK_M, BLOCK_K] of channels offs_c, 0 where a corner may not be read."""
-    c = offs_c[None, :]
-    mc = mask_c[None, :]
-    v00 = tl.load(x_ptr + o00[:, None] + c, mask=m00[:, None] & mc, other=0.0).to(ct)
-    v01 = tl.load(x_ptr + o01[:, None] + c, mask=m01[:, None] & mc, other=0.0).to(ct)
-    v10 = tl.load(x_ptr + o10[:, None] + c, mask=m10[:, None] & mc, other=0.0).to(ct)
-    v11 = tl.load(x_ptr + o11[:, None] + c, mask=m11[:, None] & mc, other=0.0).to(ct)
-    return v00, v01, v10, v11
-
-
-@triton.jit
-def _interpolate(v00, v01, v10, v11, ly, lx):
-    """Bilinear combination of the corner values [BLOCK_M, BLOCK_K] with fractions ly, lx [BLOCK_M]."""
-    wy = ly[:, None]
-    wx = lx[:, None]
-    top = v00 + (v01 - v00) * wx
-    low = v10 + (v11 - v10) * wx
-    return top + (low - top) * wy
+def _load_corner(x_ptr, offs, mask_row, offs_c, mask_c, ct):
+    """One corner's values [BLOCK_M, BLOCK_K] at channels offs_c, 0 where it may not be read."""
+    ptrs = x_ptr + offs[:, None] + offs_c[None, :]
+    return tl.load(ptrs, mask=mask_row[:, None] & mask_c[None, :], other=0.0).to(ct)
 
 
 @triton.jit
 def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    v00, v01, v10, v11 = _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c,
-                                       ly.dtype)
-    return _interpolate(v00, v01, v10, v11, ly, lx)
+    """Bilinear samples [BLOCK_M, BLOCK_K] (compute dtype) of one tap at channels offs_c,
+    accumulated corner by corner (one corner tile live at a time)."""
+    hy = 1 - ly
+    hx = 1 - lx
+    ct = ly.dtype
+    s = (hy * hx)[:, None] * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct)
+    s += (hy * lx)[:, None] * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct)
+    s += (ly * hx)[:, None] * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct)
+    s += (ly * lx)[:, None] * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct)
+    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,11 +197,11 @@ def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_
 @triton.autotune(configs=_configs(_FWD_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"])
 @triton.jit
 def _star_fwd_kernel(
-    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR only)
-    w1_ptr, w2_ptr,  # [9 * CIN, COUT] in the dot dtype, row tap * CIN + c
+    x_ptr,  # [n, B, H, W, CIN] channels-last, n = 2 when PAIR
+    w_ptr,  # [n, 9 * CIN, COUT] in the dot dtype, row tap * CIN + c
     bias_ptr,  # [COUT] compute dtype (HAS_BIAS)
     box_ptr,  # [B, 4, H, W] compute dtype
-    out1_ptr, out2_ptr,  # [B, COUT, H, W]
+    out1_ptr, out2_ptr,  # [B, COUT, H, W] in channels-last memory (out2: PAIR)
     M, H, W, CIN, COUT, M_LOG2, stride,
     PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -225,30 +215,31 @@ def _star_fwd_kernel(
     ct = yf.dtype
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < COUT
+    x2_ptr = x_ptr + M.to(tl.int64) * CIN
+    w2_ptr = w_ptr + 9 * CIN * COUT
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(
-                _tap_coordinate(yf, top, bottom, ky), _tap_coordinate(xf, left, right, kx),
-                row_base, mask_m, H, W, CIN)
-            for k0 in range(0, CIN, BLOCK_K):
-                offs_c = k0 + tl.arange(0, BLOCK_K)
-                mask_c = offs_c < CIN
-                w_offs = ((ky * 3 + kx) * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
-                w_mask = mask_c[:, None] & mask_n[None, :]
-                w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
-                s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-                acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION)
-                if PAIR:
-                    w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
-                    s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-                    acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION)
+    # one loop over K = (tap, channel chunk): a long pipelined loop and compact code; the
+    # corner offsets and weights of a tap serve both inputs of the pair
+    num_kc = tl.cdiv(CIN, BLOCK_K)
+    for i in range(0, 9 * num_kc):
+        tap = i // num_kc
+        offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < CIN
+        yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
+        w_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
+        w_mask = mask_c[:, None] & mask_n[None, :]
+        w1 = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
+        s1 = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION)
+        if PAIR:
+            w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
+            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+            acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc1 += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    hw = H * W
-    batch = offs_m // hw
-    out_offs = (batch * COUT * hw + offs_m % hw)[:, None] + (offs_n * hw)[None, :]
+    out_offs = offs_m[:, None] * COUT + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     tl.store(out1_ptr + out_offs, acc1.to(out1_ptr.dtype.element_ty), mask=out_mask)
     if PAIR:
@@ -260,20 +251,27 @@ def _star_fwd_kernel(
 
 
 @triton.jit
-def _sample_grad(go_ptr, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
+                 GO_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """d loss / d sample [BLOCK_M, BLOCK_K] of one tap = grad_out[m, :] @ W_tap[:, c]
-    (go_ptr: [M, COUT] channels-last; w_ptr: [9 * CIN, COUT])."""
-    gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
-    for n0 in range(0, COUT, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < COUT
-        go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+    (go_ptr: [M, COUT] channels-last; w_ptr: [9 * CIN, COUT]). GO_RESIDENT: all of COUT fits one
+    BLOCK_N and go_tile [BLOCK_M, BLOCK_N] was loaded once before the K loop."""
+    if GO_RESIDENT:
+        offs_n = tl.arange(0, BLOCK_N)
         wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
-                     mask=mask_c[None, :] & mask_n[:, None], other=0.0)
-        gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION)
+                     mask=mask_c[None, :] & (offs_n < COUT)[:, None], other=0.0)
+        gs = tl.dot(go_tile, wt, tl.zeros((BLOCK_M, BLOCK_K), dtype=ct), input_precision=DOT_PRECISION)
+    else:
+        gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
+        for n0 in range(0, COUT, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < COUT
+            go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
+                         mask=mask_c[None, :] & mask_n[:, None], other=0.0)
+            gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION)
     return gs
 
 
@@ -282,90 +280,87 @@ def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
     """Add gs [BLOCK_M, BLOCK_K] times each corner's bilinear weight into x's gradient."""
     c = offs_c[None, :]
     mc = mask_c[None, :]
-    wy = ly[:, None]
-    wx = lx[:, None]
-    g_low = gs * (1 - wy)
-    g_high = gs * wy
-    tl.atomic_add(gx_ptr + o00[:, None] + c, g_low * (1 - wx), mask=m00[:, None] & mc)
-    tl.atomic_add(gx_ptr + o01[:, None] + c, g_low * wx, mask=m01[:, None] & mc)
-    tl.atomic_add(gx_ptr + o10[:, None] + c, g_high * (1 - wx), mask=m10[:, None] & mc)
-    tl.atomic_add(gx_ptr + o11[:, None] + c, g_high * wx, mask=m11[:, None] & mc)
+    hy = 1 - ly
+    hx = 1 - lx
+    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx)[:, None], mask=m00[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx)[:, None], mask=m01[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx)[:, None], mask=m10[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx)[:, None], mask=m11[:, None] & mc, sem="relaxed")
 
 
 @triton.jit
 def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    """sum over channels of gs * d sample / d y and gs * d sample / d x, each [BLOCK_M]."""
-    v00, v01, v10, v11 = _load_corners(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, offs_c, mask_c,
-                                       gs.dtype)
-    wy = ly[:, None]
-    wx = lx[:, None]
-    d_dy = (v10 - v00) * (1 - wx) + (v11 - v01) * wx
-    d_dx = (v01 - v00) * (1 - wy) + (v11 - v10) * wy
-    return tl.sum(gs * d_dy, axis=1), tl.sum(gs * d_dx, axis=1)
+    """sum over channels of gs * d sample / d y and of gs * d sample / d x, each [BLOCK_M].
+
+    The bilinear weights depend on the location only, so per corner one row sum
+    t = sum_c gs * v suffices: d/dy = (t10 - t00)(1 - lx) + (t11 - t01) lx, and likewise for x."""
+    ct = gs.dtype
+    t00 = tl.sum(gs * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct), axis=1)
+    t01 = tl.sum(gs * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct), axis=1)
+    t10 = tl.sum(gs * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct), axis=1)
+    t11 = tl.sum(gs * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct), axis=1)
+    d_y = (t10 - t00) * (1 - lx) + (t11 - t01) * lx
+    d_x = (t01 - t00) * (1 - ly) + (t11 - t10) * ly
+    return d_y, d_x
 
 
-@triton.autotune(configs=_configs(_BWD_DATA_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"],
-                 reset_to_zero=["gx1_ptr", "gx2_ptr"])
+@triton.autotune(configs=_configs(_BWD_DATA_CONFIGS), key=["CIN", "COUT", "M_LOG2"],
+                 reset_to_zero=["gx_ptr"])
+@triton.heuristics({"GO_RESIDENT": lambda args: args["BLOCK_N"] >= args["COUT"]})
 @triton.jit
 def _star_bwd_data_kernel(
-    go1_ptr, go2_ptr,  # [M, COUT] channels-last grad_out, dot dtype
-    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last
-    w1_ptr, w2_ptr,  # [9 * CIN, COUT] dot dtype
+    go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
+    x_ptr,  # [n, B, H, W, CIN] channels-last
+    w_ptr,  # [n, 9 * CIN, COUT] dot dtype
     box_ptr,  # [B, 4, H, W] compute dtype
-    gx1_ptr, gx2_ptr,  # [B, H, W, CIN] compute dtype, zero-initialised, atomically accumulated
-    gbox_ptr,  # [B, 4, H, W] compute dtype (NEED_BOX)
+    gx_ptr,  # [n, B, H, W, CIN] compute dtype, zero-initialised, atomically accumulated (NEED_X)
+    gbox_ptr,  # [n, B, 4, H, W] compute dtype: each input's share of the box gradient (NEED_BOX)
     M, H, W, CIN, COUT, M_LOG2, stride, gradient_mul,
-    PAIR: tl.constexpr, NEED_X: tl.constexpr, NEED_BOX: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_BOX: tl.constexpr, GO_RESIDENT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # axis 0: tile of locations; axis 1: which input of the pair
     pid_m = tl.program_id(0)
+    branch = tl.program_id(1).to(tl.int64)
+    go_ptr += branch * M * COUT
+    x_ptr += branch * M * CIN
+    w_ptr += branch * 9 * CIN * COUT
+    gx_ptr += branch * M * CIN
+    gbox_ptr += branch * M * 4
     offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
         box_ptr, pid_m * BLOCK_M, M, H, W, stride, BLOCK_M)
     ct = yf.dtype
+    go_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=go_ptr.dtype.element_ty)
+    if GO_RESIDENT:
+        offs_n = tl.arange(0, BLOCK_N)
+        go_tile = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
+                          mask=mask_m[:, None] & (offs_n < COUT)[None, :], other=0.0)
     g_left = tl.zeros((BLOCK_M,), dtype=ct)
     g_top = tl.zeros((BLOCK_M,), dtype=ct)
     g_right = tl.zeros((BLOCK_M,), dtype=ct)
     g_bottom = tl.zeros((BLOCK_M,), dtype=ct)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(
-                _tap_coordinate(yf, top, bottom, ky), _tap_coordinate(xf, left, right, kx),
-                row_base, mask_m, H, W, CIN)
-            d_y = tl.zeros((BLOCK_M,), dtype=ct)
-            d_x = tl.zeros((BLOCK_M,), dtype=ct)
-            for k0 in range(0, CIN, BLOCK_K):
-                offs_c = k0 + tl.arange(0, BLOCK_K)
-                mask_c = offs_c < CIN
-                gs1 = _sample_grad(go1_ptr, w1_ptr, offs_m, mask_m, offs_c, mask_c, ky * 3 + kx, CIN,
-                                   COUT, ct, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                if NEED_X:
-                    _scatter_corners(gx1_ptr, gs1, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
-                                     offs_c, mask_c)
-                if NEED_BOX:
-                    dy1, dx1 = _coordinate_grads(x1_ptr, gs1, o00, o01, o10, o11, m00, m01, m10, m11,
-                                                 ly, lx, offs_c, mask_c)
-                    d_y += dy1
-                    d_x += dx1
-                if PAIR:
-                    gs2 = _sample_grad(go2_ptr, w2_ptr, offs_m, mask_m, offs_c, mask_c, ky * 3 + kx,
-                                       CIN, COUT, ct, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-                    if NEED_X:
-                        _scatter_corners(gx2_ptr, gs2, o00, o01, o10, o11, m00, m01, m10, m11, ly,
-                                         lx, offs_c, mask_c)
-                    if NEED_BOX:
-                        dy2, dx2 = _coordinate_grads(x2_ptr, gs2, o00, o01, o10, o11, m00, m01, m10,
-                                                     m11, ly, lx, offs_c, mask_c)
-                        d_y += dy2
-                        d_x += dx2
-            # rows (y - t, y, y + b), columns (x - l, x, x + r)
-            if ky == 0:
-                g_top -= d_y
-            if ky == 2:
-                g_bottom += d_y
-            if kx == 0:
-                g_left -= d_x
-            if kx == 2:
-                g_right += d_x
+    num_kc = tl.cdiv(CIN, BLOCK_K)
+    for i in range(0, 9 * num_kc):
+        tap = i // num_kc
+        offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_c = offs_c < CIN
+        yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
+        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
+                          GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        if NEED_X:
+            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        if NEED_BOX:
+            d_y, d_x = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
+                                         offs_c, mask_c)
+            # rows (y - t, y, y + b), columns (x - l, x, x + r): the centre ones do not move
+            ky = tap // 3
+            kx = tap % 3
+            g_top -= tl.where(ky == 0, d_y, 0.0)
+            g_bottom += tl.where(ky == 2, d_y, 0.0)
+            g_left -= tl.where(kx == 0, d_x, 0.0)
+            g_right += tl.where(kx == 2, d_x, 0.0)
     if NEED_BOX:
         hw = H * W
         gbox = gbox_ptr + (offs_m // hw) * 4 * hw + offs_m % hw
@@ -379,27 +374,29 @@ def _star_bwd_data_kernel(
 # Backward: weight gradient
 
 
-@triton.autotune(configs=_configs(_BWD_WEIGHT_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"],
-                 reset_to_zero=["gw1_ptr", "gw2_ptr"])
+@triton.autotune(configs=_configs(_BWD_WEIGHT_CONFIGS), key=["CIN", "COUT", "M_LOG2"],
+                 reset_to_zero=["gw_ptr"])
 @triton.jit
 def _star_bwd_weight_kernel(
-    go1_ptr, go2_ptr,  # [M, COUT] channels-last grad_out, dot dtype
-    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last
+    go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
+    x_ptr,  # [n, B, H, W, CIN] channels-last
     box_ptr,  # [B, 4, H, W] compute dtype
-    gw1_ptr, gw2_ptr,  # [9 * CIN, COUT] compute dtype, zero-initialised, atomically accumulated
+    gw_ptr,  # [n, 9 * CIN, COUT] compute dtype, zero-initialised, atomically accumulated
     M, H, W, CIN, COUT, M_LOG2, stride,
-    PAIR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # axis 0: (tap, channel chunk, Cout tile); axis 1: slice of the locations
+    # axis 0: (tap, channel chunk, Cout tile); axis 1: slice of the locations; axis 2: input
     num_n = tl.cdiv(COUT, BLOCK_N)
     num_k = tl.cdiv(CIN, BLOCK_K)
     pid = tl.program_id(0)
     pid_n = pid % num_n
     k_tile = (pid // num_n) % num_k
     tap = pid // (num_n * num_k)
-    ky = tap // 3
-    kx = tap % 3
+    branch = tl.program_id(2).to(tl.int64)
+    go_ptr += branch * M * COUT
+    x_ptr += branch * M * CIN
+    gw_ptr += branch * 9 * CIN * COUT
     offs_c = k_tile * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_c = offs_c < CIN
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -408,30 +405,18 @@ def _star_bwd_weight_kernel(
     per_split = tl.cdiv(m_tiles, tl.num_programs(1))
     first = tl.program_id(1) * per_split
     last = tl.minimum(first + per_split, m_tiles)
-    ct = box_ptr.dtype.element_ty
-    acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ct)
-    acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=ct)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=box_ptr.dtype.element_ty)
     for start in range(first * BLOCK_M, last * BLOCK_M, BLOCK_M):
         offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
             box_ptr, start, M, H, W, stride, BLOCK_M)
-        # the tap is a runtime value here
-        yc = tl.where(ky == 0, yf - top, tl.where(ky == 2, yf + bottom, yf))
-        xc = tl.where(kx == 0, xf - left, tl.where(kx == 2, xf + right, xf))
+        yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
         o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
-        go_offs = offs_m[:, None] * COUT + offs_n[None, :]
-        go_mask = mask_m[:, None] & mask_n[None, :]
-        go1 = tl.load(go1_ptr + go_offs, mask=go_mask, other=0.0)
-        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-        acc1 = tl.dot(tl.trans(s1.to(go1.dtype)), go1, acc1, input_precision=DOT_PRECISION)
-        if PAIR:
-            go2 = tl.load(go2_ptr + go_offs, mask=go_mask, other=0.0)
-            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-            acc2 = tl.dot(tl.trans(s2.to(go2.dtype)), go2, acc2, input_precision=DOT_PRECISION)
+        go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        acc = tl.dot(tl.trans(samples.to(go.dtype)), go, acc, input_precision=DOT_PRECISION)
     gw_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
-    gw_mask = mask_c[:, None] & mask_n[None, :]
-    tl.atomic_add(gw1_ptr + gw_offs, acc1, mask=gw_mask)
-    if PAIR:
-        tl.atomic_add(gw2_ptr + gw_offs, acc2, mask=gw_mask)
+    tl.atomic_add(gw_ptr + gw_offs, acc, mask=mask_c[:, None] & mask_n[None, :], sem="relaxed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,15 +438,22 @@ def _dot_precision(dot_dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _channels_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, C, H, W] -> contiguous [B, H, W, C] in `dtype` (one copy)."""
-    return t.to(dtype).permute(0, 2, 3, 1).contiguous()
+def _channels_last(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[B, C, H, W] tensors -> one contiguous [n, B, H, W, C] buffer in `dtype` (one copy each;
+    none for a single tensor that already is channels-last in `dtype`)."""
+    if len(ts) == 1:
+        return ts[0].to(dtype).permute(0, 2, 3, 1).contiguous().unsqueeze(0)
+    b, c, h, w = ts[0].shape
+    out = torch.empty(len(ts), b, h, w, c, dtype=dtype, device=ts[0].device)
+    for dst, t in zip(out, ts):
+        dst.copy_(t.permute(0, 2, 3, 1))
+    return out
 
 
-def _weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[Cout, Cin, 3, 3] -> contiguous [9 * Cin, Cout], row (3 * ky + kx) * Cin + c."""
-    cout, cin = weight.shape[:2]
-    return weight.to(dtype).permute(2, 3, 1, 0).reshape(9 * cin, cout)
+def _weight_matrix(ws: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """[Cout, Cin, 3, 3] weights -> contiguous [n, 9 * Cin, Cout], row (3 * ky + kx) * Cin + c."""
+    cout, cin = ws[0].shape[:2]
+    return torch.stack([w.to(dtype).permute(2, 3, 1, 0).reshape(9 * cin, cout) for w in ws])
 
 
 def _m_log2(m: int) -> int:
@@ -482,23 +474,25 @@ def _weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
 
 def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.Tensor | None,
                     box: torch.Tensor, stride: float) -> list[torch.Tensor]:
-    """Outputs [B, Cout, H, W] (x's dtype) of the star conv of each x in xs with its weight."""
+    """Outputs [B, Cout, H, W] (x's dtype, channels-last memory) of the star conv of each x in xs
+    (one, or the pair) with its weight."""
     b, cin, h, w = xs[0].shape
     cout = ws[0].shape[0]
     m = b * h * w
     ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
-    xl = [_channels_last(x, x.dtype) for x in xs]
-    wl = [_weight_matrix(wt, dot) for wt in ws]
+    xl = _channels_last(xs, xs[0].dtype)
+    wl = _weight_matrix(ws, dot)
     boxc = box.to(ct).contiguous()
     biasc = bias.to(ct).contiguous() if bias is not None else boxc
-    outs = [torch.empty(b, cout, h, w, dtype=x.dtype, device=x.device) for x in xs]
+    # [B, Cout, H, W] in channels-last memory: the kernel's stores are contiguous along Cout
+    outs = [torch.empty(b, cout, h, w, dtype=x.dtype, device=x.device,
+                        memory_format=torch.channels_last) for x in xs]
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
 
     _star_fwd_kernel[grid](
-        xl[0], xl[-1], wl[0], wl[-1], biasc, boxc, outs[0], outs[-1],
-        m, h, w, cin, cout, _m_log2(m), stride,
+        xl, wl, biasc, boxc, outs[0], outs[-1], m, h, w, cin, cout, _m_log2(m), stride,
         PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(dot),
     )
     return outs
@@ -508,49 +502,47 @@ def _launch_backward(
     grads: list[torch.Tensor], xs: list[torch.Tensor], ws: list[torch.Tensor], box: torch.Tensor,
     stride: float, gradient_mul: float, need_x: bool, need_box: bool, need_w: bool,
 ) -> tuple[list[torch.Tensor | None], torch.Tensor | None, list[torch.Tensor | None]]:
-    """(grad of each x, grad of box, grad of each weight), None where not needed."""
+    """(grad of each x, grad of box, grad of each weight), None where not needed. Each input of
+    the pair is a separate program along one grid axis."""
+    n = len(xs)
     b, cin, h, w = xs[0].shape
     cout = ws[0].shape[0]
     m = b * h * w
     device = xs[0].device
     ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
-    pair = len(xs) == 2
     precision = _dot_precision(dot)
-    xl = [_channels_last(x, x.dtype) for x in xs]
-    gl = [_channels_last(g, dot) for g in grads]
+    xl = _channels_last(xs, xs[0].dtype)
+    gl = _channels_last(grads, dot)
     boxc = box.to(ct).contiguous()
-    grad_xs: list[torch.Tensor | None] = [None] * len(xs)
-    grad_ws: list[torch.Tensor | None] = [None] * len(xs)
+    grad_xs: list[torch.Tensor | None] = [None] * n
+    grad_ws: list[torch.Tensor | None] = [None] * n
     grad_box = None
     if need_x or need_box:
-        wl = [_weight_matrix(wt, dot) for wt in ws]
+        wl = _weight_matrix(ws, dot)
         dummy = torch.zeros(1, dtype=ct, device=device)  # never written: the flags skip it
-        gx = [torch.zeros(b, h, w, cin, dtype=ct, device=device) for _ in xs] if need_x else [dummy]
-        gbox = torch.empty_like(boxc) if need_box else dummy
+        gx = torch.zeros(n, b, h, w, cin, dtype=ct, device=device) if need_x else dummy
+        gbox = torch.empty(n, *boxc.shape, dtype=ct, device=device) if need_box else dummy
 
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(m, meta["BLOCK_M"]),)
+        def grid(meta: dict) -> tuple[int, int]:
+            return (triton.cdiv(m, meta["BLOCK_M"]), n)
 
         _star_bwd_data_kernel[grid](
-            gl[0], gl[-1], xl[0], xl[-1], wl[0], wl[-1], boxc, gx[0], gx[-1], gbox,
-            m, h, w, cin, cout, _m_log2(m), stride, gradient_mul,
-            PAIR=pair, NEED_X=need_x, NEED_BOX=need_box, DOT_PRECISION=precision,
+            gl, xl, wl, boxc, gx, gbox, m, h, w, cin, cout, _m_log2(m), stride, gradient_mul,
+            NEED_X=need_x, NEED_BOX=need_box, DOT_PRECISION=precision,
         )
         if need_x:
-            grad_xs = [torch.empty_like(x).copy_(g.permute(0, 3, 1, 2)) for x, g in zip(xs, gx)]
+            grad_xs = [g.permute(0, 3, 1, 2).to(x.dtype) for x, g in zip(xs, gx)]
         if need_box:
-            grad_box = gbox.to(box.dtype)
+            grad_box = gbox.sum(dim=0).to(box.dtype)
     if need_w:
-        gw = [torch.zeros(9 * cin, cout, dtype=ct, device=device) for _ in xs]
+        gw = torch.zeros(n, 9 * cin, cout, dtype=ct, device=device)
 
-        def wgrid(meta: dict) -> tuple[int, int]:
+        def wgrid(meta: dict) -> tuple[int, int, int]:
             tiles = 9 * triton.cdiv(cin, meta["BLOCK_K"]) * triton.cdiv(cout, meta["BLOCK_N"])
-            return (tiles, _weight_split(triton.cdiv(m, meta["BLOCK_M"]), tiles, device))
+            return (tiles, _weight_split(triton.cdiv(m, meta["BLOCK_M"]), n * tiles, device), n)
 
         _star_bwd_weight_kernel[wgrid](
-            gl[0], gl[-1], xl[0], xl[-1], boxc, gw[0], gw[-1],
-            m, h, w, cin, cout, _m_log2(m), stride,
-            PAIR=pair, DOT_PRECISION=precision,
+            gl, xl, boxc, gw, m, h, w, cin, cout, _m_log2(m), stride, DOT_PRECISION=precision,
         )
         grad_ws = [g.view(3, 3, cin, cout).permute(3, 2, 0, 1).to(wt.dtype) for g, wt in zip(gw, ws)]
     return grad_xs, grad_box, grad_ws

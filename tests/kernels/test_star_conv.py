@@ -229,6 +229,22 @@ def test_gradcheck_pair_float64():
     assert torch.autograd.gradcheck(fn, (x_cls, x_reg, box, w_cls, w_reg), fast_mode=True)
 
 
+def test_outputs_allow_in_place_ops_and_channels_last_inputs():
+    """The head may apply an in-place ReLU; inputs may come in channels-last memory."""
+    x_cls, box, w_cls, _ = _case(1, 5, 3, 3, 4, 8, 1.0, torch.float32, bias=False)
+    x_reg = x_cls.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out_cls, out_reg = star_deform_conv2d_pair(x_cls, x_reg, box, w_cls, w_cls, 8)
+    out_cls.relu_()
+    out_reg.relu_()
+    (out_cls.sum() + 2 * out_reg.sum()).backward()
+    ref_x = x_cls.detach().double().requires_grad_()
+    ref = reference.star_deform_conv2d_reference(ref_x, box.double(), w_cls.double(), 8)
+    torch.testing.assert_close(out_cls.double(), ref.relu(), **FP32_TOL)
+    torch.testing.assert_close(out_reg.double(), ref.relu(), **FP32_TOL)
+    (ref.relu().sum() * 2).backward()
+    torch.testing.assert_close(x_reg.grad.double(), ref_x.grad, **FP32_TOL)
+
+
 def test_reference_forced_by_env(monkeypatch):
     monkeypatch.setenv("VFNET_KERNELS", "torch")
     x, box, weight, bias = _case(1, 3, 5, 2, 3, 8, 1.0, torch.float32)
