@@ -196,6 +196,18 @@ def connect(address: str | None) -> bool:
     return True
 
 
+def connect_or_report(address: str | None) -> bool | None:
+    """`connect`, or None after one line on stderr when the cluster cannot be reached (wrong
+    address, no or wrong auth token, ...)."""
+    try:
+        return connect(address)
+    except Exception as exc:  # noqa: BLE001 - Ray raises several unrelated types here
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS')}): "
+              f"{message}", file=sys.stderr)
+        return None
+
+
 def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                   storage: Path, name: str, parquet_dir: Path, placement_strategy: str = "PACK",
                   callbacks: Sequence[Any] = ()) -> Any:
@@ -208,7 +220,7 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_work
 
     from orchestration.data import count_rows, iters_per_epoch, read_train_dataset, shard_cat_ids
 
-    _check_resources(num_workers, cpus_per_worker, placement_strategy)
+    check_flags(cfg, num_workers, use_gpu, cpus_per_worker, placement_strategy)
     spec = WorkerSpec(
         config=cfg.to_dict(),
         run_dir=str(storage / name),
@@ -305,7 +317,11 @@ def _worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]
     return resources
 
 
-def _check_resources(num_workers: int, cpus_per_worker: float, placement_strategy: str) -> None:
+def check_flags(cfg: Config, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+                placement_strategy: str = "PACK") -> None:
+    """Reject flag values (and a flag/config mismatch) with a ValueError naming the flag."""
+    if use_gpu and cfg.train.device == "cpu":
+        raise ValueError("--use-gpu with train.device = 'cpu': set train.device to 'auto' or 'cuda'")
     if num_workers < 1:
         raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
     if not cpus_per_worker > 0:
@@ -365,11 +381,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        _check_resources(args.num_workers, args.cpus_per_worker, args.placement_strategy)
+        check_flags(cfg, args.num_workers, args.use_gpu, args.cpus_per_worker, args.placement_strategy)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    started = connect(args.address)
+    started = connect_or_report(args.address)
+    if started is None:
+        return 1
     try:
         run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                      cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,

@@ -42,7 +42,8 @@ from orchestration.train import (
     absolute_paths,
     add_common_arguments,
     build_trainer,
-    connect,
+    check_flags,
+    connect_or_report,
     fit_trainer,
     restore_checkpoint,
     torch_threads,
@@ -164,6 +165,16 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 # Driver
 
 
+def check_sweep_flags(cfg: Config, num_samples: int, max_concurrent: int, num_workers: int,
+                      use_gpu: bool, cpus_per_worker: float, placement_strategy: str) -> None:
+    """Reject flag values with a ValueError naming the flag."""
+    if num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+    if max_concurrent < 0:
+        raise ValueError(f"--max-concurrent must be >= 0, got {max_concurrent}")
+    check_flags(cfg, num_workers, use_gpu, cpus_per_worker, placement_strategy)
+
+
 def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent: int = 0,
               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 0.5,
               placement_strategy: str = "PACK", storage: str | Path = DEFAULT_STORAGE,
@@ -177,10 +188,8 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
     from orchestration.train import default_name
     from vfnet.data.synth import ensure_synth
 
-    if num_samples < 1 or max_concurrent < 0 or num_workers < 1 or not cpus_per_worker > 0:
-        raise ValueError(f"need --num-samples >= 1, --max-concurrent >= 0, --num-workers >= 1, "
-                         f"--cpus-per-worker > 0; got {num_samples}, {max_concurrent}, "
-                         f"{num_workers}, {cpus_per_worker}")
+    check_sweep_flags(cfg, num_samples, max_concurrent, num_workers, use_gpu, cpus_per_worker,
+                      placement_strategy)
     storage = Path(storage).resolve()
     out = Path(out)
     cfg = absolute_paths(cfg)
@@ -311,10 +320,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        check_sweep_flags(cfg, args.num_samples, args.max_concurrent, args.num_workers,
+                          args.use_gpu, args.cpus_per_worker, args.placement_strategy)
+        build_search_space(cfg.tune.space, cfg)
+    except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    started = connect(args.address)
+    started = connect_or_report(args.address)
+    if started is None:
+        return 1
     try:
         run_sweep(cfg, num_samples=args.num_samples, out=args.out, max_concurrent=args.max_concurrent,
                   num_workers=args.num_workers, use_gpu=args.use_gpu,

@@ -60,6 +60,7 @@ def test_restore_checkpoint(tmp_path: Path) -> None:
     (["--num-workers", "1", "--config", "missing.toml"], "missing.toml"),
     (["--num-workers", "0"], "--num-workers"),
     (["--num-workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
+    (["--num-workers", "1", "--use-gpu", "--set", "train.device=cpu"], "--use-gpu"),
 ])
 def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypatch) -> None:
     def no_connect(address):
@@ -69,6 +70,16 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypat
     assert otrain.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
+    def refuse(address):
+        raise ConnectionError("Could not find any running Ray instance.\nmore detail")
+
+    monkeypatch.setattr(otrain, "connect", refuse)
+    assert otrain.main(["--num-workers", "1", "--address", "10.0.0.9:6379"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: cannot connect to Ray (10.0.0.9:6379): Could not find any running Ray instance."]
 
 
 def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) -> None:

@@ -45,6 +45,23 @@ def test_bad_space_names_the_key(space, message) -> None:
         otune.build_search_space(space, Config())
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--num-samples", "0"], "--num-samples"),
+    (["--num-samples", "2", "--max-concurrent", "-1"], "--max-concurrent"),
+    (["--num-samples", "2", "--num-workers", "0"], "--num-workers"),
+    (["--num-samples", "2", "--set", 'tune.space={"loss.beta" = {type = "uniform", low = 0, high = 1}}'],
+     "loss.beta"),
+])
+def test_bad_input_exits_2_without_starting_ray(argv, message, tmp_path, capsys, monkeypatch) -> None:
+    def no_connect(address):
+        raise AssertionError("bad input must be reported before connecting to Ray")
+
+    monkeypatch.setattr(otune, "connect_or_report", no_connect)
+    assert otune.main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
 def test_write_outputs(tmp_path: Path) -> None:
     base = Config()
     rows = [
