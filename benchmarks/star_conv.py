@@ -211,7 +211,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
     parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where star_conv.csv and star_conv.png go (default benchmarks/results)")
+                        help="where star_conv.csv and star_conv.png go "
+                             "(default benchmarks/results)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
     return parser.parse_args(argv)
 

@@ -66,9 +66,10 @@ __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
 
 # Launch configurations. GPU: autotuned per (Cin, Cout, log2 M) among tiles that compile for
 # sm_90 with bf16 operands without register spills and fit its 227 KB of shared memory (checked
-# offline with Triton 3.9's ptxas; a config that does not fit a device is skipped by the
-# autotuner). Under the interpreter (~4 ms per program whatever the tile) one small config that
-# still covers several channel chunks and Cout tiles on the tests' shapes.
+# offline with Triton 3.9's ptxas, no GPU at hand; a config that does not fit a device is
+# skipped by the autotuner), plus a small one that fits with fp32/fp64 operands. Under the
+# interpreter (~4 ms per program whatever the tile) one small config that still covers several
+# channel chunks and Cout tiles on the tests' shapes.
 _INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
 
 
@@ -81,6 +82,7 @@ def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Con
 _FWD_CONFIGS = _gpu_configs([
     (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
     (128, 256, 64, 8, 2), (64, 128, 32, 4, 3), (128, 128, 32, 8, 2),
+    (64, 64, 32, 4, 2),  # fits shared memory with fp32 and fp64 operands too
 ])
 # BLOCK_N >= Cout keeps the grad_out tile in registers for the whole K loop (GO_RESIDENT)
 _BWD_DATA_CONFIGS = _gpu_configs([
@@ -90,6 +92,7 @@ _BWD_DATA_CONFIGS = _gpu_configs([
 _BWD_WEIGHT_CONFIGS = _gpu_configs([
     (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (64, 64, 64, 4, 3),
     (64, 256, 64, 8, 3), (64, 256, 128, 8, 2),
+    (32, 64, 32, 4, 2),  # fits shared memory with fp64 operands too
 ])
 _PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
 
@@ -130,9 +133,9 @@ def _axis(coord, size):
 
 @triton.jit
 def _location_tile(box_ptr, start, M, H, W, stride, BLOCK_M: tl.constexpr):
-    """The BLOCK_M flat locations m = (b*H + y)*W + x from `start`: int64 indices, validity mask, channels-last row base
-    b*H*W, y, x as floats, and the box (l, t, r, b) in cells (box_ptr: [B, 4, H, W] contiguous, in
-    the compute dtype)."""
+    """The BLOCK_M flat locations m = (b*H + y)*W + x from `start`: int64 indices, validity
+    mask, channels-last row base b*H*W, y and x as floats, and the box (l, t, r, b) in cells
+    (box_ptr: [B, 4, H, W] contiguous, in the compute dtype)."""
     offs_m = (start + tl.arange(0, BLOCK_M)).to(tl.int64)
     mask_m = offs_m < M
     hw = H * W
@@ -227,7 +230,8 @@ def _star_fwd_kernel(
         offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_c = offs_c < CIN
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+                                                                  CIN)
         w_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
         w_mask = mask_c[:, None] & mask_n[None, :]
         w1 = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
@@ -261,7 +265,8 @@ def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CI
         offs_n = tl.arange(0, BLOCK_N)
         wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
                      mask=mask_c[None, :] & (offs_n < COUT)[:, None], other=0.0)
-        gs = tl.dot(go_tile, wt, tl.zeros((BLOCK_M, BLOCK_K), dtype=ct), input_precision=DOT_PRECISION)
+        gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
+        gs = tl.dot(go_tile, wt, gs, input_precision=DOT_PRECISION)
     else:
         gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
         for n0 in range(0, COUT, BLOCK_N):
@@ -282,10 +287,14 @@ def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
     mc = mask_c[None, :]
     hy = 1 - ly
     hx = 1 - lx
-    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx)[:, None], mask=m00[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx)[:, None], mask=m01[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx)[:, None], mask=m10[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx)[:, None], mask=m11[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx)[:, None], mask=m00[:, None] & mc,
+                  sem="relaxed")
+    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx)[:, None], mask=m01[:, None] & mc,
+                  sem="relaxed")
+    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx)[:, None], mask=m10[:, None] & mc,
+                  sem="relaxed")
+    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx)[:, None], mask=m11[:, None] & mc,
+                  sem="relaxed")
 
 
 @triton.jit
@@ -346,11 +355,13 @@ def _star_bwd_data_kernel(
         offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_c = offs_c < CIN
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
-        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
-                          GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+                                                                  CIN)
+        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT,
+                          ct, GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if NEED_X:
-            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c,
+                             mask_c)
         if NEED_BOX:
             d_y, d_x = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
                                          offs_c, mask_c)
@@ -410,7 +421,8 @@ def _star_bwd_weight_kernel(
         offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
             box_ptr, start, M, H, W, stride, BLOCK_M)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W, CIN)
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+                                                                  CIN)
         go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
@@ -544,7 +556,8 @@ def _launch_backward(
         _star_bwd_weight_kernel[wgrid](
             gl, xl, boxc, gw, m, h, w, cin, cout, _m_log2(m), stride, DOT_PRECISION=precision,
         )
-        grad_ws = [g.view(3, 3, cin, cout).permute(3, 2, 0, 1).to(wt.dtype) for g, wt in zip(gw, ws)]
+        grad_ws = [g.view(3, 3, cin, cout).permute(3, 2, 0, 1).to(wt.dtype)
+                   for g, wt in zip(gw, ws)]
     return grad_xs, grad_box, grad_ws
 
 
@@ -552,7 +565,7 @@ class _StarConvFunction(torch.autograd.Function):
     """One star conv (x2 = w2 = None) or the pair sharing bbox_pred (no bias then)."""
 
     @staticmethod
-    def forward(ctx, bbox_pred, stride, gradient_mul, bias, x1, w1, x2, w2):  # type: ignore[override]
+    def forward(ctx, bbox_pred, stride, gradient_mul, bias, x1, w1, x2, w2):  # type: ignore
         xs = [x1] if x2 is None else [x1, x2]
         ws = [w1] if w2 is None else [w1, w2]
         outs = _launch_forward(xs, ws, bias, bbox_pred, stride)
@@ -575,7 +588,8 @@ class _StarConvFunction(torch.autograd.Function):
         )
         grad_bias = None
         if ctx.has_bias and needs[3]:
-            grad_bias = grads[0].sum(dim=(0, 2, 3), dtype=compute_dtype(grads[0].dtype)).to(ctx.bias_dtype)
+            total = grads[0].sum(dim=(0, 2, 3), dtype=compute_dtype(grads[0].dtype))
+            grad_bias = total.to(ctx.bias_dtype)
         second = (grad_xs[1], grad_ws[1]) if n == 2 else (None, None)
         return grad_box, None, None, grad_bias, grad_xs[0], grad_ws[0], *second
 
@@ -618,7 +632,8 @@ def _check_box(bbox_pred: object, x: torch.Tensor) -> torch.Tensor:
     check_float("bbox_pred", bbox_pred)
     b, _, h, w = x.shape
     if tuple(bbox_pred.shape) != (b, 4, h, w):
-        raise ValueError(f"bbox_pred must be [B, 4, H, W] = {[b, 4, h, w]}, got {tuple(bbox_pred.shape)}")
+        raise ValueError(
+            f"bbox_pred must be [B, 4, H, W] = {[b, 4, h, w]}, got {tuple(bbox_pred.shape)}")
     return bbox_pred
 
 
@@ -697,20 +712,24 @@ def star_deform_conv2d_pair(
     x_cls = _check_input("x_cls", x_cls)
     x_reg = _check_input("x_reg", x_reg)
     if x_reg.shape != x_cls.shape:
-        raise ValueError(f"x_reg must have x_cls's shape {tuple(x_cls.shape)}, got {tuple(x_reg.shape)}")
+        raise ValueError(
+            f"x_reg must have x_cls's shape {tuple(x_cls.shape)}, got {tuple(x_reg.shape)}")
     if x_reg.dtype != x_cls.dtype:
         raise TypeError(f"x_reg must have x_cls's dtype {x_cls.dtype}, got {x_reg.dtype}")
     bbox_pred = _check_box(bbox_pred, x_cls)
     w_cls = _check_weight("w_cls", w_cls, x_cls.shape[1])
     w_reg = _check_weight("w_reg", w_reg, x_cls.shape[1])
     if w_reg.shape != w_cls.shape:
-        raise ValueError(f"w_reg must have w_cls's shape {tuple(w_cls.shape)}, got {tuple(w_reg.shape)}")
+        raise ValueError(
+            f"w_reg must have w_cls's shape {tuple(w_cls.shape)}, got {tuple(w_reg.shape)}")
     check_same_device(x_cls=x_cls, x_reg=x_reg, bbox_pred=bbox_pred, w_cls=w_cls, w_reg=w_reg)
     stride = _check_stride(stride)
     gradient_mul = _check_gradient_mul(gradient_mul)
-    x_cls, x_reg, w_cls, w_reg = _autocast(x_cls), _autocast(x_reg), _autocast(w_cls), _autocast(w_reg)
+    x_cls, x_reg = _autocast(x_cls), _autocast(x_reg)
+    w_cls, w_reg = _autocast(w_cls), _autocast(w_reg)
     if not use_triton(x_cls):
         return reference.star_deform_conv2d_pair_reference(
             x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, gradient_mul=gradient_mul
         )
-    return _StarConvFunction.apply(bbox_pred, stride, gradient_mul, None, x_cls, w_cls, x_reg, w_reg)
+    return _StarConvFunction.apply(bbox_pred, stride, gradient_mul, None, x_cls, w_cls, x_reg,
+                                   w_reg)

@@ -102,7 +102,8 @@ def _case(b, cin, cout, h, w, stride, box_cells, dtype, *, bias=True, seed=0):
     box = torch.rand(b, 4, h, w, generator=gen, dtype=torch.float64) * box_cells * stride
     weight = torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64) / math.sqrt(9 * cin)
     bias_t = torch.randn(cout, generator=gen, dtype=torch.float64) if bias else None
-    return [t.to(dtype).requires_grad_() if t is not None else None for t in (x, box, weight, bias_t)]
+    return [t.to(dtype).requires_grad_() if t is not None else None
+            for t in (x, box, weight, bias_t)]
 
 
 def _grads(out, inputs, grad_out):
@@ -127,7 +128,8 @@ def _check_against_reference(x, box, weight, bias, stride, rtol, atol, gradient_
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     for name, g, e in zip(("x", "bbox_pred", "weight", "bias"), got, expected):
         assert g.dtype == x.dtype or name == "bbox_pred"
-        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol,
+                                   msg=lambda m: f"grad {name}: {m}")
     return got
 
 
@@ -154,8 +156,10 @@ def test_kernel_zero_boxes_sample_the_centre():
     x, box, weight, bias = _case(1, 3, 5, 4, 5, 8, 0.0, torch.float32)
     _check_against_reference(x, box, weight, bias, 8, **FP32_TOL)
     # every tap reads the centre: the conv with the summed 3x3 kernel
-    expected = torch.einsum("bchw,oc->bohw", x.double(), weight.double().sum(dim=(2, 3))) + bias.double().view(1, -1, 1, 1)
-    torch.testing.assert_close(star_deform_conv2d(x, box, weight, 8, bias=bias).double(), expected, **FP32_TOL)
+    centre_conv = torch.einsum("bchw,oc->bohw", x.double(), weight.double().sum(dim=(2, 3)))
+    expected = centre_conv + bias.double().view(1, -1, 1, 1)
+    out = star_deform_conv2d(x, box, weight, 8, bias=bias)
+    torch.testing.assert_close(out.double(), expected, **FP32_TOL)
 
 
 def test_kernel_boxes_wholly_outside_get_zero_box_gradient():
@@ -197,7 +201,7 @@ def test_pair_equals_two_singles():
         torch.testing.assert_close(g, e, **FP32_TOL)
     # and against the pair reference in float64
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    ref = reference.star_deform_conv2d_pair_reference(*ref_leaves[:2], ref_leaves[2], *ref_leaves[3:], 8)
+    ref = reference.star_deform_conv2d_pair_reference(*ref_leaves, 8)
     torch.testing.assert_close(out_cls.double(), ref[0], **FP32_TOL)
     ref_grads = torch.autograd.grad(ref, ref_leaves, (g_cls.double(), g_reg.double()))
     for g, e in zip(got, ref_grads):
@@ -209,23 +213,31 @@ def _gradcheck_inputs(pair: bool):
     weights' derivative jumps), so finite differences are exact up to rounding."""
     gen = torch.Generator().manual_seed(3)
     b, cin, cout, h, w, stride = 1, 3, 2, 3, 4, 8.0
-    cells = torch.randint(0, 3, (b, 4, h, w), generator=gen) + 0.1 + 0.8 * torch.rand(b, 4, h, w, generator=gen, dtype=torch.float64)
+    fraction = 0.1 + 0.8 * torch.rand(b, 4, h, w, generator=gen, dtype=torch.float64)
+    cells = torch.randint(0, 3, (b, 4, h, w), generator=gen) + fraction
     box = (cells * stride).requires_grad_()
-    xs = [torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(1 + pair)]
-    ws = [torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(1 + pair)]
+    xs = [torch.randn(b, cin, h, w, generator=gen, dtype=torch.float64, requires_grad=True)
+          for _ in range(1 + pair)]
+    ws = [torch.randn(cout, cin, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+          for _ in range(1 + pair)]
     return box, xs, ws, stride
 
 
 def test_gradcheck_single_float64():
     box, (x,), (weight,), stride = _gradcheck_inputs(pair=False)
     bias = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    fn = lambda x_, b_, w_, bias_: star_deform_conv2d(x_, b_, w_, stride, bias=bias_, gradient_mul=1.0)  # noqa: E731
+    def fn(x_, box_, w_, bias_):
+        return star_deform_conv2d(x_, box_, w_, stride, bias=bias_, gradient_mul=1.0)
+
     assert torch.autograd.gradcheck(fn, (x, box, weight, bias), fast_mode=True)
 
 
 def test_gradcheck_pair_float64():
     box, (x_cls, x_reg), (w_cls, w_reg), stride = _gradcheck_inputs(pair=True)
-    fn = lambda a, b_, c, d, e: star_deform_conv2d_pair(a, b_, c, d, e, stride, gradient_mul=1.0)  # noqa: E731
+    def fn(x_cls_, x_reg_, box_, w_cls_, w_reg_):
+        return star_deform_conv2d_pair(x_cls_, x_reg_, box_, w_cls_, w_reg_, stride,
+                                       gradient_mul=1.0)
+
     assert torch.autograd.gradcheck(fn, (x_cls, x_reg, box, w_cls, w_reg), fast_mode=True)
 
 
@@ -303,13 +315,69 @@ def test_single_rejects_bad_input(change, error, match):
         (lambda a: a.update(w_cls=torch.randn(2, 3, 3)), ValueError, "w_cls must be"),
         (lambda a: a.update(w_reg=torch.randn(4, 3, 3, 3)), ValueError, "w_reg must have"),
         (lambda a: a.update(bbox_pred=torch.rand(2, 4, 4, 4)), ValueError, "bbox_pred must be"),
-        (lambda a: a.update(w_reg=torch.randn(2, 3, 3, 3, device="meta")), ValueError, "w_reg is on"),
+        (lambda a: a.update(w_reg=torch.randn(2, 3, 3, 3, device="meta")), ValueError,
+         "w_reg is on"),
         (lambda a: a.update(stride=float("inf")), ValueError, "stride"),
     ],
 )
 def test_pair_rejects_bad_input(change, error, match):
     x, box, weight = _good()
-    args = dict(x_cls=x, x_reg=x.clone(), bbox_pred=box, w_cls=weight, w_reg=weight.clone(), stride=8)
+    args = dict(x_cls=x, x_reg=x.clone(), bbox_pred=box, w_cls=weight, w_reg=weight.clone(),
+                stride=8)
     change(args)
     with pytest.raises(error, match=match):
         star_deform_conv2d_pair(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the compiled kernels
+
+
+def _cuda_case(b, cin, cout, h, w, stride, dtype, seed=0):
+    x, box, weight, bias = _case(b, cin, cout, h, w, stride, 3.0, torch.float64, seed=seed)
+    return [t.detach().to("cuda", dtype).requires_grad_() for t in (x, box, weight, bias)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_gpu_matches_torchvision_deform_conv2d(dtype):
+    """The contract: star_deform_conv2d == torchvision.ops.deform_conv2d(x, star offsets, w,
+    padding=1), gradients included (the box's through the offsets)."""
+    from torchvision.ops import deform_conv2d
+
+    x, box, weight, bias = _cuda_case(2, 24, 40, 11, 13, 16, dtype)
+    out = star_deform_conv2d(x, box, weight, 16, bias=bias)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, box, weight, bias)]
+    ref = deform_conv2d(leaves[0], reference.star_offsets(leaves[1], 16), leaves[2], leaves[3],
+                        padding=1)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, box, weight, bias), grad_out)
+    expected = torch.autograd.grad(ref, leaves, grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [(48, 80), (256, 256)])
+def test_gpu_pair_matches_reference(dtype, channels):
+    """Autotuned kernels at the head's width (GO_RESIDENT path) and an odd one; bf16: operands
+    rounded to bf16 on the tensor cores, so errors are judged against the outputs' scale."""
+    cin, cout = channels
+    x_cls, box, w_cls, _ = _cuda_case(2, cin, cout, 12, 17, 8, dtype)
+    x_reg, _, w_reg, _ = _cuda_case(2, cin, cout, 12, 17, 8, dtype, seed=1)
+    leaves = (x_cls, x_reg, box, w_cls, w_reg)
+    outs = star_deform_conv2d_pair(x_cls, x_reg, box, w_cls, w_reg, 8)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    refs = reference.star_deform_conv2d_pair_reference(*ref_leaves, 8)
+    grads_out = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, leaves, grads_out)
+    expected = torch.autograd.grad(refs, ref_leaves, [g.double() for g in grads_out])
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, g, e in zip(("out_cls", "out_reg", "x_cls", "x_reg", "bbox_pred", "w_cls", "w_reg"),
+                          (*outs, *got), (*refs, *expected)):
+        error = (g.double() - e).abs().max().item()
+        scale = e.abs().max().item()
+        assert error <= rel * scale, f"{name}: max error {error} vs scale {scale}"
