@@ -78,15 +78,17 @@ def prepare_train_shards(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
         return entry
     tmp = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    pack(data_cfg.train_ann, data_cfg.train_images, tmp)
-    (tmp / _COMPLETE).write_text(f"{Path(data_cfg.train_ann).resolve()}\n")
-    shutil.rmtree(entry, ignore_errors=True)  # a leftover without _COMPLETE
     try:
-        tmp.rename(entry)
-    except OSError:  # another process finished the same entry first
+        pack(data_cfg.train_ann, data_cfg.train_images, tmp)
+        (tmp / _COMPLETE).write_text(f"{Path(data_cfg.train_ann).resolve()}\n")
+        shutil.rmtree(entry, ignore_errors=True)  # a leftover without _COMPLETE
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process finished the same entry first
+            if not (entry / _COMPLETE).is_file():
+                raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / _COMPLETE).is_file():
-            raise
     log.info("packed %s into %s", data_cfg.train_ann, entry)
     return entry
 

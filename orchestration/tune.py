@@ -44,6 +44,7 @@ from orchestration.train import (
     build_trainer,
     check_flags,
     connect_or_report,
+    default_name,
     fit_trainer,
     restore_checkpoint,
     torch_threads,
@@ -185,7 +186,6 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
     from ray.tune.schedulers import ASHAScheduler
 
     from orchestration.data import prepare_train_shards
-    from orchestration.train import default_name
     from vfnet.data.synth import ensure_synth
 
     check_sweep_flags(cfg, num_samples, max_concurrent, num_workers, use_gpu, cpus_per_worker,

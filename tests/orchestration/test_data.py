@@ -74,3 +74,12 @@ def test_shard_batches(tiny_config, tmp_path: Path, ray_session) -> None:
         assert all(len(b) == len(lab) and (lab.numel() == 0 or lab.max() < 4)
                    for b, lab in zip(batch.boxes, batch.labels))
     assert len(list(batches(1, 7))) == 1  # resuming at batch 7 of 8
+
+
+def test_failed_pack_leaves_no_cache_entry(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(**{"data.train_images": str(tmp_path / "no_images")})
+    (tmp_path / "no_images").mkdir()
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError):
+        odata.prepare_train_shards(cfg.data, cache)
+    assert not cache.exists() or not any(cache.iterdir())
