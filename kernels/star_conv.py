@@ -46,6 +46,7 @@ gradients are sums of fp32 atomic adds, so their last bits depend on the order t
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -200,8 +201,8 @@ def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_
 @triton.autotune(configs=_configs(_FWD_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"])
 @triton.jit
 def _star_fwd_kernel(
-    x_ptr,  # [n, B, H, W, CIN] channels-last, n = 2 when PAIR
-    w_ptr,  # [n, 9 * CIN, COUT] in the dot dtype, row tap * CIN + c
+    x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR)
+    w1_ptr, w2_ptr,  # [9 * CIN, COUT] in the dot dtype, row tap * CIN + c (w2: PAIR)
     bias_ptr,  # [COUT] compute dtype (HAS_BIAS)
     box_ptr,  # [B, 4, H, W] compute dtype
     out1_ptr, out2_ptr,  # [B, COUT, H, W] in channels-last memory (out2: PAIR)
@@ -218,8 +219,6 @@ def _star_fwd_kernel(
     ct = yf.dtype
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < COUT
-    x2_ptr = x_ptr + M.to(tl.int64) * CIN
-    w2_ptr = w_ptr + 9 * CIN * COUT
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ct)
     # one loop over K = (tap, channel chunk): a long pipelined loop and compact code; the
@@ -234,8 +233,8 @@ def _star_fwd_kernel(
                                                                   CIN)
         w_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
         w_mask = mask_c[:, None] & mask_n[None, :]
-        w1 = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0)
-        s1 = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
+        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
         acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION)
         if PAIR:
             w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
@@ -473,12 +472,16 @@ def _m_log2(m: int) -> int:
     return max(m - 1, 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
     """How many slices of the locations the weight-gradient grid uses: enough programs to fill the
     GPU (_PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        wanted = -(-_PROGRAMS_PER_SM * sms // tiles)
+        wanted = -(-_PROGRAMS_PER_SM * _sm_count(device) // tiles)
     else:
         wanted = 2
     return max(1, min(m_tiles, wanted))
@@ -504,7 +507,8 @@ def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
 
     _star_fwd_kernel[grid](
-        xl, wl, biasc, boxc, outs[0], outs[-1], m, h, w, cin, cout, _m_log2(m), stride,
+        xl[0], xl[-1], wl[0], wl[-1], biasc, boxc, outs[0], outs[-1], m, h, w, cin, cout,
+        _m_log2(m), stride,
         PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(dot),
     )
     return outs
