@@ -258,6 +258,8 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
     from orchestration.data import prepare_train_shards
     from vfnet.data.synth import ensure_synth
 
+    check_flags(cfg, num_workers, use_gpu, cpus_per_worker, placement_strategy)
+    check_cpu_budget(num_workers, cpus_per_worker)
     if cfg.data.synth:
         ensure_synth(cfg.data)
     parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR)
@@ -298,6 +300,20 @@ def fit_trainer(trainer: Any) -> Any:
     if result.error is not None:
         raise TrainingFailed(str(result.error)) from result.error
     return result
+
+
+def check_cpu_budget(num_workers: int, cpus_per_worker: float) -> None:
+    """ValueError when the workers would reserve all but less than one of the connected
+    cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free = total - num_workers * cpus_per_worker
+    if free < 1:
+        raise ValueError(
+            f"--num-workers {num_workers} x --cpus-per-worker {cpus_per_worker:g} leaves {free:g} "
+            f"of the cluster's {total:g} CPUs to Ray Data, which needs at least 1 to read the "
+            f"shards (the run would hang): lower --cpus-per-worker or add nodes")
 
 
 def default_name() -> str:

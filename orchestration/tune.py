@@ -42,6 +42,7 @@ from orchestration.train import (
     absolute_paths,
     add_common_arguments,
     build_trainer,
+    check_cpu_budget,
     check_flags,
     connect_or_report,
     default_name,
@@ -196,7 +197,10 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
     space = build_search_space(cfg.tune.space, cfg)
     if cfg.data.synth:
         ensure_synth(cfg.data)
-    parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR) if num_workers > 1 else None
+    parquet_dir = None
+    if num_workers > 1:
+        check_cpu_budget(num_workers, cpus_per_worker)  # for one trial at a time
+        parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR)
     setup = TrialSetup(base=cfg.to_dict(), num_workers=num_workers, use_gpu=use_gpu,
                        cpus_per_worker=cpus_per_worker, placement_strategy=placement_strategy,
                        parquet_dir=str(parquet_dir) if parquet_dir else None)

@@ -82,6 +82,14 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
     assert err == ["error: cannot connect to Ray (10.0.0.9:6379): Could not find any running Ray instance."]
 
 
+def test_workers_must_leave_a_cpu_to_ray_data(tiny_config, tmp_path: Path, ray_session) -> None:
+    # the session cluster has 4 CPUs: 2 x 1.5 leaves 1 (enough), 2 x 2 none (would hang)
+    otrain.check_cpu_budget(2, 1.5)
+    with pytest.raises(ValueError, match="--cpus-per-worker"):
+        otrain.run_training(tiny_config(), num_workers=2, cpus_per_worker=2.0, storage=tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before packing or starting anything
+
+
 def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) -> None:
     storage = tmp_path / "runs"
     summary = otrain.run_training(tiny_config(), num_workers=2, storage=storage, name="pair")
