@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 import triton
@@ -71,7 +72,17 @@ __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
 # skipped by the autotuner), plus a small one that fits with fp32/fp64 operands. Under the
 # interpreter (~4 ms per program whatever the tile) one small config that still covers several
 # channel chunks and Cout tiles on the tests' shapes.
-_INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4)]
+_INTERPRETER_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),  # channels <= 64
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=4),  # wider
+]
+
+
+def _interpreter_pick(configs: list[triton.Config], named_args: dict,
+                      **_: object) -> list[triton.Config]:
+    """Under the interpreter, the one config for these channel counts (no benchmarking): large
+    tiles once channels pass 64, since the interpreter's cost is per program and per loop step."""
+    return [configs[1] if max(named_args["CIN"], named_args["COUT"]) > 64 else configs[0]]
 
 
 def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -98,8 +109,12 @@ _BWD_WEIGHT_CONFIGS = _gpu_configs([
 _PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
 
 
-def _configs(gpu_configs: list[triton.Config]) -> list[triton.Config]:
-    return _INTERPRETER_CONFIGS if interpreter_enabled() else gpu_configs
+def _autotune(gpu_configs: list[triton.Config], **kwargs: object) -> Callable:
+    """triton.autotune over gpu_configs, or over the interpreter's configs picked by shape."""
+    if interpreter_enabled():
+        return triton.autotune(configs=_INTERPRETER_CONFIGS,
+                               prune_configs_by={"early_config_prune": _interpreter_pick}, **kwargs)
+    return triton.autotune(configs=gpu_configs, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +213,7 @@ def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_
 # Forward
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS), key=["CIN", "COUT", "M_LOG2", "PAIR"])
+@_autotune(_FWD_CONFIGS, key=["CIN", "COUT", "M_LOG2", "PAIR"])
 @triton.jit
 def _star_fwd_kernel(
     x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR)
@@ -312,8 +327,7 @@ def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
     return d_y, d_x
 
 
-@triton.autotune(configs=_configs(_BWD_DATA_CONFIGS), key=["CIN", "COUT", "M_LOG2"],
-                 reset_to_zero=["gx_ptr"])
+@_autotune(_BWD_DATA_CONFIGS, key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
 @triton.heuristics({"GO_RESIDENT": lambda args: args["BLOCK_N"] >= args["COUT"]})
 @triton.jit
 def _star_bwd_data_kernel(
@@ -384,8 +398,7 @@ def _star_bwd_data_kernel(
 # Backward: weight gradient
 
 
-@triton.autotune(configs=_configs(_BWD_WEIGHT_CONFIGS), key=["CIN", "COUT", "M_LOG2"],
-                 reset_to_zero=["gw_ptr"])
+@_autotune(_BWD_WEIGHT_CONFIGS, key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gw_ptr"])
 @triton.jit
 def _star_bwd_weight_kernel(
     go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
