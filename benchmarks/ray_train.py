@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
             torch.set_num_threads(torch_threads(args.cpus_per_worker))
             tic = time.perf_counter()
             train(cfg, root / "plain", resume=False)
-            rows.append(_row("engine", 1, cfg, step_rates(root / "plain", cfg.train.batch_size, args.skip), device))
+            rates = step_rates(root / "plain", cfg.train.batch_size, args.skip)
+            rows.append(_row("engine", 1, cfg, rates, device))
             log.info("plain engine: %.1f s wall, %.2f img/s (p50)", time.perf_counter() - tic, rows[-1].p50)
         # room for Ray Data beside the workers: 2 more logical CPUs than they hold
         ray.init(address="local", num_cpus=int(max(args.workers) * args.cpus_per_worker) + 2,
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
             ray.shutdown()
     dev = torch.device("cuda" if args.use_gpu else "cpu")
     csv_path = harness.write_rows(SCRIPT, rows, dev, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s", "VFNet training, plain engine vs Ray Train, images/s",
+    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s",
+                                 "VFNet training, plain engine vs Ray Train, images/s",
                                  out_dir=args.out_dir)
     log.info("wrote %s and %s", csv_path, png_path)
     return rows
