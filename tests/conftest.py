@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: small convs on a 2-core CPU run several times
+    slower with two threads when anything else is running."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def seeded():
     """A fresh, reproducible-per-test random state."""
     torch.manual_seed(0)

@@ -16,13 +16,7 @@ from kernels import reference
 COMMITTED = ["train_throughput", "inference", "dataloader"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: two oversubscribe the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
