@@ -401,18 +401,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    started = connect_or_report(args.address)
+    return run_on_ray(
+        args.address,
+        lambda: run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                             cpus_per_worker=args.cpus_per_worker, storage=args.storage,
+                             name=args.name, placement_strategy=args.placement_strategy),
+        failure="training failed",
+    )
+
+
+def run_on_ray(address: str | None, work: Callable[[], object], *, failure: str) -> int:
+    """Connect to (or start) Ray, run `work()`, and map its outcome to an exit status:
+    0 done; 1 the cluster cannot be reached or `work` raised TrainingFailed (printed as
+    "error: <failure>: ..."); 2 bad input (config, data or argument errors, one line on stderr).
+    A Ray started here is shut down afterwards."""
+    started = connect_or_report(address)
     if started is None:
         return 1
     try:
-        run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                     cpus_per_worker=args.cpus_per_worker, storage=args.storage, name=args.name,
-                     placement_strategy=args.placement_strategy)
+        work()
     except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingFailed as exc:
-        print(f"error: training failed: {exc}", file=sys.stderr)
+        print(f"error: {failure}: {exc}", file=sys.stderr)
         return 1
     finally:
         if started:
@@ -420,7 +432,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             ray.shutdown()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

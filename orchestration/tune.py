@@ -38,16 +38,15 @@ from orchestration.train import (
     DEFAULT_STORAGE,
     PACKED_DIR,
     RayReporter,
-    TrainingFailed,
     absolute_paths,
     add_common_arguments,
     build_trainer,
     check_cpu_budget,
     check_flags,
-    connect_or_report,
     default_name,
     fit_trainer,
     restore_checkpoint,
+    run_on_ray,
     torch_threads,
 )
 from vfnet.config import Config, ConfigError, config_from_dict, load_config, set_value, validate
@@ -318,8 +317,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 sweep failed, 2 bad input)."""
-    from vfnet.data import DatasetError
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
@@ -330,27 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    started = connect_or_report(args.address)
-    if started is None:
-        return 1
-    try:
-        run_sweep(cfg, num_samples=args.num_samples, out=args.out, max_concurrent=args.max_concurrent,
-                  num_workers=args.num_workers, use_gpu=args.use_gpu,
-                  cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy,
-                  storage=args.storage, name=args.name)
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingFailed as exc:
-        print(f"error: sweep failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    return 0
-
+    return run_on_ray(
+        args.address,
+        lambda: run_sweep(cfg, num_samples=args.num_samples, out=args.out,
+                          max_concurrent=args.max_concurrent, num_workers=args.num_workers,
+                          use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                          placement_strategy=args.placement_strategy, storage=args.storage,
+                          name=args.name),
+        failure="sweep failed",
+    )
 
 if __name__ == "__main__":
     sys.exit(main())

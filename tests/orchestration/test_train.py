@@ -77,9 +77,9 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
         raise ConnectionError("Could not find any running Ray instance.\nmore detail")
 
     monkeypatch.setattr(otrain, "connect", refuse)
-    assert otrain.main(["--num-workers", "1", "--address", "10.0.0.9:6379"]) == 1
+    assert otrain.main(["--num-workers", "1", "--address", "127.0.0.1:1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: cannot connect to Ray (10.0.0.9:6379): Could not find any running Ray instance."]
+    assert err == ["error: cannot connect to Ray (127.0.0.1:1): Could not find any running Ray instance."]
 
 
 def test_workers_must_leave_a_cpu_to_ray_data(tiny_config, tmp_path: Path, ray_session) -> None:
