@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import signal
@@ -54,7 +55,7 @@ def test_smoke_run_writes_everything(data, tmp_path):
     assert state["iteration"] == 6 and state["epoch"] == 1
     assert checkpoint_config(state) == cfg
     assert load_checkpoint(ckdir / "epoch_1.pt")["iteration"] == 4
-    assert set(AP_NAMES) <= set(__import__("json").loads((tmp_path / "eval.json").read_text()))
+    assert set(AP_NAMES) <= set(json.loads((tmp_path / "eval.json").read_text()))
 
     # reports after each checkpoint (2, 4, 6) and evaluation (3, 6), on this (rank 0) process
     assert [(int(m["iteration"]), c.name if c else None) for m, c in reports] == [
