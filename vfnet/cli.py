@@ -147,10 +147,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             shown += 1
             draw.rectangle(box, outline=_colour(label), width=2)
             text = f"{names[label]} {score:.2f}"
-            left, top, right, bottom = draw.textbbox((box[0], box[1]), text)
+            left, top, right, bottom = draw.textbbox((0, 0), text)
+            x = max(min(box[0], image.width - (right - left) - 2), 0)  # keep the label inside
             y = max(box[1] - (bottom - top) - 2, 0)
-            draw.rectangle((box[0], y, box[0] + right - left + 2, y + bottom - top + 2), fill=_colour(label))
-            draw.text((box[0] + 1, y), text, fill=(255, 255, 255))
+            draw.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=_colour(label))
+            draw.text((x + 1, y), text, fill=(255, 255, 255))
         target = out / f"{path.stem}.png"
         image.save(target)
         log.info("%s: %d detections (%d drawn with score >= %.2f) -> %s", path, len(pred["scores"]),
