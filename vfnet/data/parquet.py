@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
     schema = SCHEMA.with_metadata({CATEGORIES_KEY: json.dumps(categories).encode()})
     records = dataset.records
     shards = []
-    with tqdm(total=len(records), desc=f"pack {out_dir.name}", unit="img") as bar:
+    with tqdm(total=len(records), desc=f"pack {out_dir.name}", unit="img",
+              disable=not sys.stderr.isatty()) as bar:
         for start in range(0, max(len(records), 1), rows_per_shard):
             chunk = records[start:start + rows_per_shard]
             columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}

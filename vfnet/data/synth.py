@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +138,8 @@ def synthesize(out_dir: str | Path, *, images: int = 512, size: int = 256, seed:
         image_dir = out_dir / "images" / split
         image_dir.mkdir(parents=True, exist_ok=True)
         entries, annotations = [], []
-        for i in tqdm(range(count), desc=f"synth {split}", unit="img"):
+        for i in tqdm(range(count), desc=f"synth {split}", unit="img",
+                       disable=not sys.stderr.isatty()):
             image, objects = render_image(np.random.default_rng((seed, split_index, i)), size)
             name = f"{i + 1:06d}.png"
             _write_atomic(image_dir / name, lambda p, im=image: im.save(p, format="PNG"))
