@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from orchestration import train as otrain
 from orchestration import tune as otune
 from vfnet.config import Config, ConfigError, load_config
 
@@ -56,7 +57,7 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, tmp_path, capsys,
     def no_connect(address):
         raise AssertionError("bad input must be reported before connecting to Ray")
 
-    monkeypatch.setattr(otune, "connect_or_report", no_connect)
+    monkeypatch.setattr(otrain, "connect_or_report", no_connect)  # what run_on_ray connects with
     assert otune.main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
