@@ -10,9 +10,9 @@ together, which would inflate the rate) and the rate over the following batches 
 
 Data: the BCCD images (/work/shared/data/bccd: 640x480 JPEGs, like COCO's) by default, any COCO
 json + image folder with `--ann`/`--images`, or `--synth N` (the synthetic shapes set, 640 px
-PNGs, written to a temporary folder; 512 of them when BCCD is absent and nothing is given). When <out-dir>/train_throughput.csv holds training-step rows of
-this device, each rate is compared with the fastest step's consumption (images/s): the pipeline
-must deliver more than that per GPU.
+PNGs, written to a temporary folder; 512 of them when BCCD is absent and nothing is given).
+When <out-dir>/train_throughput.csv holds training-step rows of this device, each rate is compared
+with the fastest step's consumption (images/s): the pipeline must deliver more than that per GPU.
 
 Full (default with CUDA): 1333x800, batch 2 (the reference per-GPU batch), N = 0 1 2 4 8 16.
 `--small` (default without CUDA): 320x240, batch 2, N = 0 1 2, few batches. Rows go to

@@ -49,7 +49,7 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
         shape = workload.shape_label(cfg, batch, size)
         for provider, model in models.items():
-            def predict(model=model) -> list[dict[str, torch.Tensor]]:
+            def predict(model=model, data=data) -> list[dict[str, torch.Tensor]]:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     return model.predict(data.images, data.image_sizes, data.scales)
 

@@ -31,9 +31,9 @@ import re
 import shlex
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.autograd import DeviceType

@@ -16,9 +16,9 @@ import argparse
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.profiler import record_function

@@ -129,7 +129,7 @@ def _check_against_reference(x, box, weight, bias, stride, rtol, atol, gradient_
     for name, g, e in zip(("x", "bbox_pred", "weight", "bias"), got, expected):
         assert g.dtype == x.dtype or name == "bbox_pred"
         torch.testing.assert_close(g.double(), e, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"grad {name}: {m}")
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
     return got
 
 

@@ -81,7 +81,7 @@ class HostSyncTrap:
             return original(*args, **kwargs)
         return patched
 
-    def __enter__(self) -> "HostSyncTrap":
+    def __enter__(self) -> HostSyncTrap:
         mp = self.monkeypatch
         for name in _METHODS:
             mp.setattr(torch.Tensor, name, self._wrap(f"Tensor.{name}", getattr(torch.Tensor, name)))

@@ -43,7 +43,8 @@ def expected_losses(logits, init, refine, pts, targets, cfg):
     gts = targets.boxes.reshape(-1, 4)
     out = {}
     dense = torch.zeros(logits.shape[0] * logits.shape[1], C, dtype=torch.float64)
-    for name, dist, weight in (("loss_bbox_init", init, cfg.init_weight), ("loss_bbox_refine", refine, cfg.refine_weight)):
+    for name, dist, weight in (("loss_bbox_init", init, cfg.init_weight),
+                               ("loss_bbox_refine", refine, cfg.refine_weight)):
         d = dist.detach().reshape(-1, 4).double()
         total, norm = 0.0, 0.0
         for i in pos:

@@ -133,7 +133,7 @@ class ResNet(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "ResNet":
+    def train(self, mode: bool = True) -> ResNet:
         """Set the mode; frozen stages stay in eval mode, and with norm_eval so do all BNs."""
         super().train(mode)
         self._freeze()

@@ -11,7 +11,8 @@ logits. Boxes are computed in float32 even under autocast (exp of low-precision 
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn

@@ -116,7 +116,8 @@ def test_bad_inputs(voc, tmp_path):
     (xml_dir / "a.xml").write_text(voc_xml("a.png", [("ant", (2, 2, "x", 3), 0)]))
     with pytest.raises(DatasetError, match=r"a\.xml: field <bndbox/xmax> is not a number"):
         convert_voc(xml_dir, image_dir, out)
-    (xml_dir / "a.xml").write_text("<annotation><filename>a.png</filename><object><name>ant</name></object></annotation>")
+    no_box = "<annotation><filename>a.png</filename><object><name>ant</name></object></annotation>"
+    (xml_dir / "a.xml").write_text(no_box)
     with pytest.raises(DatasetError, match=r"a\.xml: missing field <bndbox/xmin>"):
         convert_voc(xml_dir, image_dir, out)
     assert not out.exists()
