@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from vfnet.config import Config, ConfigError, apply_overrides, load_config
+from vfnet.config import ConfigError, load_config
 
 log = logging.getLogger("vfnet")
 
@@ -50,23 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
-               device: torch.device | None = None) -> tuple[torch.nn.Module, Config, torch.device]:
-    """The model of a training checkpoint in eval mode, its config (with `overrides` applied)
-    and the device it is on. CheckpointError when the file is missing or unreadable."""
-    from vfnet.checkpoint import checkpoint_config, load_checkpoint
-    from vfnet.engine import resolve_device
-    from vfnet.model import VFNet
-
-    state = load_checkpoint(checkpoint)
-    cfg = apply_overrides(checkpoint_config(state, checkpoint), overrides or [])
-    cfg.model.pretrained = ""  # the checkpoint holds every weight
-    device = device or resolve_device(cfg.train.device)
-    model = VFNet(cfg)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, device
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import functools
 
@@ -74,6 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from vfnet.data import CocoDetection, build_transform, build_val_loader, collate
     from vfnet.evaluate import evaluate, format_table, write_json
+    from vfnet.inference import load_model
 
     if (args.ann is None) != (args.images is None):
         raise ConfigError("--ann and --images go together: give both or neither")
@@ -92,30 +76,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def class_info(cfg: Config) -> tuple[list[int], list[str]]:
-    """COCO category ids and names of the model's classes, read from the config's val (else
-    train) annotation file; `1..C` and `class_i` when neither can be read."""
-    from vfnet.data import DatasetError
-    from vfnet.data.coco import parse_coco, read_json
-
-    for ann in (cfg.data.val_ann, cfg.data.train_ann):
-        try:
-            _, cat_ids, names = parse_coco(read_json(ann), ann)
-        except DatasetError:
-            continue
-        if len(cat_ids) == cfg.model.num_classes:
-            return cat_ids, names
-    log.warning("class names unknown (annotation files of the checkpoint's config not readable): "
-                "using category ids 1..%d", cfg.model.num_classes)
-    return list(range(1, cfg.model.num_classes + 1)), [f"class_{i}" for i in range(cfg.model.num_classes)]
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import ImageDraw
 
     from vfnet.data import Sample, build_transform, collate
     from vfnet.data.coco import decode_image
     from vfnet.evaluate import to_coco_results, write_json
+    from vfnet.inference import class_info, load_model
 
     if not 0 <= args.score_thr <= 1:
         raise ValueError(f"--score-thr must be in [0, 1], got {args.score_thr}")
