@@ -5,6 +5,8 @@
     vfnet predict --checkpoint FILE --out DIR [--score-thr S] IMAGE...
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
     vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
+    vfnet data convert --yolo LABELS_DIR --images DIR --names FILE --out FILE.json
+    vfnet data convert --yolo-yaml DATA.yaml --split train|val|test --out FILE.json
     vfnet data pack    --ann FILE --images DIR --out DIR [--rows-per-shard N]
 
 Bad input (a missing or corrupt file, an unknown config key, a wrong value type, a missing or
@@ -143,9 +145,33 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from vfnet.data.voc import convert_voc
+    if args.yolo_yaml is not None:
+        from vfnet.data.yolo import convert_yolo_yaml
 
-    stats = convert_voc(args.voc, args.images, args.out, split_file=args.split)
+        for flag in ("images", "names"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} does not go with --yolo-yaml (the YAML gives the images and names)")
+        if args.split not in ("train", "val", "test"):
+            raise ConfigError(f"--yolo-yaml needs --split train, val or test, got {args.split!r}")
+        stats, root = convert_yolo_yaml(args.yolo_yaml, args.split, args.out)
+        print(f"wrote {args.out} (images relative to {root}): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        return 0
+    if args.images is None:
+        raise ConfigError("--images is required with --voc and --yolo")
+    if args.yolo is not None:
+        from vfnet.data.yolo import convert_yolo
+
+        if args.names is None:
+            raise ConfigError("--yolo needs --names FILE (the class names, one a line)")
+        if args.split is not None:
+            raise ConfigError("--split does not go with --yolo (convert each split's directories)")
+        stats = convert_yolo(args.yolo, args.images, args.names, args.out)
+    else:
+        from vfnet.data.voc import convert_voc
+
+        if args.names is not None:
+            raise ConfigError("--names does not go with --voc (the xml files name the classes)")
+        stats = convert_voc(args.voc, args.images, args.out, split_file=args.split)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
 
@@ -201,10 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256, help="image side, pixels")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
-    p = data.add_parser("convert", help="Pascal VOC xml to COCO json")
-    p.add_argument("--voc", required=True, help="directory of VOC xml files")
-    p.add_argument("--images", required=True, help="image directory")
-    p.add_argument("--split", help="file of xml stems to convert, one a line")
+    p = data.add_parser("convert", help="Pascal VOC xml or YOLO txt labels to COCO json")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--voc", help="directory of VOC xml files")
+    source.add_argument("--yolo", help="directory of YOLO txt label files")
+    source.add_argument("--yolo-yaml", help="ultralytics data-set YAML (with --split train|val|test)")
+    p.add_argument("--images", help="image directory (--voc, --yolo)")
+    p.add_argument("--names", help="class names, one a line (--yolo)")
+    p.add_argument("--split", help="--voc: file of xml stems to convert, one a line; "
+                   "--yolo-yaml: the split, train, val or test")
     p.add_argument("--out", required=True, help="COCO json to write")
     p.set_defaults(func=cmd_data_convert)
     p = data.add_parser("pack", help="COCO json + images to Parquet shards")

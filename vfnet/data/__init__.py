@@ -1,4 +1,4 @@
-"""Detection data: COCO json and Parquet datasets, transforms, loaders, synthetic shapes, VOC import.
+"""Detection data: COCO json and Parquet datasets, transforms, loaders, synthetic shapes, VOC and YOLO import.
 
 `DatasetError` is raised for bad data files; its message names the file and the field at fault.
 """

@@ -210,6 +210,26 @@ def parse_coco(data: dict[str, Any], source: str | Path) -> tuple[list[ImageReco
     return records, cat_ids, [cats[c] for c in cat_ids]
 
 
+def read_image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding the pixels;
+    DatasetError naming the file when missing or unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: image file not found") from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt files
+        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write `data` as json to `path` through a temporary file renamed over it (no partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
+
+
 def decode_image(source: Path | bytes, name: str | Path) -> Image.Image:
     """Open an image file or encoded bytes as RGB (grayscale, palette, RGBA, CMYK converted);
     DatasetError naming `name` when missing or unreadable."""

@@ -14,15 +14,13 @@ Conventions:
 """
 from __future__ import annotations
 
-import json
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from vfnet.data import DatasetError
+from vfnet.data.coco import read_image_size, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +56,6 @@ def _xml_files(xml_dir: Path, split_file: Path | None) -> list[Path]:
     return files
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
-
-
 def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_json: str | Path,
                 split_file: str | Path | None = None) -> dict[str, int]:
     """Convert the VOC xml files of `xml_dir` (those named in `split_file`, one stem a line,
@@ -86,7 +74,7 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_json: str | Pat
             raise DatasetError(f"{path}: not a readable VOC xml file: {exc}") from None
         found = root.find("filename")
         file_name = found.text.strip() if found is not None and found.text else f"{path.stem}.jpg"
-        width, height = _image_size(images_dir / file_name)
+        width, height = read_image_size(images_dir / file_name)
         if root.find("size/width") is not None and (
             _number(root, "size/width", path), _number(root, "size/height", path)) != (width, height):
             mismatched += 1
@@ -123,10 +111,7 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_json: str | Pat
     if mismatched:
         log.warning("%s: %d xml files give an image size that differs from the image file's "
                     "(the file's size is used)", xml_dir, mismatched)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(out_json)
+    write_json_atomic(out_json, data)
     stats = {"images": len(images), "annotations": len(annotations), "categories": len(names),
              "difficult": difficult, "dropped_zero_size": dropped, "size_mismatch": mismatched}
     log.info("converted %s -> %s: %s", xml_dir, out_json, stats)
