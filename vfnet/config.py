@@ -75,8 +75,9 @@ class LossConfig:
 class InferConfig:
     """Inference: score threshold, top-k, NMS."""
 
-    nms_pre: int = 1000  # top points per level before NMS
-    score_thr: float = 0.05
+    nms_pre: int = 1000  # top (point, class) pairs per level above score_thr; <= 0: all of them
+    score_thr: float = 0.05  # candidates need a score strictly above this
+    min_bbox_size: float = 0.0  # drop boxes not wider and higher than this (original px); < 0: keep all
     nms_iou: float = 0.6
     max_per_img: int = 100
 

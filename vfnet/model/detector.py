@@ -12,6 +12,7 @@ from vfnet.losses import flatten_levels, vfnet_loss
 from vfnet.model.backbone import ResNet
 from vfnet.model.fpn import FPN
 from vfnet.model.head import HeadOutputs, VFNetHead
+from vfnet.postprocess import large_enough, top_pairs
 
 
 def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
@@ -123,32 +124,32 @@ class VFNet(nn.Module):
     def detections(
         self, outputs: HeadOutputs, image_sizes: torch.Tensor, scales: torch.Tensor
     ) -> list[dict[str, torch.Tensor]]:
-        """Post-process head outputs into per-image detections (see `predict`)."""
+        """Post-process head outputs into per-image detections (see `predict`; the rules are in
+        `vfnet.postprocess`)."""
         infer = self.cfg.infer
         device = outputs.cls_scores[0].device
         image_sizes = image_sizes.to(device)
         scales = scales.to(device=device, dtype=torch.float32)
-        cand_boxes, cand_scores = [], []
+        boxes, scores, labels, valid = [], [], [], []
         for scores_map, refine_map, points in zip(outputs.cls_scores, outputs.bbox_refine, self.points(outputs)):
-            scores = flatten_levels([scores_map]).float().sigmoid()  # [B, P_l, C]
+            level_scores, point, label, passing = top_pairs(
+                flatten_levels([scores_map]).float().sigmoid(), infer.score_thr, infer.nms_pre
+            )
             distances = flatten_levels([refine_map]).float()  # [B, P_l, 4]
-            if 0 < infer.nms_pre < scores.shape[1]:
-                top = scores.max(dim=2).values.topk(infer.nms_pre, dim=1).indices  # [B, k]
-                scores = scores.gather(1, top.unsqueeze(-1).expand(-1, -1, scores.shape[2]))
-                distances = distances.gather(1, top.unsqueeze(-1).expand(-1, -1, 4))
-                level_pts = points[top]  # [B, k, 2]
-            else:
-                level_pts = points.expand(scores.shape[0], -1, -1)
-            cand_boxes.append(distance_to_box(level_pts, distances, image_sizes[:, None, :]))
-            cand_scores.append(scores)
-        boxes_all = torch.cat(cand_boxes, dim=1) / scales.repeat(1, 2)[:, None, :]
-        scores_all = torch.cat(cand_scores, dim=1)
-        return [self._nms(b, s) for b, s in zip(boxes_all, scores_all)]
+            distances = distances.gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
+            boxes.append(distance_to_box(points[point], distances, image_sizes[:, None, :]))
+            scores.append(level_scores)
+            labels.append(label)
+            valid.append(passing)
+        boxes_all = torch.cat(boxes, dim=1) / scales.repeat(1, 2)[:, None, :]
+        keep_all = torch.cat(valid, dim=1) & large_enough(boxes_all, infer.min_bbox_size)
+        return [
+            self._nms(b[k], s[k], lab[k])
+            for b, s, lab, k in zip(boxes_all, torch.cat(scores, dim=1), torch.cat(labels, dim=1), keep_all)
+        ]
 
-    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor) -> dict[str, torch.Tensor]:
-        """boxes [K, 4], scores [K, C] of one image -> thresholded, class-wise NMS'd detections."""
-        infer = self.cfg.infer
-        point, label = torch.nonzero(scores > infer.score_thr, as_tuple=True)
-        kept_boxes, kept_scores = boxes[point], scores[point, label]
-        keep = batched_nms(kept_boxes, kept_scores, label, infer.nms_iou)[: infer.max_per_img]
-        return {"boxes": kept_boxes[keep], "scores": kept_scores[keep], "labels": label[keep]}
+    def _nms(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Candidates of one image (boxes [K, 4], scores [K], labels [K]) -> class-wise NMS'd
+        detections, at most `infer.max_per_img`, by decreasing score."""
+        keep = batched_nms(boxes, scores, labels, self.cfg.infer.nms_iou)[: self.cfg.infer.max_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
