@@ -58,7 +58,7 @@ def brute_force(outputs, image_sizes, scales, infer):
             pairs.sort(key=lambda t: -t[0])  # stable: equal scores stay in row-major pair order
             if infer.nms_pre > 0:
                 pairs = pairs[: infer.nms_pre]
-            for score, p, c in pairs:
+            for _, p, c in pairs:
                 x, y = float(p % width * stride), float(p // width * stride)
                 l, t, r, b = d[p].tolist()
                 x1, y1 = min(max(x - l, 0.0), w), min(max(y - t, 0.0), h)
