@@ -381,8 +381,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m orchestration.train",
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str = "python -m orchestration.train") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Train VFNet on a Ray cluster (Ray Train).")
     add_common_arguments(parser)
     parser.add_argument("--num-workers", type=int, required=True, help="training workers (DDP ranks)")
@@ -391,10 +392,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.train") -> int:
     """Entry point; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
         check_flags(cfg, args.num_workers, args.use_gpu, args.cpus_per_worker, args.placement_strategy)

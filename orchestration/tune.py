@@ -300,8 +300,9 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: P
     plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m orchestration.tune",
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str = "python -m orchestration.tune") -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Sweep VFNet loss hyper-parameters on Ray Tune.")
     add_common_arguments(parser)
     parser.add_argument("--num-samples", type=int, required=True, help="trials")
@@ -315,10 +316,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.tune") -> int:
     """Entry point; returns the exit status (0 ok, 1 sweep failed, 2 bad input)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         cfg = load_config(args.config, args.overrides)
         check_sweep_flags(cfg, args.num_samples, args.max_concurrent, args.num_workers,

@@ -1,6 +1,8 @@
 """The `vfnet` command: train, eval, predict and the data tools.
 
     vfnet train   [--config FILE] [--workdir DIR] [--set key=value ...] [--no-resume]
+    vfnet train --ray ...   (Ray Train: the flags of `python -m orchestration.train`)
+    vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
     vfnet predict --checkpoint FILE --out DIR [--score-thr S] IMAGE...
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
@@ -8,6 +10,10 @@
     vfnet data convert --yolo LABELS_DIR --images DIR --names FILE --out FILE.json
     vfnet data convert --yolo-yaml DATA.yaml --split train|val|test --out FILE.json
     vfnet data pack    --ann FILE --images DIR --out DIR [--rows-per-shard N]
+
+The Ray commands hand their arguments to `orchestration.train.main` / `orchestration.tune.main`
+unchanged and return their exit status (0 done, 1 failed or cluster unreachable, 2 bad input);
+Ray is imported only when they run.
 
 Bad input (a missing or corrupt file, an unknown config key, a wrong value type, a missing or
 truncated checkpoint, a non-finite loss) prints one line naming the file, key or value on stderr
@@ -202,7 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", **sets)
     p.add_argument("--no-resume", action="store_true",
                    help="start over even if WORKDIR/checkpoints/last.pt exists")
+    p.add_argument("--ray", action="store_true",
+                   help="train on Ray Train instead, with the flags of python -m orchestration.train "
+                        "(vfnet train --ray --help lists them)")
     p.set_defaults(func=cmd_train)
+
+    # Listed for --help only: main() hands `tune` to orchestration.tune before parsing.
+    sub.add_parser("tune", help="hyper-parameter sweep on Ray Tune (vfnet tune --help)", add_help=False)
 
     p = sub.add_parser("eval", help="COCO bbox evaluation of a checkpoint")
     p.add_argument("--checkpoint", required=True)
@@ -247,8 +259,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def ray_command(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """("train", args) for `[-v] train ... --ray ...` and ("tune", args) for `[-v] tune ...`, the
+    args being what follows the command minus `--ray`; None for every other command."""
+    argv = list(argv)
+    start = 1 if argv[:1] in (["-v"], ["--verbose"]) else 0
+    command, rest = argv[start:start + 1], argv[start + 1:]
+    if command == ["tune"]:
+        return "tune", rest
+    if command == ["train"] and "--ray" in rest:
+        return "train", [a for a in rest if a != "--ray"]
+    return None
+
+
+def run_ray_command(command: str, argv: list[str]) -> int:
+    """Run `python -m orchestration.<command>` with `argv` in this process; its exit status."""
+    import importlib
+
+    module = importlib.import_module(f"orchestration.{command}")
+    prog = {"train": "vfnet train --ray", "tune": "vfnet tune"}[command]
+    try:
+        return module.main(argv, prog=prog)
+    except SystemExit as exc:  # argparse: usage error (2) or --help (0)
+        return int(exc.code or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `vfnet` command; returns the exit status (2 for bad input)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    delegated = ray_command(argv)
+    if delegated is not None:
+        return run_ray_command(*delegated)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
