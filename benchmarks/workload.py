@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -24,7 +25,7 @@ import torch
 from torch.profiler import record_function
 
 from benchmarks import harness
-from kernels import reference
+from kernels import Ops, reference
 from kernels.dispatch import interpreter_enabled
 from vfnet.config import Config
 from vfnet.model import VFNet
@@ -91,13 +92,14 @@ def build_models(cfg: Config, providers: list[str], device: torch.device, *,
     for provider in providers:
         provider_cfg = copy.deepcopy(cfg)
         provider_cfg.model.kernels = provider
-        model = VFNet(provider_cfg)
+        ops = Ops.from_name(provider)
+        if provider == "torch" and (star_pair := torchvision_star_pair()) is not None:
+            ops = dataclasses.replace(ops, star_pair=star_pair)
+        model = VFNet(provider_cfg, ops=ops)
         if state is None:
             state = model.state_dict()
         else:
             model.load_state_dict(state)
-        if provider == "torch":
-            model.head.star_op = torchvision_star_pair()
         models[provider] = model.to(device)
     return models
 

@@ -1,6 +1,7 @@
 """Public ops: Triton kernels with autograd, dispatching to `kernels.reference` where Triton
-does not run (see `kernels.dispatch`)."""
+does not run (see `kernels.dispatch`), and `Ops`, the set a model runs (see `kernels.ops`)."""
+from kernels.ops import Ops
 from kernels.star_conv import star_deform_conv2d, star_deform_conv2d_pair
 from kernels.varifocal import varifocal_loss, varifocal_loss_dense
 
-__all__ = ["star_deform_conv2d", "star_deform_conv2d_pair", "varifocal_loss", "varifocal_loss_dense"]
+__all__ = ["Ops", "star_deform_conv2d", "star_deform_conv2d_pair", "varifocal_loss", "varifocal_loss_dense"]

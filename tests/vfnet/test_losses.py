@@ -1,10 +1,13 @@
 import pytest
 import torch
 
+from kernels import Ops
 from kernels.reference import varifocal_loss_dense_reference
 from vfnet.assign import Targets
 from vfnet.config import LossConfig
-from vfnet.losses import flatten_levels, reduce_mean, vfnet_loss
+from vfnet.losses import VFNetLoss, flatten_levels, reduce_mean
+
+TORCH, TRITON = Ops.from_name("torch"), Ops.from_name("triton")
 
 C = 3
 
@@ -65,7 +68,7 @@ def expected_losses(logits, init, refine, pts, targets, cfg):
 def test_matches_reference_recipe(seeded, positives):
     cfg = LossConfig()
     case = make_case(seeded, positives=positives)
-    losses = vfnet_loss(*case, cfg, use_kernels=False)
+    losses = VFNetLoss(cfg, TORCH.varifocal_loss)(*case)
     expected = expected_losses(*case, cfg)
     for name, value in expected.items():
         assert losses[name].item() == pytest.approx(value, rel=1e-4), name
@@ -74,13 +77,13 @@ def test_matches_reference_recipe(seeded, positives):
 
 def test_weights_and_alpha_gamma_pass_through(seeded):
     case = make_case(seeded, positives=(6, 3))
-    base = vfnet_loss(*case, LossConfig(), use_kernels=False)
+    base = VFNetLoss(LossConfig(), TORCH.varifocal_loss)(*case)
     cfg = LossConfig(init_weight=3.0, refine_weight=1.0, cls_weight=0.5)
-    scaled = vfnet_loss(*case, cfg, use_kernels=False)
+    scaled = VFNetLoss(cfg, TORCH.varifocal_loss)(*case)
     assert scaled["loss_bbox_init"].item() == pytest.approx(2 * base["loss_bbox_init"].item(), rel=1e-6)
     assert scaled["loss_bbox_refine"].item() == pytest.approx(base["loss_bbox_refine"].item() / 2, rel=1e-6)
     assert scaled["loss_cls"].item() == pytest.approx(base["loss_cls"].item() / 2, rel=1e-6)
-    other = vfnet_loss(*case, LossConfig(alpha=0.25, gamma=1.0), use_kernels=False)
+    other = VFNetLoss(LossConfig(alpha=0.25, gamma=1.0), TORCH.varifocal_loss)(*case)
     assert other["loss_cls"].item() != pytest.approx(base["loss_cls"].item(), rel=1e-3)
 
 
@@ -89,7 +92,7 @@ def test_no_positives_gives_zero_box_losses_with_gradients(seeded):
     with torch.no_grad():  # extreme predictions at background points must not poison anything
         init[0, 0] = float("inf")
         refine[1, 3] = 1e30
-    losses = vfnet_loss(logits, init, refine, pts, targets, LossConfig(), use_kernels=False)
+    losses = VFNetLoss(LossConfig(), TORCH.varifocal_loss)(logits, init, refine, pts, targets)
     assert losses["num_pos"].item() == 0
     assert losses["loss_bbox_init"].item() == 0 and losses["loss_bbox_refine"].item() == 0
     assert losses["loss_cls"].item() > 0
@@ -102,7 +105,7 @@ def test_no_positives_gives_zero_box_losses_with_gradients(seeded):
 
 def test_gradients_flow_at_positives(seeded):
     logits, init, refine, pts, targets = make_case(seeded, positives=(4, 2))
-    losses = vfnet_loss(logits, init, refine, pts, targets, LossConfig(), use_kernels=False)
+    losses = VFNetLoss(LossConfig(), TORCH.varifocal_loss)(logits, init, refine, pts, targets)
     sum(v for k, v in losses.items() if k != "num_pos").backward()
     moved = init.grad.abs().sum(-1) > 0
     assert torch.equal(moved, targets.positive)
@@ -111,8 +114,8 @@ def test_gradients_flow_at_positives(seeded):
 
 def test_kernel_vfl_path_matches_reference(seeded):
     case = make_case(seeded, positives=(7, 2))
-    ref = vfnet_loss(*case, LossConfig(), use_kernels=False)
-    ker = vfnet_loss(*case, LossConfig(), use_kernels=True)  # Triton interpreter on CPU
+    ref = VFNetLoss(LossConfig(), TORCH.varifocal_loss)(*case)
+    ker = VFNetLoss(LossConfig(), TRITON.varifocal_loss)(*case)  # Triton interpreter on CPU
     for name in ("loss_cls", "loss_bbox_init", "loss_bbox_refine"):
         assert ker[name].item() == pytest.approx(ref[name].item(), rel=1e-5)
 
@@ -120,7 +123,7 @@ def test_kernel_vfl_path_matches_reference(seeded):
 def test_bad_shapes_and_helpers(seeded):
     logits, init, refine, pts, targets = make_case(seeded)
     with pytest.raises(ValueError, match="bbox_refine"):
-        vfnet_loss(logits, init, refine[:, :-1], pts, targets, LossConfig(), use_kernels=False)
+        VFNetLoss(LossConfig(), TORCH.varifocal_loss)(logits, init, refine[:, :-1], pts, targets)
     value = torch.tensor(3.0)
     assert reduce_mean(value) is value  # no process group: a no-op
     maps = [torch.arange(2 * 3 * 2 * 2.0).reshape(2, 3, 2, 2), torch.zeros(2, 3, 1, 1)]

@@ -5,10 +5,11 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from kernels.ops import Ops
 from vfnet.assign import atss_assign, pad_gts
 from vfnet.boxes import batched_nms, distance_to_box
 from vfnet.config import Config
-from vfnet.losses import flatten_levels, vfnet_loss
+from vfnet.losses import VFNetLoss, flatten_levels
 from vfnet.model.backbone import ResNet
 from vfnet.model.fpn import FPN
 from vfnet.model.head import HeadOutputs, VFNetHead
@@ -27,17 +28,18 @@ def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> t
 class VFNet(nn.Module):
     """The VarifocalNet detector configured by `cfg.model`, `cfg.assign`, `cfg.loss`, `cfg.infer`.
 
-    `kernels` ("triton" | "torch") picks the `kernels` ops or their PyTorch references for the star
-    conv and the varifocal loss. With `cfg.model.pretrained` set, the backbone loads that
-    torchvision-format state dict.
+    `ops` are the star-conv pair and the varifocal loss the head and the loss run; by default
+    `Ops.from_name(cfg.model.kernels)` ("triton": the `kernels` ops, "torch": their PyTorch
+    references; see `kernels.ops`). `kernels` is the name of that set. With
+    `cfg.model.pretrained` set, the backbone loads that torchvision-format state dict.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, ops: Ops | None = None):
         super().__init__()
         m = cfg.model
+        ops = ops or Ops.from_name(m.kernels)
         self.cfg = cfg
-        self.kernels = m.kernels
-        use_kernels = m.kernels == "triton"
+        self.kernels = ops.name
         self.backbone = ResNet(m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
         if m.pretrained:
             self.backbone.load_torchvision_state_dict(m.pretrained)
@@ -45,14 +47,15 @@ class VFNet(nn.Module):
         self.head = VFNetHead(
             m.num_classes,
             m.fpn_channels,
+            ops.star_pair,
             channels=m.head_channels,
             stacked_convs=m.stacked_convs,
             gn_groups=m.gn_groups,
             strides=m.strides,
             reg_denoms=m.reg_denoms,
             gradient_mul=m.gradient_mul,
-            use_kernels=use_kernels,
         )
+        self.loss_fn = VFNetLoss(cfg.loss, ops.varifocal_loss)
 
     def forward(self, images: torch.Tensor) -> HeadOutputs:
         """images [B, 3, H, W] normalised -> per-level head outputs."""
@@ -94,14 +97,12 @@ class VFNet(nn.Module):
                 topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
             )
         with record_function("vfnet.loss"):
-            return vfnet_loss(
+            return self.loss_fn(
                 flatten_levels(outputs.cls_scores),
                 flatten_levels(outputs.bbox_init),
                 flatten_levels(outputs.bbox_refine),
                 torch.cat(points),
                 targets,
-                self.cfg.loss,
-                use_kernels=self.kernels == "triton",
             )
 
     @torch.no_grad()

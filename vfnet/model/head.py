@@ -11,15 +11,13 @@ logits. Boxes are computed in float32 even under autocast (exp of low-precision 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
-import kernels
-from kernels import reference
+from kernels.ops import StarPairOp
 
 PRIOR_PROB = 0.01  # initial foreground probability of the class logits
 
@@ -59,15 +57,15 @@ def _conv_gn_relu(in_channels: int, out_channels: int, groups: int) -> nn.Sequen
 class VFNetHead(nn.Module):
     """forward(features: P3..P7 [B, in_channels, H_l, W_l]) -> HeadOutputs.
 
-    use_kernels picks `kernels.star_deform_conv2d_pair` (else its PyTorch reference); setting
-    `star_op` to a function with that signature replaces both (benchmarks plug
-    torchvision's deform_conv2d in there).
+    `star_pair` computes both star convolutions of a level (`kernels.ops.StarPairOp`, e.g.
+    `Ops.from_name(cfg.model.kernels).star_pair`).
     """
 
     def __init__(
         self,
         num_classes: int,
         in_channels: int,
+        star_pair: StarPairOp,
         *,
         channels: int = 256,
         stacked_convs: int = 3,
@@ -75,7 +73,6 @@ class VFNetHead(nn.Module):
         strides: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128),
         reg_denoms: list[float] | tuple[float, ...] = (64.0, 128.0, 256.0, 512.0, 1024.0),
         gradient_mul: float = 0.1,
-        use_kernels: bool = True,
     ):
         super().__init__()
         if stacked_convs < 1:
@@ -86,8 +83,7 @@ class VFNetHead(nn.Module):
         self.strides = list(strides)
         self.reg_denoms = [float(d) for d in reg_denoms]
         self.gradient_mul = gradient_mul
-        self.use_kernels = use_kernels
-        self.star_op: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.star_pair = star_pair
         self.cls_convs = nn.Sequential(
             *[_conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups) for i in range(stacked_convs)]
         )
@@ -119,16 +115,13 @@ class VFNetHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> HeadOutputs:
         if len(features) != len(self.strides):
             raise ValueError(f"expected {len(self.strides)} feature levels, got {len(features)}")
-        star_pair = self.star_op or (
-            kernels.star_deform_conv2d_pair if self.use_kernels else reference.star_deform_conv2d_pair_reference
-        )
         cls_scores, bbox_init, bbox_refine = [], [], []
         for level, x in enumerate(features):
             cls_feat = self.cls_convs(x)
             reg_feat = self.reg_convs(x)
             init = self.scales[level](self.reg_init(self.reg_init_conv(reg_feat))).exp() * self.reg_denoms[level]
             with record_function("vfnet.star_conv"):
-                cls_star, reg_star = star_pair(
+                cls_star, reg_star = self.star_pair(
                     cls_feat, reg_feat, init, self.star_cls_weight, self.star_reg_weight,
                     self.strides[level], gradient_mul=self.gradient_mul,
                 )

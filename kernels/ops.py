@@ -1,0 +1,64 @@
+"""The ops a VFNet runs in its hot paths, chosen once: `Ops.from_name(cfg.model.kernels)`.
+
+`Ops` is handed to the detector, which gives `star_pair` to the head and `varifocal_loss` to the
+loss as constructor arguments; nothing swaps them afterwards. Two sets ship:
+
+- "triton": `kernels.star_deform_conv2d_pair` and `kernels.varifocal_loss`. Each call still
+  follows the per-call device rule of `kernels.dispatch` (CUDA -> Triton; CPU -> the PyTorch
+  reference unless `TRITON_INTERPRET=1`; `VFNET_KERNELS=torch` forces the reference).
+- "torch": the PyTorch references `kernels.reference.star_deform_conv2d_pair_reference` and
+  `kernels.reference.varifocal_loss_reference`, on every device.
+
+Any other pair of functions with the same signatures plugs in the same way, e.g. a benchmark's
+`torchvision.ops.deform_conv2d` star pair: `dataclasses.replace(Ops.from_name("torch"), star_pair=f)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from kernels import reference
+from kernels.star_conv import star_deform_conv2d_pair
+from kernels.varifocal import varifocal_loss
+
+NAMES = ("triton", "torch")
+
+
+class StarPairOp(Protocol):
+    """(x_cls, x_reg [B, Cin, H, W], bbox_pred [B, 4, H, W] (l, t, r, b) pixels, w_cls, w_reg
+    [Cout, Cin, 3, 3], stride, *, gradient_mul) -> (out_cls, out_reg) [B, Cout, H, W]; the
+    contract of `kernels.star_deform_conv2d_pair`."""
+
+    def __call__(self, x_cls: torch.Tensor, x_reg: torch.Tensor, bbox_pred: torch.Tensor,
+                 w_cls: torch.Tensor, w_reg: torch.Tensor, stride: float, *,
+                 gradient_mul: float = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class VarifocalLossOp(Protocol):
+    """(logits [N, C], labels [N], scores [N], *, alpha, gamma, iou_weighted, reduction) -> loss;
+    the contract of `kernels.varifocal_loss`."""
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, *,
+                 alpha: float = ..., gamma: float = ..., iou_weighted: bool = ...,
+                 reduction: str = ...) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The star-conv pair and the varifocal loss of one model; `name` labels the set (what
+    `VFNet.kernels` reports)."""
+
+    name: str
+    star_pair: StarPairOp
+    varifocal_loss: VarifocalLossOp
+
+    @classmethod
+    def from_name(cls, name: str) -> Ops:
+        """The shipped set called `name` ("triton" or "torch"; see the module docstring)."""
+        if name == "triton":
+            return cls(name, star_deform_conv2d_pair, varifocal_loss)
+        if name == "torch":
+            return cls(name, reference.star_deform_conv2d_pair_reference, reference.varifocal_loss_reference)
+        raise ValueError(f"kernels must be one of {NAMES}, got {name!r}")
