@@ -8,9 +8,11 @@ and the first batch), then the first N batches are skipped (the workers' first b
 together, which would inflate the rate) and the rate over the following batches is the
 `img_per_s` row (mode `load`). Quantiles are over the repetitions.
 
-Data: the BCCD images (/work/shared/data/bccd: 640x480 JPEGs, like COCO's) by default, any COCO
-json + image folder with `--ann`/`--images`, or `--synth N` (the synthetic shapes set, 640 px
-PNGs, written to a temporary folder; 512 of them when BCCD is absent and nothing is given).
+Data: the BCCD training images of `configs/bccd_r18.toml` (640x480 JPEGs, like COCO's; its
+paths are relative to the current directory, `../shared/data/bccd` from the repository root) by
+default, any COCO json + image folder with `--ann`/`--images`, or `--synth N` (the synthetic
+shapes set, 640 px PNGs, written to a temporary folder; 512 of them when BCCD is absent and
+nothing is given).
 When <out-dir>/train_throughput.csv holds training-step rows of this device, each rate is compared
 with the fastest step's consumption (images/s): the pipeline must deliver more than that per GPU.
 
@@ -30,17 +32,21 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from vfnet.config import Config
+from vfnet.config import CONFIG_DIR, Config, load_config
 from vfnet.data import build_train_loader
 from vfnet.data.synth import synthesize
 
 log = logging.getLogger("benchmarks.dataloader")
 
 SCRIPT = "dataloader"
-BCCD = Path("/work/shared/data/bccd")
-BCCD_ANN = BCCD / "annotations" / "trainval.json"
-BCCD_IMAGES = BCCD / "images"
+BCCD_CONFIG = CONFIG_DIR / "bccd_r18.toml"  # its [data] train_ann / train_images are the default
 DEFAULT_SYNTH = 512  # synthetic images when BCCD is absent
+
+
+def bccd_train_data() -> tuple[Path, Path]:
+    """(annotation file, image folder) of the BCCD config's training split."""
+    data = load_config(BCCD_CONFIG).data
+    return Path(data.train_ann), Path(data.train_images)
 
 
 def loader_config(ann: Path, images: Path, img_scale: list[int], batch_size: int, workers: int) -> Config:
@@ -111,7 +117,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--img-scale", type=int, nargs=2, metavar=("LONG", "SHORT"),
                         help="resize to fit (default 1333 800, small 320 240)")
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--ann", type=Path, help="COCO json (default: BCCD trainval if present)")
+    data.add_argument("--ann", type=Path,
+                      help="COCO json (default: configs/bccd_r18.toml's training data if present)")
     data.add_argument("--synth", type=int, metavar="IMAGES",
                       help="use this many synthetic 640 px images instead")
     parser.add_argument("--images", type=Path, help="image folder of --ann")
@@ -131,14 +138,16 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
 
     with tempfile.TemporaryDirectory(prefix="vfnet-dataloader-") as tmp:
         synth = args.synth
-        if synth is None and args.ann is None and not BCCD_ANN.is_file():
+        bccd_ann, bccd_images = bccd_train_data()
+        if synth is None and args.ann is None and not bccd_ann.is_file():
             synth = DEFAULT_SYNTH
-            log.info("no BCCD data at %s: using %d synthetic images", BCCD, synth)
+            log.info("no BCCD data at %s (%s): using %d synthetic images", bccd_ann.resolve(),
+                     BCCD_CONFIG.name, synth)
         if synth is not None:
             synthesize(tmp, images=synth, size=640, seed=0)
             ann, images = Path(tmp) / "annotations" / "train.json", Path(tmp) / "images" / "train"
         else:
-            ann, images = args.ann or BCCD_ANN, args.images or BCCD_IMAGES
+            ann, images = args.ann or bccd_ann, args.images or bccd_images
         if not ann.is_file() or not images.is_dir():
             parser.error(f"no data at {ann} / {images}: pass --ann/--images or --synth N")
         log.info("data: %s (%s), %dx%d, batch %d", ann, images, *img_scale, args.batch_size)

@@ -154,12 +154,35 @@ def _annotation(event) -> bool:
     return event.name.startswith("vfnet.") or getattr(event, "is_user_annotation", False)
 
 
-def summarise(events: list, on_device: bool) -> Profile:
+def device_launches(prof) -> dict[int, tuple[int, float]]:
+    """For each device event of a finished `torch.profiler.profile`, by its id (`FunctionEvent.id`,
+    the CUDA correlation id): (thread, start in us) of the CPU operator that launched it.
+
+    Read from the profiler's raw Kineto events, whose `linked_correlation_id()` every torch 2.x
+    has (`FunctionEvent.linked_correlation_id` is recent: torch 2.11 lacks it). Operators are the
+    CPU events not linked to another (runtime calls such as cudaLaunchKernel are linked).
+    """
+    results = prof.profiler.kineto_results
+    origin = results.trace_start_ns()
+    raw = list(results.events())
+    ops = {e.correlation_id(): e for e in raw
+           if e.device_type() == DeviceType.CPU and e.linked_correlation_id() == 0}
+    launches = {}
+    for e in raw:
+        op = ops.get(e.linked_correlation_id()) if e.device_type() == DeviceType.CUDA else None
+        if op is not None:
+            launches[e.correlation_id()] = (op.start_thread_id(), (op.start_ns() - origin) / 1e3)
+    return launches
+
+
+def summarise(events: list, launches: dict[int, tuple[int, float]] | None = None) -> Profile:
     """Group profiler events (`prof.events()`) of the `vfnet.step` ranges into a Profile.
 
-    Work items: device events (on_device) charged through their launching CPU op, else the
-    top-level CPU operators (parent None or a `record_function` range).
+    launches (`device_launches`, with a device): work items are the device events, each charged
+    to the part and phase of its launching CPU operator. Without: the top-level CPU operators
+    (parent None or a `record_function` range).
     """
+    on_device = launches is not None
     cpu = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
     steps = [e for e in cpu if e.name == STEP]
     if not steps:
@@ -167,13 +190,12 @@ def summarise(events: list, on_device: bool) -> Profile:
     ranges = _Ranges(cpu)
     work: list[tuple[float, float, str, str]] = []  # (start, end, part, phase), microseconds
     if on_device:
-        launchers = {e.id: e for e in cpu if getattr(e, "linked_correlation_id", 0) == 0}
         for e in events:
             # (record_function ranges also appear as device-side "gpu_user_annotation" spans)
             if e.device_type != DeviceType.CUDA or _annotation(e):
                 continue
-            op = launchers.get(getattr(e, "linked_correlation_id", -1))
-            part, phase = ranges.classify(op.thread, op.time_range.start) if op else (OTHER, "fwd")
+            site = launches.get(e.id)
+            part, phase = ranges.classify(*site) if site else (OTHER, "fwd")
             work.append((e.time_range.start, e.time_range.end, part, phase))
     else:
         for e in cpu:
@@ -249,7 +271,7 @@ def run_profile(step: Callable[[], None], device: torch.device, *, warmup: int, 
         prof.export_chrome_trace(str(trace))
     sort = "self_cuda_time_total" if on_device else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
-    return summarise(list(prof.events()), on_device), table
+    return summarise(list(prof.events()), device_launches(prof) if on_device else None), table
 
 
 def device_slug(device: torch.device) -> str:

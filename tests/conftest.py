@@ -1,25 +1,36 @@
 """Test-suite set-up.
 
-`TRITON_INTERPRET=1` is read when `@triton.jit` decorates a kernel, so it is set here, before any
-kernel module is imported: the Triton kernels themselves then run on CPU tensors (DESIGN.md §6).
+Triton reads `TRITON_INTERPRET` when `@triton.jit` decorates a kernel, so it is decided here,
+before any kernel module is imported (DESIGN.md §6), unless the caller set it:
+- without CUDA: `1`, the Triton kernels themselves run on CPU tensors through the interpreter
+  (CI); tests marked `interpret` check them that way.
+- with CUDA: `0`, the `gpu` tests run the compiled kernels. The `interpret` tests are skipped
+  then (on CPU tensors they would only meet the references); run them with `TRITON_INTERPRET=1`.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+from kernels.dispatch import interpreter_enabled  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_interpret = pytest.mark.skip(reason="runs the Triton kernels through the interpreter: "
+                                      "TRITON_INTERPRET=1 (the default without CUDA)")
     for item in items:
         if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+            if not torch.cuda.is_available():
+                item.add_marker(skip_gpu)
+        elif "interpret" in item.keywords and not interpreter_enabled():
+            item.add_marker(skip_interpret)
 
 
 @pytest.fixture

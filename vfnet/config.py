@@ -22,7 +22,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-import tomli_w
+from vfnet.optional import require
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"
@@ -172,6 +172,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
+        tomli_w = require("tomli_w", "writing a config as TOML")
         return tomli_w.dumps(self.to_dict())
 
     def get(self, key: str) -> Any:

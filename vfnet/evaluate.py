@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
+
+from vfnet.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +62,14 @@ def to_coco_results(
     return results
 
 
-def coco_eval(coco_gt: COCO, results: list[dict[str, Any]],
+def coco_eval(coco_gt: Any, results: list[dict[str, Any]],
               image_ids: Sequence[int] | None = None) -> dict[str, float]:
     """Run COCOeval (bbox) of `results` against `coco_gt` over `image_ids` (default: all images).
 
-    Returns the 12 stats by name (see the module docstring); all 0 when there are no results.
+    coco_gt: a pycocotools `COCO` index. Returns the 12 stats by name (see the module
+    docstring); all 0 when there are no results.
     """
+    cocoeval = require("pycocotools.cocoeval", "COCO evaluation")
     if image_ids is None:
         image_ids = coco_gt.getImgIds()
     if not results:
@@ -75,7 +77,7 @@ def coco_eval(coco_gt: COCO, results: list[dict[str, Any]],
         return {name: 0.0 for name in STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()) as out:  # pycocotools prints progress
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = cocoeval.COCOeval(coco_gt, coco_dt, iouType="bbox")
         evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         evaluator.evaluate()
         evaluator.accumulate()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,13 +173,23 @@ def test_dataloader_rows_and_training_comparison(tmp_path, caplog, results_untou
 
 def test_dataloader_without_bccd_uses_synthetic_images_and_rejects_a_short_epoch(
         tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(dataloader, "BCCD_ANN", tmp_path / "missing.json")
+    config = tmp_path / "bccd_elsewhere.toml"  # the default data comes from this config
+    config.write_text(f'[data]\ntrain_ann = "{tmp_path / "missing.json"}"\n'
+                      f'train_images = "{tmp_path}"\n')
+    monkeypatch.setattr(dataloader, "BCCD_CONFIG", config)
     monkeypatch.setattr(dataloader, "DEFAULT_SYNTH", 4)
     with caplog.at_level(logging.INFO, logger="benchmarks.dataloader"), \
             pytest.raises(ValueError, match="an epoch has 2 batches; need 6"):
         dataloader.main(["--small", "--workers", "0", "--batches", "5", "--reps", "1",
                          "--img-scale", "96", "64", "--out-dir", str(tmp_path)])
+    assert f"no BCCD data at {tmp_path / 'missing.json'} (bccd_elsewhere.toml)" in caplog.text
     assert "using 4 synthetic images" in caplog.text
+
+
+def test_dataloader_default_data_is_the_bccd_configs_relative_to_the_checkout():
+    ann, images = dataloader.bccd_train_data()
+    assert ann == Path("../shared/data/bccd/annotations/trainval.json")
+    assert images == Path("../shared/data/bccd/images")
 
 
 def test_profile_step_groups_the_step(tmp_path, results_untouched):
@@ -229,15 +240,18 @@ def test_summarise_charges_kernels_through_their_launching_ops():
                seq=7, fwd_thread=1),
         _event("aten::convolution_backward", 47, 49, eid=13, thread=2),
         # device side: kernels (start, end) linked to the launching op ids
-        _event("conv_kernel", 10, 20, device=cuda, link=3),
-        _event("star_kernel", 25, 35, device=cuda, link=6),
-        _event("head_kernel", 35, 40, device=cuda, link=7),
-        _event("star_bwd_kernel", 50, 60, device=cuda, link=11),
-        _event("conv_bwd_kernel", 60, 75, device=cuda, link=13),
-        _event("sgd_kernel", 80, 90, device=cuda, link=9),
+        _event("conv_kernel", 10, 20, eid=101, device=cuda, link=3),
+        _event("star_kernel", 25, 35, eid=102, device=cuda, link=6),
+        _event("head_kernel", 35, 40, eid=103, device=cuda, link=7),
+        _event("star_bwd_kernel", 50, 60, eid=104, device=cuda, link=11),
+        _event("conv_bwd_kernel", 60, 75, eid=105, device=cuda, link=13),
+        _event("sgd_kernel", 80, 90, eid=106, device=cuda, link=9),
         _event("vfnet.backbone", 10, 20, device=cuda, annotation=True),  # gpu_user_annotation
     ]
-    prof = profile_step.summarise(events, on_device=True)
+    ops = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    launches = {e.id: (ops[e.linked_correlation_id].thread, ops[e.linked_correlation_id].time_range.start)
+                for e in events if e.device_type == cuda and e.linked_correlation_id}
+    prof = profile_step.summarise(events, launches)
     assert prof.step_ms == pytest.approx(0.1)
     assert prof.busy == pytest.approx({
         ("backbone", "fwd"): 0.010, ("star conv", "fwd"): 0.010, ("head convs", "fwd"): 0.005,
@@ -247,3 +261,28 @@ def test_summarise_charges_kernels_through_their_launching_ops():
     assert prof.largest_gap_ms == pytest.approx(0.010)
     text = profile_step.format_profile(prof)
     assert "host gaps (device idle)" in text and "40.0%" in text
+
+
+def _raw(corr, link, device, thread=1, start_ns=0):
+    """A raw Kineto event as `prof.profiler.kineto_results.events()` yields them."""
+    return SimpleNamespace(correlation_id=lambda: corr, linked_correlation_id=lambda: link,
+                           device_type=lambda: device, start_thread_id=lambda: thread,
+                           start_ns=lambda: start_ns)
+
+
+def test_device_launches_links_kernels_to_operators_not_runtime_calls():
+    """A kernel (CUDA correlation id 2) is charged to the operator it is linked to (5), not to the
+    operator whose own id happens to be 2 nor to the cudaLaunchKernel call; unlinked: absent."""
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    raw = [_raw(5, 0, cpu, thread=7, start_ns=4000), _raw(2, 0, cpu, thread=8, start_ns=2000),
+           _raw(2, 5, cpu, thread=7, start_ns=4500),  # cudaLaunchKernel, linked to op 5
+           _raw(2, 5, cuda, start_ns=9000), _raw(3, 99, cuda, start_ns=9500)]
+    prof = SimpleNamespace(profiler=SimpleNamespace(kineto_results=SimpleNamespace(
+        trace_start_ns=lambda: 1000, events=lambda: raw)))
+    assert profile_step.device_launches(prof) == {2: (7, 3.0)}
+
+
+def test_device_launches_reads_this_torchs_profiler():
+    with torch.profiler.profile() as prof:
+        torch.ones(4).add_(1)
+    assert profile_step.device_launches(prof) == {}  # no device events on the CPU

@@ -8,6 +8,9 @@ import torch
 
 from kernels import reference, star_deform_conv2d, star_deform_conv2d_pair
 
+# CPU tests run the kernels through Triton's interpreter (tests/conftest.py); `gpu` ones compiled
+pytestmark = pytest.mark.interpret
+
 
 def _bilinear_point(img: torch.Tensor, y: float, x: float) -> float:
     """torchvision's bilinear_interpolate, one point of one channel, in Python floats."""

@@ -14,6 +14,9 @@ from kernels.reference import (
     varifocal_loss_reference,
 )
 
+# CPU tests run the kernel through Triton's interpreter (tests/conftest.py); `gpu` ones compiled
+pytestmark = pytest.mark.interpret
+
 REDUCTIONS = ("none", "sum", "mean")
 
 # Tolerances against the float64 oracle evaluated on the *same* (already rounded) inputs, so the

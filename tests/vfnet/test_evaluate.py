@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from pycocotools.coco import COCO
 
-from vfnet.evaluate import (
+COCO = pytest.importorskip("pycocotools.coco", reason="COCO evaluation needs pycocotools").COCO
+
+from vfnet.evaluate import (  # noqa: E402
     AP_NAMES,
     STAT_NAMES,
     coco_eval,

@@ -170,6 +170,7 @@ def test_record_mode_lists_calls_with_their_site():
 # The training step
 
 
+@pytest.mark.interpret
 def test_forward_and_loss_do_not_sync(device_checks_off):
     """Model forward, ATSS assignment and the loss (Triton kernels through the interpreter, as
     on CUDA): no synchronising call at all."""
@@ -181,6 +182,7 @@ def test_forward_and_loss_do_not_sync(device_checks_off):
     assert torch.isfinite(total) and losses["num_pos"] > 0
 
 
+@pytest.mark.interpret
 def test_whole_step_syncs_only_where_known(device_checks_off):
     """Forward, loss, backward and the SGD step: every synchronising call comes from a file in
     KNOWN_SYNCS (none from the model, the assignment or the loss)."""

@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomli_w
-
 from vfnet.config import Config, config_from_dict
 from vfnet.data.synth import synthesize
 
@@ -44,6 +42,8 @@ def tiny_config(data: Path, **train: object) -> Config:
 
 
 def write_config(path: Path, data: Path, **train: object) -> Path:
+    import tomli_w
+
     path.write_text(tomli_w.dumps(tiny_dict(data, **train)))
     return path
 

@@ -9,6 +9,7 @@ to contiguous labels 0..C-1 in increasing id order (`cat_ids[label]` is the COCO
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -20,11 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from vfnet.data import DatasetError
 from vfnet.data.transforms import Transform
+from vfnet.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -284,10 +285,17 @@ class CocoDetection(Dataset):
                     f"{self.images_dir / missing[0]}: image file not found "
                     f"({len(missing)} of {len(self.records)} images of {self.ann_file} missing)"
                 )
-        self.coco = COCO()
-        self.coco.dataset = data
+        self._data = data
+
+    @functools.cached_property
+    def coco(self) -> Any:
+        """The pycocotools `COCO` index of the annotations (built on first use: only evaluation
+        needs it, and pycocotools)."""
+        coco = require("pycocotools.coco", "COCO evaluation").COCO()
+        coco.dataset = self._data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-            self.coco.createIndex()
+            coco.createIndex()
+        return coco
 
     def __len__(self) -> int:
         return len(self.records)
