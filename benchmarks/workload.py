@@ -169,7 +169,7 @@ def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Call
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(data.images)
-            losses = model.loss(outputs, data.boxes, data.labels)
+            losses = model.loss(outputs, data.boxes, data.labels, data.image_sizes)
         total = losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
         with record_function("vfnet.backward"):
             optimizer.zero_grad(set_to_none=True)

@@ -7,6 +7,12 @@ unbiased standard deviation of its candidates' anchor IoUs; a candidate is posit
 is >= the threshold and the point lies inside the gt by more than 0.01 px on every side. A point
 positive for several gts takes the one with the largest IoU.
 
+Only the points inside an image's own padded extent (`point_valid`, see `valid_points`) can be
+candidates for its gts, so an image's targets do not depend on the sizes of the other images in its
+batch (points outside are background). Where fewer than `topk` points of a level are valid, all of
+them are candidates. Equal distances go to the lower point index. The threshold statistics are
+computed in float64, so they do not depend on where the candidates sit in the batch.
+
 Everything runs on the points' device with fixed shapes: gts are padded per batch and masked, and
 the only Python loop is over the pyramid levels.
 """
@@ -61,6 +67,21 @@ def pad_gts(
     return boxes, labels, valid
 
 
+def valid_points(
+    points: torch.Tensor, image_sizes: torch.Tensor, size_divisor: int
+) -> torch.Tensor:
+    """Which points lie inside each image's own padded extent.
+
+    points [P, 2] (x, y) input pixels (the grid points j * stride, i * stride); image_sizes [B, 2]
+    int (h, w) of the resized, unpadded images. An image's padded extent is its size rounded up to
+    a multiple of `size_divisor`; point (x, y) is inside when x < padded w and y < padded h, i.e.
+    on a level of stride s the first ceil(padded / s) rows and columns: the feature map that image
+    alone would have. Returns [B, P] bool.
+    """
+    padded = (image_sizes + size_divisor - 1) // size_divisor * size_divisor
+    return (points[None, :, 0] < padded[:, None, 1]) & (points[None, :, 1] < padded[:, None, 0])
+
+
 def atss_assign(
     level_points: list[torch.Tensor],
     strides: list[int],
@@ -69,6 +90,7 @@ def atss_assign(
     gt_valid: torch.Tensor,
     num_classes: int,
     *,
+    point_valid: torch.Tensor | None = None,
     topk: int = 9,
     anchor_scale: float = 8.0,
 ) -> Targets:
@@ -76,7 +98,8 @@ def atss_assign(
 
     level_points: per level [P_l, 2] (x, y) in input pixels (P = sum P_l, concatenated in level
     order); strides: per level; gt_boxes [B, G, 4] xyxy pixels, gt_labels [B, G] int, gt_valid
-    [B, G] bool (padding False). Returns Targets over the B x P points.
+    [B, G] bool (padding False); point_valid: optional [B, P] bool, the points inside each image's
+    padded extent (None: all). Returns Targets over the B x P points.
     """
     if len(level_points) != len(strides):
         raise ValueError(f"{len(level_points)} levels of points but {len(strides)} strides")
@@ -90,24 +113,31 @@ def atss_assign(
     overlaps = iou_pairwise(anchors, gt_boxes)  # [B, P, G]
     offsets = points[None, :, None, :] - box_centers(gt_boxes)[:, None, :, :]  # [B, P, G, 2]
     distances = offsets.pow(2).sum(-1).sqrt()
+    if point_valid is None:
+        point_valid = torch.ones(distances.shape[:2], dtype=torch.bool, device=points.device)
+    elif point_valid.shape != distances.shape[:2]:
+        raise ValueError(f"point_valid must be {tuple(distances.shape[:2])}, got {tuple(point_valid.shape)}")
+    distances = distances.masked_fill(~point_valid.unsqueeze(-1), float("inf"))
 
     candidates = []
     start = 0
     for level in level_points:
         count = level.shape[0]
         k = min(topk, count)
-        nearest = distances[:, start:start + count].topk(k, dim=1, largest=False).indices
+        # a stable sort: equal distances go to the lower point index, whatever the padding
+        nearest = distances[:, start:start + count].sort(dim=1, stable=True).indices[:, :k]
         candidates.append(nearest + start)
         start += count
     candidates = torch.cat(candidates, dim=1)  # [B, K, G] point indices
+    real = point_valid.unsqueeze(-1).expand_as(distances).gather(1, candidates)  # [B, K, G]
 
     candidate_iou = overlaps.gather(1, candidates)
-    threshold = candidate_iou.mean(dim=1, keepdim=True) + candidate_iou.std(dim=1, keepdim=True)
+    threshold = _mean_plus_std(candidate_iou.double(), real)
     candidate_points = points[candidates]  # [B, K, G, 2]
     box = gt_boxes.unsqueeze(1)  # [B, 1, G, 4]
     margins = torch.cat([candidate_points - box[..., :2], box[..., 2:] - candidate_points], dim=-1)
     inside = margins.min(dim=-1).values > INSIDE_MARGIN
-    positive = (candidate_iou >= threshold) & inside & gt_valid.unsqueeze(1)
+    positive = (candidate_iou.double() >= threshold) & inside & real & gt_valid.unsqueeze(1)
 
     # IoU of (point, gt) where positive, -inf elsewhere; candidates of one gt are distinct points.
     # (masked_fill with a Python scalar: torch.tensor(-inf, device=...) would be a blocking copy.)
@@ -120,3 +150,15 @@ def atss_assign(
     boxes = gt_boxes.gather(1, best_gt.unsqueeze(-1).expand(-1, -1, 4))
     boxes = torch.where(is_pos.unsqueeze(-1), boxes, torch.zeros_like(boxes))
     return Targets(labels=labels, boxes=boxes, positive=is_pos)
+
+
+def _mean_plus_std(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean + unbiased standard deviation over dim 1 of the entries where mask is True.
+
+    values, mask [B, K, G] -> [B, 1, G]. NaN where fewer than two entries count (as torch.std).
+    """
+    weight = mask.to(values.dtype)
+    count = weight.sum(dim=1, keepdim=True)
+    mean = (values * weight).sum(dim=1, keepdim=True) / count
+    var = ((values - mean).pow(2) * weight).sum(dim=1, keepdim=True) / (count - 1)
+    return mean + var.sqrt()

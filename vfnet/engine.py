@@ -325,7 +325,7 @@ def _step(run: _Run, batch: Batch, it: int) -> dict[str, float]:
     amp = run.cfg.train.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = run.model(batch.images)
-        losses = run.core.loss(outputs, batch.boxes, batch.labels)
+        losses = run.core.loss(outputs, batch.boxes, batch.labels, batch.image_sizes)
     loss = sum(losses[k] for k in LOSS_NAMES)
     stats = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in LOSS_NAMES),
                          losses["num_pos"].detach().float().reshape(())])

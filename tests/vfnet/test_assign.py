@@ -120,3 +120,98 @@ def test_pad_gts_bad_input():
         pad_gts([torch.zeros(2, 4)], [torch.zeros(3, dtype=torch.long)], torch.device("cpu"))
     with pytest.raises(ValueError, match="gt_labels has 2"):
         pad_gts([torch.zeros(2, 4)], [torch.zeros(2, dtype=torch.long)] * 2, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image valid extent: an image's targets in a mixed-size batch = its targets assigned alone
+
+STRIDES = [8, 16, 32, 64, 128]
+DIVISOR = 32
+
+
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+def pyramid(h, w):
+    """Points of every level of a padded h x w input, and each level's (rows, cols)."""
+    shapes = [(ceil_div(h, s), ceil_div(w, s)) for s in STRIDES]
+    return [grid(r, c, s) for (r, c), s in zip(shapes, STRIDES)], shapes
+
+
+def random_gts(h, w, n, gen):
+    """n boxes inside an h x w image, about a third touching a border, at least 1 px a side."""
+    x1 = torch.rand(n, generator=gen) * (w - 2)
+    y1 = torch.rand(n, generator=gen) * (h - 2)
+    x2 = x1 + 1 + torch.rand(n, generator=gen) * (w - x1 - 1)
+    y2 = y1 + 1 + torch.rand(n, generator=gen) * (h - y1 - 1)
+    boxes = torch.stack([x1, y1, x2, y2], dim=1)
+    border = torch.randint(0, 6, (n,), generator=gen)  # 0-3: one side on the border
+    for side, value in ((0, 0.0), (1, 0.0), (2, float(w)), (3, float(h))):
+        boxes[border == side, side] = value
+    return boxes, torch.randint(0, C, (n,), generator=gen)
+
+
+def test_each_image_of_a_mixed_batch_gets_its_targets_when_alone(seeded):
+    from vfnet.assign import valid_points
+
+    changed = 0
+    for _ in range(25):
+        num = int(torch.randint(2, 5, (1,), generator=seeded))
+        sizes = [tuple(torch.randint(24, 260, (2,), generator=seeded).tolist()) for _ in range(num)]
+        counts = [int(torch.randint(0, 6, (1,), generator=seeded)) for _ in range(num)]
+        counts[int(torch.randint(0, num, (1,), generator=seeded))] = 0  # an image without boxes
+        gts = [random_gts(h, w, n, seeded) for (h, w), n in zip(sizes, counts)]
+        batch_h = max(ceil_div(h, DIVISOR) * DIVISOR for h, _ in sizes)
+        batch_w = max(ceil_div(w, DIVISOR) * DIVISOR for _, w in sizes)
+        points, batch_shapes = pyramid(batch_h, batch_w)
+        valid = valid_points(torch.cat(points), torch.tensor(sizes), DIVISOR)
+        batch_t = assign(points, STRIDES, [b for b, _ in gts], [lab for _, lab in gts], point_valid=valid)
+        unmasked = assign(points, STRIDES, [b for b, _ in gts], [lab for _, lab in gts])
+        changed += int((unmasked.labels != batch_t.labels).sum())
+        for i, ((h, w), (boxes, labels)) in enumerate(zip(sizes, gts)):
+            alone_points, alone_shapes = pyramid(ceil_div(h, DIVISOR) * DIVISOR, ceil_div(w, DIVISOR) * DIVISOR)
+            alone = assign(alone_points, STRIDES, [boxes], [labels])
+            # the alone image's points inside the batch's flattened point list
+            index, offset = [], 0
+            for (rows, cols), (batch_rows, batch_cols) in zip(alone_shapes, batch_shapes):
+                r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+                index.append(offset + (r * batch_cols + c).flatten())
+                offset += batch_rows * batch_cols
+            index = torch.cat(index)
+            assert torch.equal(valid[i].nonzero().flatten(), index)
+            assert torch.equal(batch_t.labels[i, index], alone.labels[0])
+            assert torch.equal(batch_t.positive[i, index], alone.positive[0])
+            assert torch.equal(batch_t.boxes[i, index], alone.boxes[0])
+            outside = torch.ones(offset, dtype=torch.bool)
+            outside[index] = False
+            assert (batch_t.labels[i, outside] == C).all() and not batch_t.positive[i, outside].any()
+    assert changed > 0  # the padding's points do change targets when they compete
+
+
+def test_loss_takes_image_sizes_for_the_valid_extent():
+    from vfnet.config import Config
+    from vfnet.model import VFNet
+
+    torch.manual_seed(0)
+    cfg = Config()
+    cfg.model.depth, cfg.model.num_classes = 18, C
+    cfg.model.fpn_channels = cfg.model.head_channels = 16
+    cfg.model.gn_groups = 4
+    cfg.model.kernels = "torch"
+    model = VFNet(cfg)
+    sizes = [(64, 160), (150, 40)]  # padded 64 x 160 and 160 x 64 in a 160 x 160 batch
+    gts = [(torch.tensor([[20.0, 42.0, 113.0, 60.0]]), torch.tensor([1])),  # a case where the
+           (torch.tensor([[9.0, 89.0, 20.0, 114.0]]), torch.tensor([2]))]  # padding changes num_pos
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 160, 160))
+        batch = model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts], torch.tensor(sizes))
+        alone = 0
+        for (h, w), (boxes, labels) in zip(sizes, gts):
+            out = model(torch.randn(1, 3, ceil_div(h, DIVISOR) * DIVISOR, ceil_div(w, DIVISOR) * DIVISOR))
+            alone += model.loss(out, [boxes], [labels], torch.tensor([[h, w]]))["num_pos"].item()
+        unmasked = model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts])
+    assert batch["num_pos"].item() == alone > 0
+    assert unmasked["num_pos"].item() != alone
+    with pytest.raises(ValueError, match="image_sizes"):
+        model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts], torch.tensor([[64, 64]]))
