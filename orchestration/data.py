@@ -22,10 +22,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from vfnet.config import Config, DataConfig
-from vfnet.data import DatasetError
 from vfnet.data.coco import Batch, collate
 from vfnet.data.parquet import decode_row, pack, read_categories
 from vfnet.data.transforms import build_transform
+from vfnet.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def iters_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
         raise ValueError(f"world_size and batch_size must be >= 1, got {world_size}, {batch_size}")
     steps = (num_rows // world_size) // batch_size
     if steps < 1:
-        raise ValueError(f"the training set has {num_rows} images, fewer than one step needs "
+        raise DatasetError(f"the training set has {num_rows} images, fewer than one step needs "
                          f"(train.batch_size {batch_size} x {world_size} workers)")
     return steps
 

@@ -23,8 +23,10 @@ in `workers/` (every group start writes one before training); re-running a finis
 interrupted run under the same name resumes it and is not counted as a restart.
 
 `<storage>` must be a path every node can read and write (a shared file system on a real
-cluster). Exit status: 0 on success, 1 when training failed, 2 for bad arguments, configs or
-data files (one line on stderr).
+cluster). Exit status (`vfnet.errors.run_main`): 0 on success; 2 with one line
+`vfnet: error: ...` on stderr for what the user can fix (bad arguments, configs, data files or
+checkpoints, also when a worker raised it; an unreachable cluster); 1 with a traceback otherwise
+(training failed for good, or a bug).
 """
 from __future__ import annotations
 
@@ -43,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vfnet.config import Config, ConfigError, config_from_dict, load_config
-from vfnet.data import DatasetError
+from vfnet.config import Config, config_from_dict, load_config
+from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Path | None:
     with checkpoint.as_directory() as src:
         source = Path(src) / CHECKPOINT_NAME
         if not source.is_file():
-            raise FileNotFoundError(f"{checkpoint.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
+            raise CheckpointError(f"{checkpoint.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
         dest = dest_dir / CHECKPOINT_NAME
         shutil.copyfile(source, dest)
     return dest
@@ -196,16 +198,15 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def connect_or_report(address: str | None) -> bool | None:
-    """`connect`, or None after one line on stderr when the cluster cannot be reached (wrong
-    address, no or wrong auth token, ...)."""
+def connect_or_raise(address: str | None) -> bool:
+    """`connect`; EnvError when the cluster cannot be reached (wrong address, no or wrong auth
+    token, ...), with the first line of Ray's reason."""
     try:
         return connect(address)
     except Exception as exc:  # noqa: BLE001 - Ray raises several unrelated types here
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS')}): "
-              f"{message}", file=sys.stderr)
-        return None
+        raise EnvError(f"cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS')}): "
+                       f"{message}") from exc
 
 
 def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
@@ -286,31 +287,56 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
 
 
 class TrainingFailed(RuntimeError):
-    """The Ray Train run failed (after its allowed restarts)."""
+    """The Ray Train run failed (after its allowed restarts) for a reason other than a user
+    error (those are re-raised as themselves, see `fit_trainer`)."""
+
+
+def find_user_error(exc: BaseException | None) -> UserError | None:
+    """The first `UserError` in a Ray failure: the exception itself, its causes, a Ray Train
+    `WorkerGroupError`'s per-rank failures or a `RayTaskError`'s cause; None if there is none."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None),
+                     *getattr(e, "worker_failures", {}).values()])
+    return None
 
 
 def fit_trainer(trainer: Any) -> Any:
-    """`trainer.fit()`, its failure raised as `TrainingFailed`; the `Result`."""
+    """`trainer.fit()`; the `Result`. A failure caused by a `UserError` in a worker (a corrupt
+    image, a non-finite loss) raises that error, any other failure `TrainingFailed`."""
     from ray.train import TrainingFailedError
 
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:
+        user = find_user_error(exc)
+        if user is not None:
+            raise type(user)(one_line(user)) from exc
         raise TrainingFailed(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
     if result.error is not None:
+        user = find_user_error(result.error)
+        if user is not None:
+            raise type(user)(one_line(user)) from result.error
         raise TrainingFailed(str(result.error)) from result.error
     return result
 
 
 def check_cpu_budget(num_workers: int, cpus_per_worker: float) -> None:
-    """ValueError when the workers would reserve all but less than one of the connected
+    """ArgumentError when the workers would reserve all but less than one of the connected
     cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
     free = total - num_workers * cpus_per_worker
     if free < 1:
-        raise ValueError(
+        raise ArgumentError(
             f"--num-workers {num_workers} x --cpus-per-worker {cpus_per_worker:g} leaves {free:g} "
             f"of the cluster's {total:g} CPUs to Ray Data, which needs at least 1 to read the "
             f"shards (the run would hang): lower --cpus-per-worker or add nodes")
@@ -335,15 +361,15 @@ def _worker_resources(use_gpu: bool, cpus_per_worker: float) -> dict[str, float]
 
 def check_flags(cfg: Config, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                 placement_strategy: str = "PACK") -> None:
-    """Reject flag values (and a flag/config mismatch) with a ValueError naming the flag."""
+    """Reject flag values (and a flag/config mismatch) with an ArgumentError naming the flag."""
     if use_gpu and cfg.train.device == "cpu":
-        raise ValueError("--use-gpu with train.device = 'cpu': set train.device to 'auto' or 'cuda'")
+        raise ArgumentError("--use-gpu with train.device = 'cpu': set train.device to 'auto' or 'cuda'")
     if num_workers < 1:
-        raise ValueError(f"--num-workers must be >= 1, got {num_workers}")
+        raise ArgumentError(f"--num-workers must be >= 1, got {num_workers}")
     if not cpus_per_worker > 0:
-        raise ValueError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
+        raise ArgumentError(f"--cpus-per-worker must be > 0, got {cpus_per_worker}")
     if placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ValueError(f"--placement-strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+        raise ArgumentError(f"--placement-strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                          f"got {placement_strategy!r}")
 
 
@@ -396,37 +422,25 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration
     """Entry point; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv, prog)
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.overrides)
         check_flags(cfg, args.num_workers, args.use_gpu, args.cpus_per_worker, args.placement_strategy)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_on_ray(
-        args.address,
-        lambda: run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
-                             cpus_per_worker=args.cpus_per_worker, storage=args.storage,
-                             name=args.name, placement_strategy=args.placement_strategy),
-        failure="training failed",
-    )
+        return run_on_ray(
+            args.address,
+            lambda: run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
+                                 cpus_per_worker=args.cpus_per_worker, storage=args.storage,
+                                 name=args.name, placement_strategy=args.placement_strategy))
+
+    return run_main(body)
 
 
-def run_on_ray(address: str | None, work: Callable[[], object], *, failure: str) -> int:
-    """Connect to (or start) Ray, run `work()`, and map its outcome to an exit status:
-    0 done; 1 the cluster cannot be reached or `work` raised TrainingFailed (printed as
-    "error: <failure>: ..."); 2 bad input (config, data or argument errors, one line on stderr).
-    A Ray started here is shut down afterwards."""
-    started = connect_or_report(address)
-    if started is None:
-        return 1
+def run_on_ray(address: str | None, work: Callable[[], object]) -> int:
+    """Connect to (or start) Ray (EnvError when unreachable), run `work()` and return 0; a Ray
+    started here is shut down afterwards. Errors propagate to `run_main`."""
+    started = connect_or_raise(address)
     try:
         work()
-    except (ConfigError, DatasetError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingFailed as exc:
-        print(f"error: {failure}: {exc}", file=sys.stderr)
-        return 1
     finally:
         if started:
             import ray

@@ -49,7 +49,8 @@ from orchestration.train import (
     run_on_ray,
     torch_threads,
 )
-from vfnet.config import Config, ConfigError, config_from_dict, load_config, set_value, validate
+from vfnet.config import Config, config_from_dict, load_config, set_value, validate
+from vfnet.errors import ArgumentError, ConfigError, run_main
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,11 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 def check_sweep_flags(cfg: Config, num_samples: int, max_concurrent: int, num_workers: int,
                       use_gpu: bool, cpus_per_worker: float, placement_strategy: str) -> None:
-    """Reject flag values with a ValueError naming the flag."""
+    """Reject flag values with an ArgumentError naming the flag."""
     if num_samples < 1:
-        raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+        raise ArgumentError(f"--num-samples must be >= 1, got {num_samples}")
     if max_concurrent < 0:
-        raise ValueError(f"--max-concurrent must be >= 0, got {max_concurrent}")
+        raise ArgumentError(f"--max-concurrent must be >= 0, got {max_concurrent}")
     check_flags(cfg, num_workers, use_gpu, cpus_per_worker, placement_strategy)
 
 
@@ -317,26 +318,24 @@ def parse_args(argv: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.tune") -> int:
-    """Entry point; returns the exit status (0 ok, 1 sweep failed, 2 bad input)."""
+    """Entry point; returns the exit status (0 ok, 2 bad input, 1 sweep failed or a bug)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv, prog)
-    try:
+
+    def body() -> int:
         cfg = load_config(args.config, args.overrides)
         check_sweep_flags(cfg, args.num_samples, args.max_concurrent, args.num_workers,
                           args.use_gpu, args.cpus_per_worker, args.placement_strategy)
         build_search_space(cfg.tune.space, cfg)
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return run_on_ray(
-        args.address,
-        lambda: run_sweep(cfg, num_samples=args.num_samples, out=args.out,
-                          max_concurrent=args.max_concurrent, num_workers=args.num_workers,
-                          use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                          placement_strategy=args.placement_strategy, storage=args.storage,
-                          name=args.name),
-        failure="sweep failed",
-    )
+        return run_on_ray(
+            args.address,
+            lambda: run_sweep(cfg, num_samples=args.num_samples, out=args.out,
+                              max_concurrent=args.max_concurrent, num_workers=args.num_workers,
+                              use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                              placement_strategy=args.placement_strategy, storage=args.storage,
+                              name=args.name))
+
+    return run_main(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vfnet.config import Config, ConfigError, config_from_dict
+from vfnet.config import Config, config_from_dict
+from vfnet.errors import CheckpointError, ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,10 +35,6 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 _REQUIRED = ("format", "model", "iteration", "epoch", "config")
 _EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, truncated or not a vfnet checkpoint; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,12 +12,13 @@
     vfnet data pack    --ann FILE --images DIR --out DIR [--rows-per-shard N]
 
 The Ray commands hand their arguments to `orchestration.train.main` / `orchestration.tune.main`
-unchanged and return their exit status (0 done, 1 failed or cluster unreachable, 2 bad input);
+unchanged and return their exit status (0 done, 2 bad input or cluster unreachable, 1 failed);
 Ray is imported only when they run.
 
 Bad input (a missing or corrupt file, an unknown config key, a wrong value type, a missing or
-truncated checkpoint, a non-finite loss) prints one line naming the file, key or value on stderr
-and exits with status 2, without a traceback (`-v` logs it).
+corrupt checkpoint, a non-finite loss: any `vfnet.errors.UserError`) prints one line
+`vfnet: error: ...` naming the file, key or value on stderr and exits with status 2, without a
+traceback (`-v` logs it). Anything else is a bug: traceback, exit status 1.
 """
 from __future__ import annotations
 
@@ -30,11 +31,10 @@ from pathlib import Path
 
 import torch
 
-from vfnet.config import ConfigError, load_config
+from vfnet.config import load_config
+from vfnet.errors import ArgumentError, DatasetError, run_main
 
 log = logging.getLogger("vfnet")
-
-EXIT_BAD_INPUT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from vfnet.inference import load_model
 
     if (args.ann is None) != (args.images is None):
-        raise ConfigError("--ann and --images go together: give both or neither")
+        raise ArgumentError("--ann and --images go together: give both or neither")
     model, cfg, device = load_model(args.checkpoint, args.set)
     if args.ann is None:
         loader, dataset = build_val_loader(cfg)
@@ -93,11 +93,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vfnet.inference import class_info, load_model
 
     if not 0 <= args.score_thr <= 1:
-        raise ValueError(f"--score-thr must be in [0, 1], got {args.score_thr}")
+        raise ArgumentError(f"--score-thr must be in [0, 1], got {args.score_thr}")
     images = [Path(p) for p in args.images]
     for path in images:  # fail before any work on a typo
         if not path.is_file():
-            raise FileNotFoundError(f"image not found: {path}")
+            raise DatasetError(f"{path}: image file not found")
     model, cfg, device = load_model(args.checkpoint)
     cat_ids, names = class_info(cfg)
     transform = build_transform(cfg.data, train=False)
@@ -156,27 +156,27 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
         for flag in ("images", "names"):
             if getattr(args, flag) is not None:
-                raise ConfigError(f"--{flag} does not go with --yolo-yaml (the YAML gives the images and names)")
+                raise ArgumentError(f"--{flag} does not go with --yolo-yaml (the YAML gives the images and names)")
         if args.split not in ("train", "val", "test"):
-            raise ConfigError(f"--yolo-yaml needs --split train, val or test, got {args.split!r}")
+            raise ArgumentError(f"--yolo-yaml needs --split train, val or test, got {args.split!r}")
         stats, root = convert_yolo_yaml(args.yolo_yaml, args.split, args.out)
         print(f"wrote {args.out} (images relative to {root}): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         return 0
     if args.images is None:
-        raise ConfigError("--images is required with --voc and --yolo")
+        raise ArgumentError("--images is required with --voc and --yolo")
     if args.yolo is not None:
         from vfnet.data.yolo import convert_yolo
 
         if args.names is None:
-            raise ConfigError("--yolo needs --names FILE (the class names, one a line)")
+            raise ArgumentError("--yolo needs --names FILE (the class names, one a line)")
         if args.split is not None:
-            raise ConfigError("--split does not go with --yolo (convert each split's directories)")
+            raise ArgumentError("--split does not go with --yolo (convert each split's directories)")
         stats = convert_yolo(args.yolo, args.images, args.names, args.out)
     else:
         from vfnet.data.voc import convert_voc
 
         if args.names is not None:
-            raise ConfigError("--names does not go with --voc (the xml files name the classes)")
+            raise ArgumentError("--names does not go with --voc (the xml files name the classes)")
         stats = convert_voc(args.voc, args.images, args.out, split_file=args.split)
     print(f"wrote {args.out}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     return 0
@@ -285,7 +285,7 @@ def run_ray_command(command: str, argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the `vfnet` command; returns the exit status (2 for bad input)."""
+    """Run the `vfnet` command; returns the exit status (2 for bad input, 1 for a bug)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     delegated = ray_command(argv)
     if delegated is not None:
@@ -297,19 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from vfnet.data import DatasetError
-    from vfnet.engine import NonFiniteLossError
-
-    try:
-        return args.func(args)
-    except (ValueError, DatasetError, OSError, NonFiniteLossError) as exc:  # ConfigError, CheckpointError: ValueError
-        log.debug("traceback", exc_info=True)
-        message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"vfnet: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("vfnet: interrupted", file=sys.stderr)
-        return 130
+    return run_main(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ reference VFNet R-50 1x COCO settings (DESIGN.md §3). Relative paths are resolv
 current working directory. `vfnet train` with no `--config` uses `configs/shapes_tiny.toml`.
 
 Errors (unknown section or key, wrong value type, out-of-range value, unreadable file) raise
-`ConfigError`, a `ValueError` whose message names the file and the key at fault.
+`vfnet.errors.ConfigError` (a `UserError`), whose message names the file and the key at fault.
 """
 from __future__ import annotations
 
@@ -24,12 +24,10 @@ else:  # pragma: no cover
 
 from vfnet.optional import require
 
+from vfnet.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"
-
-
-class ConfigError(ValueError):
-    """A config file, key or value is invalid; the message names which."""
 
 
 @dataclass

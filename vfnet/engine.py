@@ -34,6 +34,7 @@ from tqdm import tqdm
 from vfnet.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint, set_rng_state
 from vfnet.config import Config, save_config
 from vfnet.data import Batch, build_train_loader, build_val_loader
+from vfnet.errors import ConfigError, NonFiniteLossError
 from vfnet.evaluate import STAT_NAMES, evaluate, write_json
 from vfnet.model import VFNet
 from vfnet.optim import LrSchedule, build_optimizer
@@ -41,10 +42,6 @@ from vfnet.optim import LrSchedule, build_optimizer
 log = logging.getLogger(__name__)
 
 LOSS_NAMES = ("loss_cls", "loss_bbox_init", "loss_bbox_refine")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the iteration (1-based)."""
 
 
 @dataclass
@@ -67,7 +64,7 @@ def resolve_device(spec: str) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("train.device = 'cuda' but no CUDA device is available")
+            raise ConfigError("train.device = 'cuda' but no CUDA device is available")
         local = os.environ.get("LOCAL_RANK")
         index = int(local) % torch.cuda.device_count() if local else torch.cuda.current_device()
         return torch.device("cuda", index)

@@ -39,7 +39,7 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
 
     `overrides` are `--set` strings (`"infer.score_thr=0.1"`) applied to the stored config; the
     device is `device`, else the config's `train.device` ("auto": CUDA when available). Raises
-    CheckpointError (a ValueError) naming the file when it is missing, truncated or not a vfnet
+    CheckpointError (a `vfnet.errors.UserError`) naming the file when it is missing, truncated or not a vfnet
     checkpoint, ConfigError for a bad override.
     """
     state = load_checkpoint(checkpoint)

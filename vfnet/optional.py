@@ -9,13 +9,16 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from vfnet.errors import MissingPackageError
+
 # import name -> pip distribution name, where they differ
 _DISTRIBUTIONS = {"tomli_w": "tomli-w"}
 
 
 def require(module: str, purpose: str) -> ModuleType:
-    """`importlib.import_module(module)`, or ModuleNotFoundError with one line naming the
-    package to install and what it is needed for (`purpose`, e.g. "COCO evaluation")."""
+    """`importlib.import_module(module)`, or MissingPackageError (a ModuleNotFoundError and a
+    `UserError`) with one line naming the package to install and what it is needed for
+    (`purpose`, e.g. "COCO evaluation")."""
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
@@ -23,4 +26,4 @@ def require(module: str, purpose: str) -> ModuleType:
         if exc.name is None or exc.name.split(".")[0] != top:
             raise  # the package is there but one of its own imports failed: show that
         dist = _DISTRIBUTIONS.get(top, top)
-        raise ModuleNotFoundError(f"{purpose} needs {dist}: pip install {dist}", name=top) from None
+        raise MissingPackageError(f"{purpose} needs {dist}: pip install {dist}", name=top) from None

@@ -54,7 +54,7 @@ def test_iters_per_epoch() -> None:
     assert odata.iters_per_epoch(8, 1, 2) == 4
     assert odata.iters_per_epoch(11, 2, 2) == 2  # 5 rows a worker, the last odd one dropped
     assert odata.iters_per_epoch(8, 3, 2) == 1
-    with pytest.raises(ValueError, match="fewer than one step"):
+    with pytest.raises(DatasetError, match="fewer than one step"):
         odata.iters_per_epoch(3, 2, 2)
     with pytest.raises(ValueError, match="world_size"):
         odata.iters_per_epoch(8, 0, 2)

@@ -8,6 +8,7 @@ import pytest
 
 from orchestration import train as otrain
 from vfnet.checkpoint import load_checkpoint
+from vfnet.errors import ArgumentError
 
 pytestmark = pytest.mark.ray
 
@@ -69,7 +70,7 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypat
     monkeypatch.setattr(otrain, "connect", no_connect)
     assert otrain.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("vfnet: error:") and message in err[0]
 
 
 def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
@@ -77,15 +78,15 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
         raise ConnectionError("Could not find any running Ray instance.\nmore detail")
 
     monkeypatch.setattr(otrain, "connect", refuse)
-    assert otrain.main(["--num-workers", "1", "--address", "127.0.0.1:1"]) == 1
+    assert otrain.main(["--num-workers", "1", "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: cannot connect to Ray (127.0.0.1:1): Could not find any running Ray instance."]
+    assert err == ["vfnet: error: cannot connect to Ray (127.0.0.1:1): Could not find any running Ray instance."]
 
 
 def test_workers_must_leave_a_cpu_to_ray_data(tiny_config, tmp_path: Path, ray_session) -> None:
     # the session cluster has 4 CPUs: 2 x 1.5 leaves 1 (enough), 2 x 2 none (would hang)
     otrain.check_cpu_budget(2, 1.5)
-    with pytest.raises(ValueError, match="--cpus-per-worker"):
+    with pytest.raises(ArgumentError, match="--cpus-per-worker"):
         otrain.run_training(tiny_config(), num_workers=2, cpus_per_worker=2.0, storage=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before packing or starting anything
 

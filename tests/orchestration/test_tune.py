@@ -57,10 +57,10 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, tmp_path, capsys,
     def no_connect(address):
         raise AssertionError("bad input must be reported before connecting to Ray")
 
-    monkeypatch.setattr(otrain, "connect_or_report", no_connect)  # what run_on_ray connects with
+    monkeypatch.setattr(otrain, "connect_or_raise", no_connect)  # what run_on_ray connects with
     assert otune.main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+    assert len(err) == 1 and err[0].startswith("vfnet: error:") and message in err[0]
 
 
 def test_write_outputs(tmp_path: Path) -> None:

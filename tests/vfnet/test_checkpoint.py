@@ -15,6 +15,7 @@ from vfnet.checkpoint import (
     set_rng_state,
 )
 from vfnet.config import Config
+from vfnet.errors import UserError
 
 
 def _model_and_opt():
@@ -90,7 +91,7 @@ def test_missing_truncated_and_foreign_files_raise_checkpoint_error(tmp_path):
     torch.save({"model": {}}, foreign)
     with pytest.raises(CheckpointError, match="foreign.pt.*missing"):
         load_checkpoint(foreign)
-    assert issubclass(CheckpointError, ValueError)
+    assert issubclass(CheckpointError, UserError) and not issubclass(CheckpointError, ValueError)
 
 
 def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from torch import nn
 import kernels.reference
 from kernels import Ops
 from vfnet.config import Config
+from vfnet.errors import CheckpointError
 from vfnet.model import VFNet
 from vfnet.model.backbone import ResNet
 from vfnet.model.head import HeadOutputs
@@ -151,29 +152,29 @@ def test_pretrained_loading(tmp_path):
 
 def test_pretrained_errors(tmp_path):
     net = ResNet(18)
-    with pytest.raises(ValueError, match="missing.pth"):
+    with pytest.raises(CheckpointError, match="missing.pth"):
         net.load_torchvision_state_dict(tmp_path / "missing.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a torch file at all")
-    with pytest.raises(ValueError, match="corrupt.pth"):
+    with pytest.raises(CheckpointError, match="corrupt.pth"):
         net.load_torchvision_state_dict(corrupt)
     truncated = tmp_path / "truncated.pth"
     torch.save(torchvision_state(18, 2), truncated)
     truncated.write_bytes(truncated.read_bytes()[:5000])
-    with pytest.raises(ValueError, match="truncated.pth"):
+    with pytest.raises(CheckpointError, match="truncated.pth"):
         net.load_torchvision_state_dict(truncated)
     renamed = tmp_path / "renamed.pth"  # e.g. a detector checkpoint's "backbone." prefix
     torch.save({f"backbone.{k}": v for k, v in torchvision_state(18, 3).items()}, renamed)
-    with pytest.raises(ValueError, match="renamed.pth.*missing"):
+    with pytest.raises(CheckpointError, match="renamed.pth.*missing"):
         net.load_torchvision_state_dict(renamed)
     deeper = tmp_path / "resnet34.pth"
     torch.save(torchvision_state(34, 4), deeper)
-    with pytest.raises(ValueError, match="resnet34.pth.*unexpected.*layer1.2"):
+    with pytest.raises(CheckpointError, match="resnet34.pth.*unexpected.*layer1.2"):
         net.load_torchvision_state_dict(deeper)
     wrong = torchvision_state(18, 5)
     wrong["layer2.0.conv1.weight"] = torch.zeros(128, 64, 1, 1)
     torch.save(wrong, tmp_path / "shapes.pth")
-    with pytest.raises(ValueError, match="shapes.pth.*layer2.0.conv1.weight"):
+    with pytest.raises(CheckpointError, match="shapes.pth.*layer2.0.conv1.weight"):
         net.load_torchvision_state_dict(tmp_path / "shapes.pth")
     before = net.layer1[0].conv1.weight.clone()
     assert torch.equal(net.layer1[0].conv1.weight, before)  # failed loads change nothing

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vfnet.data import DatasetError
 from vfnet.data.transforms import Transform
+from vfnet.errors import DatasetError
 from vfnet.optional import require
 
 log = logging.getLogger(__name__)

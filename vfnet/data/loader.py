@@ -19,6 +19,7 @@ from vfnet.data.coco import CocoDetection, Sample, collate
 from vfnet.data.parquet import ParquetDetection
 from vfnet.data.synth import ensure_synth
 from vfnet.data.transforms import Transform, build_transform
+from vfnet.errors import DatasetError
 
 _SEED_MASK = (1 << 64) - 1  # SeedSequence wants non-negative entropy
 
@@ -51,7 +52,7 @@ def train_indices(num_images: int, batch_size: int, seed: int, epoch: int, *,
     per_step = batch_size * world_size
     steps = num_images // per_step
     if steps == 0:
-        raise ValueError(f"the training set has {num_images} images, fewer than one step needs "
+        raise DatasetError(f"the training set has {num_images} images, fewer than one step needs "
                          f"(train.batch_size {batch_size} x {world_size} workers)")
     order = np.random.default_rng((seed & _SEED_MASK, epoch)).permutation(num_images)
     mine = order[: steps * per_step][rank::world_size]

@@ -21,9 +21,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vfnet.data import DatasetError
 from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample
 from vfnet.data.transforms import Transform
+from vfnet.errors import ArgumentError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
     (earlier `part-*.parquet` there are replaced). Small row groups keep random access cheap.
     Returns the shard paths. DatasetError for bad annotations or unreadable images."""
     if rows_per_shard < 1 or row_group_size < 1:
-        raise ValueError(f"rows_per_shard and row_group_size must be >= 1, got "
+        raise ArgumentError(f"rows_per_shard and row_group_size must be >= 1, got "
                          f"{rows_per_shard}, {row_group_size}")
     dataset = CocoDetection(ann_file, images_dir)
     out_dir = Path(out_dir)

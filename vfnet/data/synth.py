@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from vfnet.config import DataConfig
+from vfnet.errors import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,11 @@ def synthesize(out_dir: str | Path, *, images: int = 512, size: int = 256, seed:
     (`images` training images, max(1, images // 4) validation images, `size` x `size` px).
     The json files are written last, each atomically. Returns image and box counts per split."""
     if images < 1:
-        raise ValueError(f"images must be >= 1, got {images}")
+        raise ArgumentError(f"images must be >= 1, got {images}")
     if size < 32:
-        raise ValueError(f"size must be >= 32 px, got {size}")
+        raise ArgumentError(f"size must be >= 32 px, got {size}")
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise ArgumentError(f"seed must be >= 0, got {seed}")
     out_dir = Path(out_dir)
     (out_dir / "annotations").mkdir(parents=True, exist_ok=True)
     categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]

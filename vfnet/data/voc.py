@@ -19,8 +19,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from vfnet.data import DatasetError
 from vfnet.data.coco import read_image_size, write_json_atomic
+from vfnet.errors import DatasetError
 
 log = logging.getLogger(__name__)
 

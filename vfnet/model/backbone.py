@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vfnet.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 # depth -> (block type, blocks per stage)
@@ -154,34 +156,34 @@ class ResNet(nn.Module):
     def load_torchvision_state_dict(self, path: str | Path) -> None:
         """Load torchvision-format ImageNet weights (`conv1.weight`, `layer1.0.bn1.running_mean`,
         ...) from a local file saved with torch.save; `fc.*` entries are ignored. A dict nested
-        under "state_dict" or "model" is accepted. Raises ValueError naming the file when it is
+        under "state_dict" or "model" is accepted. Raises CheckpointError naming the file when it is
         missing, unreadable, or its keys/shapes do not match this depth."""
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"pretrained weights file not found: {path}")
+            raise CheckpointError(f"pretrained weights file not found: {path}")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt files
-            raise ValueError(f"{path}: cannot read pretrained weights: {exc}") from None
+            raise CheckpointError(f"{path}: cannot read pretrained weights: {exc}") from None
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise ValueError(f"{path}: not a state dict of tensors")
+            raise CheckpointError(f"{path}: not a state dict of tensors")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         own = self.state_dict()
         # Older torchvision files lack BatchNorm's num_batches_tracked (unused in eval mode).
         missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: keys do not match a torchvision ResNet of this depth: "
                 f"missing {_preview(missing)}, unexpected {_preview(unexpected)}"
             )
         wrong = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
                  for k in state if state[k].shape != own[k].shape]
         if wrong:
-            raise ValueError(f"{path}: tensor shapes do not match this depth: {_preview(wrong)}")
+            raise CheckpointError(f"{path}: tensor shapes do not match this depth: {_preview(wrong)}")
         self.load_state_dict(state, strict=False)
         log.info("loaded pretrained backbone weights from %s", path)
 

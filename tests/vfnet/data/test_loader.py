@@ -4,6 +4,7 @@ import torch
 from vfnet.config import Config
 from vfnet.data import build_train_loader, build_val_loader
 from vfnet.data.loader import train_indices
+from vfnet.errors import DatasetError
 
 
 def shapes_config(root, **train):
@@ -32,7 +33,7 @@ def test_train_indices_order_shards_and_skipping():
     assert train_indices(23, 2, seed=5, epoch=1, start_batch=4) == a[8:]
     assert train_indices(23, 2, seed=5, epoch=1, start_batch=11) == []
     assert train_indices(23, 2, seed=-1, epoch=0)  # negative seeds are fine
-    with pytest.raises(ValueError, match="fewer than one step"):
+    with pytest.raises(DatasetError, match="fewer than one step"):
         train_indices(3, 2, seed=0, epoch=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         train_indices(10, 2, seed=0, epoch=0, rank=2, world_size=2)

@@ -7,6 +7,7 @@ import pytest
 from vfnet.config import DataConfig
 from vfnet.data import CocoDetection
 from vfnet.data.synth import CLASSES, _shape_mask, ensure_synth, synthesize
+from vfnet.errors import ArgumentError
 
 
 def files(root):
@@ -57,7 +58,7 @@ def test_validation_split_size_and_bad_arguments(tmp_path):
     assert stats["train_images"] == 2 and stats["val_images"] == 1
     for kwargs, match in (({"images": 0}, "images"), ({"size": 16}, "size"), ({"seed": -1}, "seed")):
         args = {"images": 2, "size": 32, "seed": 0, **kwargs}
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ArgumentError, match=match):
             synthesize(tmp_path, **args)
 
 
