@@ -22,9 +22,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from vfnet.optional import require
-
 from vfnet.errors import ConfigError
+from vfnet.optional import require
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"

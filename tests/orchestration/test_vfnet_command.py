@@ -42,13 +42,13 @@ def test_usage_errors_and_help(capsys) -> None:
     assert "tune" in capsys.readouterr().out
 
 
-def test_unreachable_cluster_exits_1(capsys, monkeypatch) -> None:
+def test_unreachable_cluster_exits_2(capsys, monkeypatch) -> None:
     def refuse(address):
         raise ConnectionError("Could not find any running Ray instance.")
 
     monkeypatch.setattr(otrain, "connect", refuse)
-    assert main(["train", "--ray", "--num-workers", "1", "--address", "127.0.0.1:1"]) == 1
-    assert "cannot connect to Ray (127.0.0.1:1)" in capsys.readouterr().err
+    assert main(["train", "--ray", "--num-workers", "1", "--address", "127.0.0.1:1"]) == 2
+    assert "vfnet: error: cannot connect to Ray (127.0.0.1:1)" in capsys.readouterr().err
 
 
 def test_other_commands_do_not_import_ray(tmp_path) -> None:
