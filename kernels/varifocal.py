@@ -32,10 +32,10 @@ bound by memory bandwidth.
 
 Passes. A reduced loss ("sum", "mean") has a scalar upstream gradient, so the forward kernel writes
 dL/dx * (1 / denominator) while it reads the logits, and backward only rescales it by grad_output
-(skipped when grad_output is exactly 1, the usual case). Reduction "none" has an [N, C] upstream
-gradient: the forward kernel writes only the loss and a backward launch of the same kernel
-recomputes dL/dx and multiplies it by grad_output. Per-program partial sums of the loss are reduced
-by a deterministic `torch.sum` (no atomics).
+(one elementwise pass on the device: backward never reads grad_output on the host). Reduction
+"none" has an [N, C] upstream gradient: the forward kernel writes only the loss and a backward
+launch of the same kernel recomputes dL/dx and multiplies it by grad_output. Per-program partial
+sums of the loss are reduced by a deterministic `torch.sum` (no atomics).
 
 Targets. The sparse form reads one label and one score per row (q = score at column label, 0
 elsewhere; a label outside [0, C) gives an all-negative row) and never builds [N, C] targets. The
@@ -270,11 +270,9 @@ class _VarifocalLoss(torch.autograd.Function):
             _, grad, _ = _launch(logits, labels, scores, targets, store_grad=True,
                                  grad_out=grad_output.contiguous(), **ctx.args)
         else:
-            grad = ctx.grad
-            # A reduced loss is usually backpropagated with grad_output == 1: skip the extra pass
-            # over [N, C] then (one scalar comparison; it synchronises a GPU stream once).
-            if not bool(grad_output == 1):
-                grad = grad * grad_output
+            # always one pass over [N, C]: skipping it when grad_output == 1 would need the host
+            # to read grad_output, a sync of the GPU stream in the middle of backward
+            grad = ctx.grad * grad_output
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -128,27 +127,49 @@ def _record_iter(line: str) -> int:
 
 
 class _Meter:
-    """Sums of per-iteration values over one log interval."""
+    """Sums of the step statistics over one log interval, kept on the device: the host reads them
+    (one copy, `read`) only at log, checkpoint and evaluation times, so the training step never
+    waits for the device. Also keeps the first non-finite step's statistics and iteration."""
 
     def __init__(self) -> None:
+        self.first_bad: torch.Tensor | None = None  # [1 + k]: iteration (0 = none), then stats
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.names: tuple[str, ...] = ()
+        self.sums: torch.Tensor | None = None
         self.count = 0
         self.data_time = 0.0
         self.step_time = 0.0
 
-    def add(self, values: dict[str, float], data_time: float, step_time: float) -> None:
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+    def add(self, names: tuple[str, ...], stats: torch.Tensor, it: int, data_time: float,
+            step_time: float) -> None:
+        """stats: [k] float32 on the device, named by `names`; `it` the 1-based iteration."""
+        self.names = names
+        self.sums = stats.clone() if self.sums is None else self.sums + stats
+        record = torch.cat([stats.new_full((1,), float(it)), stats])
+        if self.first_bad is None:
+            self.first_bad = torch.zeros_like(record)
+        newly_bad = ~torch.isfinite(stats[0]) & (self.first_bad[0] == 0)
+        self.first_bad = torch.where(newly_bad, record, self.first_bad)
         self.count += 1
         self.data_time += data_time
         self.step_time += step_time
 
-    def means(self) -> dict[str, float]:
+    def read(self) -> dict[str, float]:
+        """Means over the interval (one device-to-host copy); NonFiniteLossError when any step
+        since the start had a non-finite loss."""
+        if self.sums is None or self.first_bad is None:
+            return {}
+        values = torch.cat([self.first_bad, self.sums]).tolist()
+        k = len(self.names)
+        bad, sums = values[:k + 1], values[k + 1:]
+        if bad[0]:
+            detail = ", ".join(f"{n}={v:.4g}" for n, v in zip(self.names, bad[1:]) if n in LOSS_NAMES)
+            raise NonFiniteLossError(f"non-finite loss at iteration {int(bad[0])} ({detail}); "
+                                     "the last good checkpoint is kept")
         n = max(self.count, 1)
-        out = {k: v / n for k, v in self.sums.items()}
+        out = {name: v / n for name, v in zip(self.names, sums)}
         out["time_per_iter"] = (self.data_time + self.step_time) / n
         out["data_time"] = self.data_time / n
         return out
@@ -284,18 +305,21 @@ def _loop(run: _Run, start_iter: int) -> dict[str, float]:
             for batch in _batches(run, epoch, start_batch):
                 data_time = time.perf_counter() - tic
                 lr = run.schedule.apply(run.optimizer, it)
-                values = _step(run, batch, it)
+                names, stats = _step(run, batch)
                 it += 1
-                meter.add(values, data_time, time.perf_counter() - tic - data_time)
+                meter.add(names, stats, it, data_time, time.perf_counter() - tic - data_time)
                 bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}")
-                if it % cfg.train.log_interval == 0 or it == run.total_iters:
-                    last_train = _log_train(run, it, lr, meter)
+                due_log = it % cfg.train.log_interval == 0 or it == run.total_iters
                 due_ckpt = (it % run.iters_per_epoch == 0 or it == run.total_iters
                             or (cfg.train.checkpoint_interval > 0
                                 and it % cfg.train.checkpoint_interval == 0))
                 due_eval = it == run.total_iters or (
                     cfg.train.eval_interval > 0 and it % cfg.train.eval_interval == 0)
+                if due_log:
+                    last_train = _log_train(run, it, lr, meter)
+                    bar.set_postfix(loss=f"{last_train['loss']:.4f}", lr=f"{lr:.2e}")
+                elif due_ckpt or due_eval:
+                    meter.read()  # no checkpoint or evaluation after a non-finite loss
                 if due_ckpt or due_eval:
                     ckpt = _save(run, it) if due_ckpt else None
                     if due_eval:
@@ -316,8 +340,9 @@ def _loop(run: _Run, start_iter: int) -> dict[str, float]:
     return {**{k: eval_metrics[k] for k in STAT_NAMES}, "iterations": float(it)}
 
 
-def _step(run: _Run, batch: Batch, it: int) -> dict[str, float]:
-    """One optimiser step; returns the (all-rank mean) losses and num_pos as floats."""
+def _step(run: _Run, batch: Batch) -> tuple[tuple[str, ...], torch.Tensor]:
+    """One optimiser step without reading anything back to the host; returns the names and a
+    float32 device tensor of the (all-rank mean) losses, num_pos and, with clipping, grad_norm."""
     batch = batch.to(run.device, non_blocking=True)
     amp = run.cfg.train.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
@@ -329,18 +354,15 @@ def _step(run: _Run, batch: Batch, it: int) -> dict[str, float]:
     if run.world_size > 1:
         dist.all_reduce(stats)
         stats /= run.world_size
-    values = dict(zip(("loss", *LOSS_NAMES, "num_pos"), stats.tolist()))
-    if not math.isfinite(values["loss"]):
-        detail = ", ".join(f"{k}={values[k]:.4g}" for k in LOSS_NAMES)
-        raise NonFiniteLossError(f"non-finite loss at iteration {it + 1} ({detail}); "
-                                 "the last good checkpoint is kept")
+    names: tuple[str, ...] = ("loss", *LOSS_NAMES, "num_pos")
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.cfg.train.grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.cfg.train.grad_clip)
-        values["grad_norm"] = float(norm)
+        names += ("grad_norm",)
+        stats = torch.cat([stats, norm.detach().float().reshape(1)])
     run.optimizer.step()
-    return values
+    return names, stats
 
 
 def _epoch_of(run: _Run, it: int) -> int:
@@ -349,7 +371,7 @@ def _epoch_of(run: _Run, it: int) -> int:
 
 
 def _log_train(run: _Run, it: int, lr: float, meter: _Meter) -> dict[str, float]:
-    means = meter.means()
+    means = meter.read()
     meter.reset()
     record = {"mode": "train", "iter": it, "epoch": _epoch_of(run, it), "lr": lr, **means}
     if run.is_main:

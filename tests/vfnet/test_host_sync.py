@@ -17,24 +17,21 @@ built (`t.to("cuda")`), and allocator stalls; the GPU test covers those.
 """
 from __future__ import annotations
 
+import math
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import kernels.dispatch
 from vfnet.config import Config
+from vfnet.data import Batch
+from vfnet.engine import LOSS_NAMES, NonFiniteLossError, _Meter, _step
 from vfnet.model import VFNet
 
 ROOT = Path(__file__).resolve().parents[2]
-
-# Known synchronisations outside the files this test guards, by file: each is reported to the
-# file's owner; the full-step test allows them so it still rejects any new one.
-KNOWN_SYNCS = {
-    # _VarifocalLoss.backward: `if not bool(grad_output == 1)` (one scalar read per step).
-    "kernels/varifocal.py",
-}
 
 
 class HostSyncError(RuntimeError):
@@ -182,57 +179,66 @@ def test_forward_and_loss_do_not_sync(device_checks_off):
     assert torch.isfinite(total) and losses["num_pos"] > 0
 
 
-@pytest.mark.interpret
-def test_whole_step_syncs_only_where_known(device_checks_off):
-    """Forward, loss, backward and the SGD step: every synchronising call comes from a file in
-    KNOWN_SYNCS (none from the model, the assignment or the loss)."""
-    model = tiny_model("triton")
+def engine_run(model: VFNet, device: str = "cpu", grad_clip: float = 35.0) -> SimpleNamespace:
+    """What `vfnet.engine._step` reads of a run: the model, its optimiser, config and device."""
+    cfg = Config()
+    cfg.train.grad_clip = grad_clip
+    cfg.train.amp = device == "cuda"
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, boxes, labels = batch()
-    with HostSyncTrap(record=True) as trap:
-        losses = model.loss(model(images), boxes, labels)
-        total = losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-    unexpected = [(name, site) for name, site in trap.calls if site.rsplit(":", 1)[0] not in KNOWN_SYNCS]
-    assert unexpected == []
+    return SimpleNamespace(cfg=cfg, device=torch.device(device), model=model, core=model,
+                           optimizer=optimizer, world_size=1)
+
+
+def engine_batch(device: str = "cpu") -> Batch:
+    images, boxes, labels = batch(device)
+    sizes = torch.tensor([[64, 64], [64, 64]], device=device)
+    return Batch(images, boxes, labels, sizes, torch.ones(2, 2, device=device), sizes, [1, 2])
+
+
+@pytest.mark.interpret
+def test_engine_step_does_not_sync(device_checks_off):
+    """Two steps of the engine as `vfnet train` runs them (forward, ATSS, loss, backward with the
+    Triton kernels, gradient clipping, SGD, the interval statistics): no synchronising call at
+    all; the host reads the statistics once, at log time."""
+    model = tiny_model("triton")
+    run = engine_run(model)
+    meter = _Meter()
+    batches = [engine_batch(), engine_batch()]
+    with HostSyncTrap():
+        for it, data in enumerate(batches, 1):
+            names, stats = _step(run, data)
+            meter.add(names, stats, it, 0.0, 0.0)
+    means = meter.read()
+    assert set(means) == {"loss", *LOSS_NAMES, "num_pos", "grad_norm", "time_per_iter", "data_time"}
+    assert all(math.isfinite(v) for v in means.values()) and means["num_pos"] > 0
     assert all(p.grad is not None for p in model.head.parameters())
 
 
-def _site(filename: str) -> str:
-    path = Path(filename).resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else filename
+def test_meter_reports_the_first_non_finite_step():
+    meter = _Meter()
+    names = ("loss", *LOSS_NAMES, "num_pos")
+    for it, loss in ((1, 1.0), (2, math.nan), (3, math.inf)):
+        meter.add(names, torch.tensor([loss, 0.5, loss, 0.25, 3.0]), it, 0.0, 0.0)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 2 \(loss_cls=0.5, loss_bbox_init=nan, "
+                                                  r"loss_bbox_refine=0.25\)"):
+        meter.read()
 
 
 @pytest.mark.gpu
-def test_cuda_training_step_has_no_unknown_sync():
-    """On CUDA under `set_sync_debug_mode("error")`: forward + loss must not synchronise at all;
-    backward + SGD step may only stop at a sync in a KNOWN_SYNCS file (the first sync raises, so
-    a known one hides later ones: the CPU test above records all Python-level ones)."""
+def test_cuda_engine_step_does_not_sync():
+    """On CUDA (bf16 autocast) under `set_sync_debug_mode("error")`, which also sees the
+    synchronisations inside C++ operators that the CPU trap cannot: two engine steps, none."""
     model = tiny_model("triton", "cuda")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    images, boxes, labels = batch("cuda")
-
-    def forward_loss() -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            losses = model.loss(model(images), boxes, labels)
-        return losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
-
-    def backward_step(total: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-
-    backward_step(forward_loss())  # warm-up: Triton autotuning synchronises on first use
+    run = engine_run(model, "cuda")
+    meter = _Meter()
+    batches = [engine_batch("cuda"), engine_batch("cuda")]
+    _step(run, batches[0])  # warm-up: Triton autotuning synchronises on first use
     torch.cuda.synchronize()
     try:
         torch.cuda.set_sync_debug_mode("error")
-        total = forward_loss()
-        try:
-            backward_step(total)
-        except RuntimeError as exc:
-            sites = {_site(frame.filename) for frame in traceback.extract_tb(exc.__traceback__)}
-            assert sites & KNOWN_SYNCS, f"unexpected synchronisation in backward/step: {exc}"
+        for it, data in enumerate(batches, 1):
+            names, stats = _step(run, data)
+            meter.add(names, stats, it, 0.0, 0.0)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(meter.read()["loss"])
