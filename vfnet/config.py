@@ -128,6 +128,7 @@ class TrainConfig:
     checkpoint_interval: int = 0  # iterations between checkpoints; 0 = once per epoch
     eval_interval: int = 0  # iterations between evaluations; 0 = only at the end
     keep_checkpoints: int = 3  # per-epoch checkpoints kept (last.pt is always kept)
+    tensorboard: bool = True  # TensorBoard event files in WORKDIR/tensorboard (rank 0)
     max_failures: int = 3  # Ray Train: restarts after a worker failure
 
 

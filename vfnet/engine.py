@@ -1,9 +1,11 @@
 """The training loop: used alone (`vfnet train`) and inside each Ray Train worker.
 
 A run writes into its work dir (rank 0 only): `config.toml` (the resolved config),
-`metrics.jsonl` (one JSON object per log interval and per evaluation), `checkpoints/last.pt` plus
-`checkpoints/epoch_N.pt` (the newest `train.keep_checkpoints`), and `eval.json` (the final COCO
-metrics). Iterations count optimiser steps; `iter` in the records is the number of steps done.
+`metrics.jsonl` (one JSON object per log interval and per evaluation), `tensorboard/` (the same
+records as TensorBoard scalars, `vfnet.tracking`; `train.tensorboard = false` turns it off),
+`checkpoints/last.pt` plus `checkpoints/epoch_N.pt` (the newest `train.keep_checkpoints`), and
+`eval.json` (the final COCO metrics). Iterations count optimiser steps; `iter` in the records is
+the number of steps done.
 
 Checkpoints are written after every `train.checkpoint_interval` iterations, at the end of every
 epoch (also kept as `epoch_N.pt`) and at the end of training. Re-running on a work dir that holds
@@ -37,6 +39,7 @@ from vfnet.errors import ConfigError, NonFiniteLossError
 from vfnet.evaluate import STAT_NAMES, evaluate, write_json
 from vfnet.model import VFNet
 from vfnet.optim import LrSchedule, build_optimizer
+from vfnet.tracking import TensorBoardRecorder
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,8 @@ class TrainHooks:
     # (metrics, checkpoint file on rank 0 / None on other ranks)
     report: Callable[[dict[str, float], Path | None], None] | None = None
     resume_from: Path | None = None  # resume from this checkpoint instead of workdir/checkpoints/last.pt
+    # called on rank 0 only with every metrics.jsonl record (e.g. an experiment tracker)
+    record: Callable[[dict[str, Any]], None] | None = None
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -191,7 +196,7 @@ class _Run:
     iters_per_epoch: int
     total_iters: int
     hooks: TrainHooks
-    metrics: MetricsLog | None  # rank 0 only
+    recorders: list[Callable[[dict[str, Any]], None]]  # rank 0 only: metrics.jsonl, TensorBoard, hooks.record
 
     @property
     def is_main(self) -> bool:
@@ -200,6 +205,11 @@ class _Run:
     @property
     def checkpoint_dir(self) -> Path:
         return self.workdir / "checkpoints"
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Hand one metrics record to every recorder (none on ranks > 0)."""
+        for recorder in self.recorders:
+            recorder(record)
 
 
 def train(
@@ -247,16 +257,28 @@ def train(
     total = cfg.train.max_iters if cfg.train.max_iters > 0 else cfg.train.epochs * ipe
     schedule = LrSchedule.from_config(cfg.train, iters_per_epoch=ipe, total_iters=total,
                                       world_size=world_size)
-    metrics = None
+    recorders: list[Callable[[dict[str, Any]], None]] = []
+    tensorboard = None
     if rank == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, workdir / "config.toml")
-        metrics = MetricsLog(workdir / "metrics.jsonl", resume_iter=start_iter if state else None)
+        resume_iter = start_iter if state else None
+        recorders.append(MetricsLog(workdir / "metrics.jsonl", resume_iter=resume_iter).write)
+        if cfg.train.tensorboard:
+            tensorboard = TensorBoardRecorder(workdir / "tensorboard", cfg.train.batch_size * world_size,
+                                              resume_iter=resume_iter)
+            recorders.append(tensorboard)
+        if hooks.record is not None:
+            recorders.append(hooks.record)
     run = _Run(cfg, workdir, rank, world_size, device, model, core, optimizer, schedule, ipe, total,
-               hooks, metrics)
+               hooks, recorders)
     log.info("training %d iterations (%d per epoch, global batch %d) on %s", total, ipe,
              cfg.train.batch_size * world_size, device)
-    return _loop(run, start_iter)
+    try:
+        return _loop(run, start_iter)
+    finally:
+        if tensorboard is not None:
+            tensorboard.close()
 
 
 def _prepare_synth(cfg: Config, rank: int, world_size: int) -> None:
@@ -374,9 +396,8 @@ def _log_train(run: _Run, it: int, lr: float, meter: _Meter) -> dict[str, float]
     means = meter.read()
     meter.reset()
     record = {"mode": "train", "iter": it, "epoch": _epoch_of(run, it), "lr": lr, **means}
+    run.record(record)
     if run.is_main:
-        assert run.metrics is not None
-        run.metrics.write(record)
         eta = means["time_per_iter"] * (run.total_iters - it)
         log.info("iter %d/%d epoch %d lr %.3g loss %.4f (cls %.4f init %.4f refine %.4f) "
                  "num_pos %.1f %.3fs/iter eta %s", it, run.total_iters, record["epoch"], lr,
@@ -407,8 +428,7 @@ def _evaluate(run: _Run, it: int) -> dict[str, float]:
     if run.is_main:
         loader, dataset = build_val_loader(run.cfg)
         metrics = evaluate(run.core, loader, dataset, run.device)
-        assert run.metrics is not None
-        run.metrics.write({"mode": "eval", "iter": it, "epoch": _epoch_of(run, it), **metrics})
+        run.record({"mode": "eval", "iter": it, "epoch": _epoch_of(run, it), **metrics})
         write_json(run.workdir / "eval.json", metrics)
         log.info("evaluation at iteration %d: bbox_mAP %.4f, bbox_mAP_50 %.4f", it,
                  metrics["bbox_mAP"], metrics["bbox_mAP_50"])

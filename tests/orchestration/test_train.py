@@ -105,6 +105,8 @@ def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) 
     assert all(r["world_size"] == 2 and r["resumed_from"] is None for r in records)
     assert len({r["pid"] for r in records}) == 2
     assert (run_dir / otrain.WORKDIR_NAME / "eval.json").is_file()
+    # rank 0 alone writes TensorBoard events (every rank has the same work dir path)
+    assert len(list((run_dir / otrain.WORKDIR_NAME / "tensorboard").glob("events.out.tfevents.*"))) == 1
     # The same name again, with a longer schedule: resumes from the registered checkpoint,
     # which is not a restart after a failure.
     more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2,

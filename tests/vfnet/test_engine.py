@@ -192,3 +192,37 @@ def test_hooks_batches_and_resume_from(data, reference, tmp_path):
     short = TrainHooks(train_batches=lambda e, s: list(build_train_loader(cfg, e))[:2], iters_per_epoch=4)
     with pytest.raises(RuntimeError, match="ran out after 2 of 4"):
         train(cfg, tmp_path / "short", hooks=short)
+
+
+def scalar_events(logdir):
+    """{tag: [(step, value), ...]} of the TensorBoard event files in `logdir`, as TensorBoard
+    shows them (events of an earlier writer past a resumed run's purge step hidden)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_match_metrics_and_resume(data, tmp_path):
+    cfg = tiny_config(data, max_iters=6, checkpoint_interval=0, eval_interval=3)  # checkpoints at 4 and 6
+    seen = []
+    train(cfg, tmp_path, hooks=TrainHooks(record=seen.append))
+    assert seen == [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # redo iterations 5 and 6 from the epoch-1 checkpoint: TensorBoard keeps one value per step
+    train(cfg, tmp_path, hooks=TrainHooks(resume_from=tmp_path / "checkpoints" / "epoch_1.pt"))
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    events = scalar_events(tmp_path / "tensorboard")
+    train_recs, eval_recs = records(tmp_path), records(tmp_path, "eval")
+    assert [r["iter"] for r in train_recs] == [1, 2, 3, 4, 5, 6] and [r["iter"] for r in eval_recs] == [3, 6]
+    for name in ("loss", "loss_cls", "loss_bbox_init", "loss_bbox_refine", "num_pos", "lr", "time_per_iter"):
+        assert events[f"train/{name}"] == [(r["iter"], pytest.approx(r[name])) for r in train_recs]
+    assert events["train/images_per_s"] == [(r["iter"], pytest.approx(2 / r["time_per_iter"])) for r in train_recs]
+    for name in AP_NAMES:
+        assert events[f"eval/{name}"] == [(r["iter"], pytest.approx(r[name])) for r in eval_recs]
+
+
+def test_tensorboard_can_be_turned_off(data, tmp_path):
+    cfg = tiny_config(data, max_iters=1, tensorboard=False)
+    train(cfg, tmp_path)
+    assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").is_file()
