@@ -8,7 +8,7 @@ import pytest
 
 from orchestration import train as otrain
 from vfnet.checkpoint import load_checkpoint
-from vfnet.errors import ArgumentError
+from vfnet.errors import ArgumentError, CheckpointError
 
 pytestmark = pytest.mark.ray
 
@@ -51,7 +51,7 @@ def test_restore_checkpoint(tmp_path: Path) -> None:
     assert restored == dest / otrain.CHECKPOINT_NAME and restored.read_bytes() == b"state"
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=otrain.CHECKPOINT_NAME):
+    with pytest.raises(CheckpointError, match=otrain.CHECKPOINT_NAME):
         otrain.restore_checkpoint(Checkpoint.from_directory(empty), dest)
 
 
