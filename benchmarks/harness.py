@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import io
 import statistics
 import subprocess
 import time
@@ -19,6 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from vfnet.atomic import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUANTILES = (0.5, 0.2, 0.8)
@@ -149,21 +152,24 @@ def ceiling_rows(benchmark: str, device: torch.device) -> list[Row]:
 
 def write_rows(script: str, rows: list[Row], device: torch.device, *,
                out_dir: Path | None = None) -> Path:
-    """Stamp rows with device, commit and time; append them to <out_dir>/<script>.csv
+    """Stamp rows with device, commit and time; append them to <out_dir>/<script>.csv (the file
+    is replaced atomically)
     (out_dir defaults to benchmarks/results)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{script}.csv"
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     name, commit = device_name(device), git_commit()
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[f.name for f in fields(Row)])
-        if new:
-            writer.writeheader()
-        for row in rows:
-            row.device, row.commit, row.timestamp = name, commit, stamp
-            writer.writerow(asdict(row))
+    old = path.read_text() if path.exists() else ""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=[f.name for f in fields(Row)])
+    if not old:
+        writer.writeheader()
+    for row in rows:
+        row.device, row.commit, row.timestamp = name, commit, stamp
+        writer.writerow(asdict(row))
+    with atomic_write(path, "w") as fh:  # the old rows plus the new ones, never a torn row
+        fh.write(old + text.getvalue())
     return path
 
 
@@ -202,6 +208,7 @@ def plot_rows(script: str, rows: list[Row], metric: str, title: str, *,
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{script}.png"
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=110)
     plt.close(fig)
     return path

@@ -40,6 +40,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import harness, workload
+from vfnet.atomic import write_text
 
 log = logging.getLogger("benchmarks.profile_step")
 
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> Profile:
               f"command: {command}\n"
               f"{profile_.steps} profiled step(s) after {args.warmup} warm-up step(s); ms per step\n")
     path = out_dir / f"{name}.txt"
-    path.write_text(f"{header}\n{format_profile(profile_)}\n\ntorch.profiler operator table\n{table}\n")
+    write_text(path, f"{header}\n{format_profile(profile_)}\n\ntorch.profiler operator table\n{table}\n")
     log.info("\n%s", format_profile(profile_))
     log.info("wrote %s", path)
     return profile_

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from vfnet.atomic import write_text
 from vfnet.config import Config, DataConfig
 from vfnet.data.coco import Batch, collate
 from vfnet.data.parquet import decode_row, pack, read_categories
@@ -80,7 +81,7 @@ def prepare_train_shards(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pack(data_cfg.train_ann, data_cfg.train_images, tmp)
-        (tmp / _COMPLETE).write_text(f"{Path(data_cfg.train_ann).resolve()}\n")
+        write_text(tmp / _COMPLETE, f"{Path(data_cfg.train_ann).resolve()}\n")
         shutil.rmtree(entry, ignore_errors=True)  # a leftover without _COMPLETE
         try:
             tmp.rename(entry)

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vfnet.atomic import write_json
 from vfnet.config import Config, config_from_dict, load_config
 from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
 
@@ -378,9 +379,7 @@ def _rank0_starts(run_dir: Path) -> int:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, data, indent=2, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from orchestration.train import (
     run_on_ray,
     torch_threads,
 )
+from vfnet.atomic import atomic_write
 from vfnet.config import Config, config_from_dict, load_config, set_value, validate
 from vfnet.errors import ArgumentError, ConfigError, run_main
 
@@ -261,7 +262,8 @@ def write_outputs(rows: list[dict[str, Any]], base: Config, keys: list[str], met
 
     from vfnet.config import save_config
 
-    pq.write_table(pa.Table.from_pylist(rows), out / "results.parquet")
+    with atomic_write(out / "results.parquet") as fh:
+        pq.write_table(pa.Table.from_pylist(rows), fh)
     scored = [r for r in rows if not math.isnan(r[f"final_{metric}"])]
     if scored:
         best = max(scored, key=lambda r: r[f"final_{metric}"])
@@ -297,7 +299,8 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: P
     axes[0][0].legend(fontsize="small")
     fig.suptitle(f"Ray Tune sweep: {len(rows)} trials")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from vfnet.atomic import atomic_write
 from vfnet.config import load_config
 from vfnet.errors import ArgumentError, DatasetError, run_main
 
@@ -128,7 +129,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             draw.rectangle((x, y, x + right - left + 2, y + bottom - top + 2), fill=_colour(label))
             draw.text((x + 1, y), text, fill=(255, 255, 255))
         target = out / f"{path.stem}.png"
-        image.save(target)
+        with atomic_write(target) as fh:
+            image.save(fh, format="PNG")
         log.info("%s: %d detections (%d drawn with score >= %.2f) -> %s", path, len(pred["scores"]),
                  shown, args.score_thr, target)
     write_json(out / "results.json", results)

@@ -231,10 +231,9 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as TOML (atomically)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(cfg.to_toml())
-    tmp.replace(path)
+    from vfnet.atomic import write_text
+
+    write_text(path, cfg.to_toml())
 
 
 def validate(cfg: Config, source: str = "config") -> None:

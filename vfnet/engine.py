@@ -32,7 +32,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vfnet.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint, set_rng_state
+from vfnet.atomic import write_text
+from vfnet.checkpoint import (
+    checkpoint_candidates,
+    checkpoint_config,
+    load_checkpoint,
+    load_newest_valid,
+    restore_into,
+    save_checkpoint,
+)
 from vfnet.config import Config, save_config
 from vfnet.data import Batch, build_train_loader, build_val_loader
 from vfnet.errors import ConfigError, NonFiniteLossError
@@ -110,9 +118,7 @@ class MetricsLog:
             self._replace("".join(line + "\n" for line in kept))
 
     def _replace(self, text: str) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        write_text(self.path, text)
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
@@ -242,11 +248,8 @@ def train(
         diff = _config_diff(checkpoint_config(state, source), cfg)
         if diff:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", ", ".join(diff))
-        core.load_state_dict(state["model"])
-        if state["optimizer"]:
-            optimizer.load_state_dict(state["optimizer"])
-        start_iter = int(state["iteration"])
-        set_rng_state(state["rng"])
+        restore_into(source, state, core, optimizer, rng=True)
+        start_iter = state["iteration"]
         log.info("resumed from %s at iteration %d", source, start_iter)
     model: torch.nn.Module = core
     if world_size > 1:
@@ -293,13 +296,16 @@ def _prepare_synth(cfg: Config, rank: int, world_size: int) -> None:
 
 def _find_checkpoint(workdir: Path, resume: bool, hooks: TrainHooks,
                      device: torch.device) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from: `hooks.resume_from` (must verify), else with `resume` the
+    newest of `workdir/checkpoints` that verifies (newer corrupt ones are skipped, with a
+    warning), else none."""
     if hooks.resume_from is not None:
         path = Path(hooks.resume_from)
-    elif resume and (workdir / "checkpoints" / "last.pt").is_file():
-        path = workdir / "checkpoints" / "last.pt"
-    else:
+        return load_checkpoint(path, map_location=device), path
+    if not resume:
         return None, None
-    return load_checkpoint(path, map_location=device), path
+    found = load_newest_valid(checkpoint_candidates(workdir / "checkpoints"), map_location=device)
+    return found if found is not None else (None, None)
 
 
 def _batches(run: _Run, epoch: int, start_batch: int) -> Iterable[Batch]:

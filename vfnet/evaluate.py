@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from vfnet import atomic
 from vfnet.optional import require
 
 log = logging.getLogger(__name__)
@@ -133,10 +132,5 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Any], dataset: Any,
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write `payload` as indented JSON atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write `payload` as indented JSON atomically (`vfnet.atomic`); the path."""
+    return atomic.write_json(path, payload, indent=2)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from vfnet.checkpoint import checkpoint_config, load_checkpoint
+from vfnet.checkpoint import checkpoint_config, load_checkpoint, restore_into
 from vfnet.config import Config, apply_overrides
 from vfnet.data import DatasetError
 from vfnet.data.coco import parse_coco, read_json
@@ -39,15 +39,15 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
 
     `overrides` are `--set` strings (`"infer.score_thr=0.1"`) applied to the stored config; the
     device is `device`, else the config's `train.device` ("auto": CUDA when available). Raises
-    CheckpointError (a `vfnet.errors.UserError`) naming the file when it is missing, truncated or not a vfnet
-    checkpoint, ConfigError for a bad override.
+    CheckpointError (a `vfnet.errors.UserError`) naming the file when it is missing, corrupt,
+    not a vfnet checkpoint or does not fit its config, ConfigError for a bad override.
     """
     state = load_checkpoint(checkpoint)
     cfg = apply_overrides(checkpoint_config(state, checkpoint), overrides or [])
     cfg.model.pretrained = ""  # the checkpoint holds every weight
     device = device or resolve_device(cfg.train.device)
     model = VFNet(cfg)
-    model.load_state_dict(state["model"])
+    restore_into(checkpoint, state, model)
     return LoadedModel(model.to(device).eval(), cfg, device)
 
 

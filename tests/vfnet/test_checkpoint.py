@@ -1,21 +1,26 @@
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from corrupt import flip_tensor_bit
 from torch import nn
 
 from vfnet.checkpoint import (
     CheckpointError,
     atomic_torch_save,
+    checkpoint_candidates,
     checkpoint_config,
     load_checkpoint,
+    load_newest_valid,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_digest,
 )
 from vfnet.config import Config
-from vfnet.errors import UserError
+from vfnet.errors import EnvError, UserError
 
 
 def _model_and_opt():
@@ -103,8 +108,65 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(EnvError, match="last.pt: cannot write: disk full"):
         atomic_torch_save({"v": torch.zeros(3)}, target)
     monkeypatch.undo()
     assert torch.equal(torch.load(target, weights_only=True)["v"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_flipped_bit_in_tensor_data_is_reported_as_corruption(tmp_path):
+    model, opt = _model_and_opt()
+    path = save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=3, epoch=0, config=Config())
+    state = load_checkpoint(path)
+    assert state["sha256"] == state_digest(state)
+    for fraction in (0.0, 0.5, 0.999):
+        damaged = tmp_path / f"flip{fraction}.pt"
+        shutil.copyfile(path, damaged)
+        flip_tensor_bit(damaged, fraction)
+        # torch itself reads the damaged tensor back without complaint ...
+        raw = torch.load(damaged, weights_only=True)
+        assert raw["sha256"] == state["sha256"] and state_digest(raw) != state["sha256"]
+        # ... the content hash does not
+        with pytest.raises(CheckpointError, match=f"{damaged.name}: checkpoint is corrupt"):
+            load_checkpoint(damaged)
+
+
+def test_digest_covers_values_not_only_tensors():
+    model, opt = _model_and_opt()
+    state = {"format": 2, "model": model.state_dict(), "iteration": 3, "epoch": 0, "config": "x",
+             "optimizer": opt.state_dict()}
+    digest = state_digest(state)
+    assert digest == state_digest({**state, "sha256": "ignored"})
+    assert digest != state_digest({**state, "iteration": 4})
+    assert digest != state_digest({**state, "config": "y"})
+    assert digest != state_digest({**state, "epoch": 0.0})
+
+
+def test_format_1_checkpoints_load_unverified(tmp_path, caplog):
+    model, opt = _model_and_opt()
+    path = save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=3, epoch=0, config=Config())
+    old = load_checkpoint(path)
+    old.pop("sha256")
+    old["format"] = 1
+    torch.save(old, tmp_path / "v1.pt")
+    assert load_checkpoint(tmp_path / "v1.pt")["iteration"] == 3
+    assert "no content hash" in caplog.text
+
+
+def test_newest_valid_skips_corrupt_and_names_them(tmp_path, caplog):
+    model, opt = _model_and_opt()
+    for epoch in (1, 2):
+        save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=4 * epoch, epoch=epoch,
+                        config=Config(), epoch_file=epoch)
+    save_checkpoint(tmp_path, model=model, optimizer=opt, iteration=10, epoch=2, config=Config())
+    assert [p.name for p in checkpoint_candidates(tmp_path)] == ["last.pt", "epoch_2.pt", "epoch_1.pt"]
+    flip_tensor_bit(tmp_path / "last.pt")
+    (tmp_path / "epoch_2.pt").write_bytes((tmp_path / "epoch_2.pt").read_bytes()[:500])
+    state, path = load_newest_valid(checkpoint_candidates(tmp_path))
+    assert path.name == "epoch_1.pt" and state["iteration"] == 4
+    assert "skipping checkpoint" in caplog.text and "last.pt" in caplog.text and "epoch_2.pt" in caplog.text
+    flip_tensor_bit(tmp_path / "epoch_1.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint verifies.*last.pt.*epoch_2.pt.*epoch_1.pt"):
+        load_newest_valid(checkpoint_candidates(tmp_path))
+    assert load_newest_valid([]) is None

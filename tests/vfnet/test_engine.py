@@ -1,12 +1,14 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
 
 import pytest
 import torch
+from corrupt import flip_tensor_bit
 
 from tiny_run import make_data, records, tiny_config, vfnet_command, write_config
 from vfnet.checkpoint import checkpoint_config, load_checkpoint
@@ -226,3 +228,21 @@ def test_tensorboard_can_be_turned_off(data, tmp_path):
     cfg = tiny_config(data, max_iters=1, tensorboard=False)
     train(cfg, tmp_path)
     assert not (tmp_path / "tensorboard").exists() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_resume_skips_corrupt_checkpoints(data, reference, tmp_path, caplog):
+    """last.pt and epoch_3.pt damaged (one flipped bit each): the run resumes from epoch_2.pt, the
+    newest that verifies, says which it skipped, and continues exactly as the reference did."""
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    flip_tensor_bit(tmp_path / "checkpoints" / "last.pt")
+    flip_tensor_bit(tmp_path / "checkpoints" / "epoch_3.pt", fraction=0.25)
+    with caplog.at_level("INFO"):
+        train(tiny_config(data, max_iters=12), tmp_path)
+    assert "skipping checkpoint" in caplog.text and "epoch_3.pt" in caplog.text
+    assert f"resumed from {tmp_path / 'checkpoints' / 'epoch_2.pt'} at iteration 8" in caplog.text
+    got, ref = records(tmp_path), records(ref_dir)
+    assert [r["iter"] for r in got] == [9, 10, 11, 12]
+    for a, b in zip(got, ref[8:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["iter"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 12

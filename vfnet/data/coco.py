@@ -223,14 +223,6 @@ def read_image_size(path: Path) -> tuple[int, int]:
         raise DatasetError(f"{path}: cannot read image: {exc}") from None
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write `data` as json to `path` through a temporary file renamed over it (no partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
-
-
 def decode_image(source: Path | bytes, name: str | Path) -> Image.Image:
     """Open an image file or encoded bytes as RGB (grayscale, palette, RGBA, CMYK converted);
     DatasetError naming `name` when missing or unreadable."""

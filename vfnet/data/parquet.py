@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from vfnet.atomic import atomic_write
 from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample
 from vfnet.data.transforms import Transform
 from vfnet.errors import ArgumentError, DatasetError
@@ -73,9 +74,8 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
                 columns["labels"].append(r.labels.tolist())
                 bar.update()
             shard = out_dir / f"part-{len(shards):05d}.parquet"
-            tmp = shard.with_suffix(".parquet.tmp")
-            pq.write_table(pa.table(columns, schema=schema), tmp, row_group_size=row_group_size)
-            tmp.replace(shard)
+            with atomic_write(shard) as fh:
+                pq.write_table(pa.table(columns, schema=schema), fh, row_group_size=row_group_size)
             shards.append(shard)
     log.info("packed %d images of %s into %d shards in %s", len(records), ann_file, len(shards), out_dir)
     return shards

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from vfnet.atomic import atomic_write, write_text
 from vfnet.config import DataConfig
 from vfnet.errors import ArgumentError
 
@@ -115,12 +116,6 @@ def render_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, list
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8)), objects
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
-
-
 def synthesize(out_dir: str | Path, *, images: int = 512, size: int = 256, seed: int = 0) -> dict[str, int]:
     """Write `out_dir/images/{train,val}/NNNNNN.png` and `out_dir/annotations/{train,val}.json`
     (`images` training images, max(1, images // 4) validation images, `size` x `size` px).
@@ -143,7 +138,8 @@ def synthesize(out_dir: str | Path, *, images: int = 512, size: int = 256, seed:
                        disable=not sys.stderr.isatty()):
             image, objects = render_image(np.random.default_rng((seed, split_index, i)), size)
             name = f"{i + 1:06d}.png"
-            _write_atomic(image_dir / name, lambda p, im=image: im.save(p, format="PNG"))
+            with atomic_write(image_dir / name) as fh:
+                image.save(fh, format="PNG")
             entries.append({"id": i + 1, "file_name": name, "width": size, "height": size})
             for obj in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "iscrowd": 0, **obj})
@@ -152,7 +148,7 @@ def synthesize(out_dir: str | Path, *, images: int = 512, size: int = 256, seed:
             "images": entries, "annotations": annotations, "categories": categories,
         }
         text = json.dumps(data, separators=(",", ":"))
-        _write_atomic(out_dir / "annotations" / f"{split}.json", lambda p, t=text: p.write_text(t))
+        write_text(out_dir / "annotations" / f"{split}.json", text)
         stats[f"{split}_images"], stats[f"{split}_boxes"] = count, len(annotations)
     log.info("synthesized shapes data in %s: %s", out_dir, stats)
     return stats

@@ -19,7 +19,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from vfnet.data.coco import read_image_size, write_json_atomic
+from vfnet.atomic import write_json
+from vfnet.data.coco import read_image_size
 from vfnet.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_json: str | Pat
     if mismatched:
         log.warning("%s: %d xml files give an image size that differs from the image file's "
                     "(the file's size is used)", xml_dir, mismatched)
-    write_json_atomic(out_json, data)
+    write_json(out_json, data)
     stats = {"images": len(images), "annotations": len(annotations), "categories": len(names),
              "difficult": difficult, "dropped_zero_size": dropped, "size_mismatch": mismatched}
     log.info("converted %s -> %s: %s", xml_dir, out_json, stats)

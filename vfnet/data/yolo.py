@@ -29,8 +29,9 @@ from typing import Any
 import yaml
 from PIL import Image
 
+from vfnet.atomic import write_json
 from vfnet.data import DatasetError
-from vfnet.data.coco import read_image_size, write_json_atomic
+from vfnet.data.coco import read_image_size
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +173,7 @@ def convert_pairs(pairs: list[tuple[Path, Path]], names: list[str], images_root:
                     "rotated frame, the loader reads the pixels as stored", rotated)
     data = {"images": images, "annotations": annotations,
             "categories": [{"id": i + 1, "name": n, "supercategory": "none"} for i, n in enumerate(names)]}
-    write_json_atomic(Path(out_json), data)
+    write_json(out_json, data)
     stats = {"images": len(images), "annotations": len(annotations), "categories": len(names),
              "background": background, "dropped_zero_size": dropped, "duplicates": duplicates,
              "rotated_exif": rotated}
