@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.atomic import write_json
 from vfnet.config import Config, config_from_dict, load_config
 from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
@@ -75,6 +76,7 @@ class WorkerSpec:
     iters_per_epoch: int
     cat_ids: list[int]  # contiguous label -> COCO category id of the training shards
     torch_threads: int  # intra-op threads per worker
+    mlflow: tuple[str, str] | None = None  # (tracking URI, run id): rank 0 logs the engine's records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     torch.set_num_threads(spec.torch_threads)
     cfg = config_from_dict(spec.config, source="ray worker config")
     run_dir = Path(spec.run_dir)
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     checkpoint = ray.train.get_checkpoint()
     write_worker_record(run_dir, checkpoint.path if checkpoint is not None else None)
     with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
@@ -160,6 +163,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
             iters_per_epoch=spec.iters_per_epoch,
             report=RayReporter(ray.train.report),
             resume_from=resume_from,
+            record=(MlflowRecorder(*spec.mlflow, cfg.train.batch_size * context.get_world_size())
+                    if spec.mlflow is not None and rank == 0 else None),
         )
         # Ray's registered checkpoint is the only resume source: a last.pt the failed attempt
         # wrote after it is not used (recovery is at-least-once from what Ray registered).
@@ -212,11 +217,12 @@ def connect_or_raise(address: str | None) -> bool:
 
 def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_worker: float,
                   storage: Path, name: str, parquet_dir: Path, placement_strategy: str = "PACK",
-                  callbacks: Sequence[Any] = ()) -> Any:
+                  callbacks: Sequence[Any] = (), mlflow_run: tuple[str, str] | None = None) -> Any:
     """A `TorchTrainer` running `train_loop_per_worker` on `num_workers` workers over the shards
     in `parquet_dir`, its run in `storage/name`. `cfg` must have absolute paths.
     `placement_strategy` places the workers' resource bundles (Ray placement group strategies:
-    PACK fills few nodes, SPREAD / STRICT_SPREAD put workers on different nodes)."""
+    PACK fills few nodes, SPREAD / STRICT_SPREAD put workers on different nodes). `mlflow_run`:
+    (tracking URI, run id) that rank 0 logs into."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -229,6 +235,7 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_work
         iters_per_epoch=iters_per_epoch(count_rows(parquet_dir), num_workers, cfg.train.batch_size),
         cat_ids=shard_cat_ids(parquet_dir),
         torch_threads=torch_threads(cpus_per_worker),
+        mlflow=mlflow_run,
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -250,9 +257,11 @@ def build_trainer(cfg: Config, *, num_workers: int, use_gpu: bool, cpus_per_work
 
 def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
                  cpus_per_worker: float = 0.5, storage: str | Path = DEFAULT_STORAGE,
-                 name: str | None = None, placement_strategy: str = "PACK") -> dict[str, Any]:
+                 name: str | None = None, placement_strategy: str = "PACK",
+                 mlflow: MlflowTarget | None = None) -> dict[str, Any]:
     """Train `cfg` on the connected Ray cluster and write `<storage>/<name>/result.json`;
-    return its contents. Raises `TrainingFailed` when the run failed for good."""
+    return its contents (logged to MLflow too with `mlflow`). Raises `TrainingFailed` when the
+    run failed for good."""
     storage = Path(storage).resolve()
     cfg = absolute_paths(cfg)
     name = name or default_name()
@@ -265,13 +274,19 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
     if cfg.data.synth:
         ensure_synth(cfg.data)
     parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR)
+    mlflow_run = (mlflow.uri, start_train_run(mlflow, name, str(run_dir), cfg)) if mlflow else None
     trainer = build_trainer(cfg, num_workers=num_workers, use_gpu=use_gpu,
                             cpus_per_worker=cpus_per_worker, storage=storage, name=name,
-                            parquet_dir=parquet_dir, placement_strategy=placement_strategy)
+                            parquet_dir=parquet_dir, placement_strategy=placement_strategy,
+                            mlflow_run=mlflow_run)
     starts_before = _rank0_starts(run_dir)
     log.info("training %s on %d worker(s) (%s) in %s", name, num_workers,
              "GPU" if use_gpu else "CPU", run_dir)
-    result = fit_trainer(trainer)
+    try:
+        result = fit_trainer(trainer)
+    finally:
+        if mlflow_run is not None:
+            end_train_run(mlflow, mlflow_run[1], ok=sys.exc_info()[0] is None)
     restarts = max(0, _rank0_starts(run_dir) - starts_before - 1)
     if result.checkpoint is None or not isinstance(result.return_value, dict):
         raise TrainingFailed(f"run {name} finished without metrics or checkpoint")
@@ -404,6 +419,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"run storage every node can reach (default {DEFAULT_STORAGE})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--mlflow-uri", default=None, metavar="URI",
+                        help="log to MLflow at this tracking URI (http://..., sqlite:///..., "
+                             "file:///...); credentials from MLflow's environment variables")
+    parser.add_argument("--mlflow-experiment", default="vfnet", metavar="NAME",
+                        help="MLflow experiment (default vfnet; created when missing)")
+
+
+def mlflow_target(args: argparse.Namespace) -> MlflowTarget | None:
+    """The MLflow target of the command line, None without --mlflow-uri."""
+    return MlflowTarget(args.mlflow_uri, args.mlflow_experiment) if args.mlflow_uri else None
 
 
 def parse_args(argv: Sequence[str] | None = None,
@@ -429,7 +454,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration
             args.address,
             lambda: run_training(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu,
                                  cpus_per_worker=args.cpus_per_worker, storage=args.storage,
-                                 name=args.name, placement_strategy=args.placement_strategy))
+                                 name=args.name, placement_strategy=args.placement_strategy,
+                                 mlflow=mlflow_target(args)))
 
     return run_main(body)
 

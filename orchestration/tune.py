@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import (
     DEFAULT_STORAGE,
     PACKED_DIR,
@@ -45,6 +46,7 @@ from orchestration.train import (
     check_flags,
     default_name,
     fit_trainer,
+    mlflow_target,
     restore_checkpoint,
     run_on_ray,
     torch_threads,
@@ -181,7 +183,7 @@ def check_sweep_flags(cfg: Config, num_samples: int, max_concurrent: int, num_wo
 def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent: int = 0,
               num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 0.5,
               placement_strategy: str = "PACK", storage: str | Path = DEFAULT_STORAGE,
-              name: str | None = None) -> list[dict[str, Any]]:
+              name: str | None = None, mlflow: MlflowTarget | None = None) -> list[dict[str, Any]]:
     """Run the sweep on the connected Ray cluster and write `--out`'s files; returns the rows
     of results.parquet."""
     from ray import tune
@@ -228,6 +230,7 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
             storage_path=str(storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=[tune_callback(mlflow)] if mlflow else None,
         ),
     )
     grid = tuner.fit()
@@ -336,7 +339,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration
                               max_concurrent=args.max_concurrent, num_workers=args.num_workers,
                               use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                               placement_strategy=args.placement_strategy, storage=args.storage,
-                              name=args.name))
+                              name=args.name, mlflow=mlflow_target(args)))
 
     return run_main(body)
 

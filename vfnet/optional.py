@@ -12,7 +12,7 @@ from types import ModuleType
 from vfnet.errors import MissingPackageError
 
 # import name -> pip distribution name, where they differ
-_DISTRIBUTIONS = {"tomli_w": "tomli-w"}
+_DISTRIBUTIONS = {"tomli_w": "tomli-w", "mlflow": "mlflow-skinny"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vfnet.optional import require
+
 _TRAIN_KEYS = ("loss", "loss_cls", "loss_bbox_init", "loss_bbox_refine", "num_pos", "grad_norm", "lr",
                "time_per_iter", "data_time")
 _NOT_SCALARS = ("mode", "iter", "epoch")
@@ -40,6 +42,7 @@ class TensorBoardRecorder:
     of earlier writers past it (they are redone), as `metrics.jsonl` drops its records."""
 
     def __init__(self, logdir: Path, images_per_iter: int, resume_iter: int | None = None) -> None:
+        require("tensorboard", "TensorBoard logging (train.tensorboard = false turns it off)")
         from torch.utils.tensorboard import SummaryWriter
 
         self.images_per_iter = images_per_iter

@@ -28,6 +28,11 @@ if "ray" not in sys.modules and not os.environ.get("RAY_AUTH_MODE"):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
 
+# MLflow >= 3 refuses its file store (the tests' tracking store) unless this is set; set before
+# the session's Ray starts so that its workers (rank 0 logs to MLflow) inherit it.
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """16 training and 4 validation shapes images of 64 px."""

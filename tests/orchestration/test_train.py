@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from orchestration import train as otrain
+from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
 from vfnet.checkpoint import load_checkpoint
 from vfnet.errors import ArgumentError, CheckpointError
 
@@ -93,7 +94,8 @@ def test_workers_must_leave_a_cpu_to_ray_data(tiny_config, tmp_path: Path, ray_s
 
 def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) -> None:
     storage = tmp_path / "runs"
-    summary = otrain.run_training(tiny_config(), num_workers=2, storage=storage, name="pair")
+    mlflow = MlflowTarget((tmp_path / "mlruns").as_uri(), "pairs")
+    summary = otrain.run_training(tiny_config(), num_workers=2, storage=storage, name="pair", mlflow=mlflow)
     run_dir = storage / "pair"
     assert json.loads((run_dir / otrain.RESULT_NAME).read_text()) == summary
     assert summary["iterations"] == 4 and summary["restarts"] == 0 and summary["num_workers"] == 2
@@ -110,10 +112,32 @@ def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) 
     # The same name again, with a longer schedule: resumes from the registered checkpoint,
     # which is not a restart after a failure.
     more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2,
-                               storage=storage, name="pair")
+                               storage=storage, name="pair", mlflow=mlflow)
     assert more["iterations"] == 6 and more["restarts"] == 0
     assert int(load_checkpoint(Path(more["checkpoint"]))["iteration"]) == 6
     resumed = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
     assert sum(r["resumed_from"] is not None for r in resumed) == 2
     # train.keep_checkpoints = 2 registered checkpoints are kept
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+    # one MLflow run for both invocations: the first config's parameters, rank 0's records
+    check_mlflow_run(mlflow, run_dir, [r for r in _records(run_dir) if r["mode"] == "train"], more["bbox_mAP"])
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / otrain.WORKDIR_NAME / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_mlflow_run(target: MlflowTarget, run_dir: Path, train_records: list[dict], final_map: float) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=target.uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.data.tags[RUN_DIR_TAG] == str(run_dir)
+    assert run.data.params["train.max_iters"] == "4" and run.data.params["model.depth"] == "18"
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert loss == [(r["iter"], pytest.approx(r["loss"])) for r in train_records]  # steps 1..6, once each
+    assert len(client.get_metric_history(run.info.run_id, "train/images_per_s")) == 6
+    assert run.data.metrics["eval/bbox_mAP"] == pytest.approx(final_map)

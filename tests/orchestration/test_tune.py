@@ -9,6 +9,7 @@ import pytest
 
 from orchestration import train as otrain
 from orchestration import tune as otune
+from orchestration.tracking import MlflowTarget
 from vfnet.config import Config, ConfigError, load_config
 
 pytestmark = pytest.mark.ray
@@ -106,9 +107,22 @@ def _check_sweep(rows: list[dict], out: Path, num_samples: int) -> None:
 
 def test_sweep_engine_in_trial(tiny_config, tmp_path: Path, ray_session) -> None:
     out = tmp_path / "out"
+    mlflow = MlflowTarget((tmp_path / "mlruns").as_uri(), "sweeps")
     rows = otune.run_sweep(_sweep_config(tiny_config), num_samples=2, out=out, max_concurrent=2,
-                           storage=tmp_path / "runs", name="sweep1")
+                           storage=tmp_path / "runs", name="sweep1", mlflow=mlflow)
     _check_sweep(rows, out, 2)
+    # Ray's MLflow callback: one MLflow run per trial, its sampled values and reported metrics
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow.uri)
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    by_alpha = {float(run.data.params["loss.alpha"]): run for run in runs}
+    assert sorted(by_alpha) == sorted(row["loss.alpha"] for row in rows)
+    for row in rows:
+        run = by_alpha[row["loss.alpha"]]
+        assert float(run.data.params["loss.gamma"]) == row["loss.gamma"]
+        assert run.data.metrics["bbox_mAP"] == pytest.approx(row["final_bbox_mAP"])
+        assert run.data.metrics["iteration"] == 4 and run.info.status == "FINISHED"
 
 
 def test_sweep_torch_trainer_per_trial(tiny_config, tmp_path: Path, ray_session) -> None:
