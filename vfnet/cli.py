@@ -5,6 +5,7 @@
     vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
     vfnet predict --checkpoint FILE --out DIR [--score-thr S] IMAGE...
+    vfnet convert mmdet IN.pth OUT.pt
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
     vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
     vfnet data convert --yolo LABELS_DIR --images DIR --names FILE --out FILE.json
@@ -101,6 +102,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise DatasetError(f"{path}: image file not found")
     model, cfg, device = load_model(args.checkpoint)
     cat_ids, names = class_info(cfg)
+    name_of = dict(zip(cat_ids, names))
     transform = build_transform(cfg.data, train=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         (pred,) = model.predict(batch.images, batch.image_sizes, batch.scales)
         pred = {k: v.cpu() for k, v in pred.items()}
         for entry in to_coco_results([pred], [image_id], cat_ids):
-            results.append({**entry, "file_name": path.name})
+            results.append({**entry, "category_name": name_of[entry["category_id"]], "file_name": path.name})
         draw = ImageDraw.Draw(image)
         shown = 0
         for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
@@ -135,6 +137,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
                  shown, args.score_thr, target)
     write_json(out / "results.json", results)
     print(f"{len(images)} images, {len(results)} detections; PNGs and results.json in {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vfnet.mmdet import convert, describe
+
+    cfg = convert(args.input, args.output)
+    print(f"{args.output}: {describe(cfg)} (from {args.input})")
     return 0
 
 
@@ -232,6 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thr", type=float, default=0.3, help="draw boxes scoring at least this")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("convert", help="another framework's checkpoint to a vfnet checkpoint")
+    p.add_argument("source", choices=["mmdet"], help="the framework: mmdet (mmdetection 2.x or 3.x VFNet)")
+    p.add_argument("input", metavar="IN", help="the checkpoint to convert (.pth)")
+    p.add_argument("output", metavar="OUT", help="the vfnet checkpoint to write (.pt)")
+    p.set_defaults(func=cmd_convert)
 
     data = sub.add_parser("data", help="data set tools").add_subparsers(dest="data_command", required=True,
                                                                         metavar="TOOL")

@@ -36,6 +36,8 @@ class ModelConfig:
     depth: int = 50  # ResNet depth: 18, 34, 50 or 101
     num_classes: int = 80
     pretrained: str = ""  # path to a torchvision-format ImageNet state dict; "" = random init
+    init_from: str = ""  # vfnet or mmdetection checkpoint to start training from (not a resume)
+    class_names: list[str] = field(default_factory=list)  # in label order; [] = from the training set
     frozen_stages: int = 1  # 0 = nothing frozen, 1 = stem + stage 1 frozen, ...
     norm_eval: bool = True  # backbone BatchNorm statistics frozen (eval mode)
     fpn_channels: int = 256
@@ -241,6 +243,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     checks: list[tuple[str, bool, str]] = [
         ("model.depth", cfg.model.depth in (18, 34, 50, 101), "one of 18, 34, 50, 101"),
         ("model.num_classes", cfg.model.num_classes >= 1, ">= 1"),
+        ("model.class_names", len(cfg.model.class_names) in (0, cfg.model.num_classes),
+         "empty or one name per class (model.num_classes)"),
         ("model.frozen_stages", 0 <= cfg.model.frozen_stages <= 4, "in 0..4"),
         ("model.kernels", cfg.model.kernels in ("triton", "torch"), "'triton' or 'torch'"),
         ("model.strides", len(cfg.model.strides) == 5 and all(s > 0 for s in cfg.model.strides),

@@ -16,6 +16,7 @@ as the uninterrupted one would have. The engine never imports Ray: a caller plug
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -43,11 +44,13 @@ from vfnet.checkpoint import (
 )
 from vfnet.config import Config, save_config
 from vfnet.data import Batch, build_train_loader, build_val_loader
+from vfnet.data.loader import train_dataset
 from vfnet.errors import ConfigError, NonFiniteLossError
 from vfnet.evaluate import STAT_NAMES, evaluate, write_json
 from vfnet.model import VFNet
 from vfnet.optim import LrSchedule, build_optimizer
 from vfnet.tracking import TensorBoardRecorder
+from vfnet.transfer import init_from
 
 log = logging.getLogger(__name__)
 
@@ -239,9 +242,17 @@ def train(
     if cfg.data.synth and hooks.train_batches is None:
         _prepare_synth(cfg, rank, world_size)
 
+    if not cfg.model.class_names and hooks.train_batches is None:
+        names = train_dataset(cfg.data).class_names
+        if len(names) == cfg.model.num_classes:  # stored with the config in every checkpoint
+            cfg = copy.deepcopy(cfg)
+            cfg.model.class_names = list(names)
+
     state, source = _find_checkpoint(workdir, resume, hooks, device)
     _seed_everything(cfg.train.seed)
     core = VFNet(cfg).to(device)
+    if state is None and cfg.model.init_from:
+        init_from(core, cfg.model.init_from)
     optimizer = build_optimizer(core, cfg.train, world_size)
     start_iter = 0
     if state is not None:

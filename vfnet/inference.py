@@ -52,15 +52,23 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
 
 
 def class_info(cfg: Config) -> tuple[list[int], list[str]]:
-    """COCO category ids and names of the model's classes, read from the config's val (else
-    train) annotation file; `1..C` and `class_i` when neither can be read."""
+    """COCO category ids and names of the model's classes.
+
+    Names: the config's `model.class_names` (stored with every checkpoint), else those of its val
+    (else train) annotation file; ids: from that annotation file when it has one per class, else
+    `1..C`. Without either, names are `class_i`.
+    """
+    stored = list(cfg.model.class_names)
     for ann in (cfg.data.val_ann, cfg.data.train_ann):
         try:
             _, cat_ids, names = parse_coco(read_json(ann), ann)
         except DatasetError:
             continue
         if len(cat_ids) == cfg.model.num_classes:
-            return cat_ids, names
-    log.warning("class names unknown (annotation files of the checkpoint's config not readable): "
+            return cat_ids, stored or names
+    ids = list(range(1, cfg.model.num_classes + 1))
+    if stored:
+        return ids, stored
+    log.warning("class names unknown (not in the checkpoint, annotation files of its config not readable): "
                 "using category ids 1..%d", cfg.model.num_classes)
-    return list(range(1, cfg.model.num_classes + 1)), [f"class_{i}" for i in range(cfg.model.num_classes)]
+    return ids, [f"class_{i}" for i in range(cfg.model.num_classes)]
