@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vfnet.atomic import write_text
 from vfnet.config import Config, DataConfig
-from vfnet.data.coco import Batch, collate
+from vfnet.data.coco import Batch, collate, set_max_image_pixels
 from vfnet.data.parquet import decode_row, pack, read_categories
 from vfnet.data.transforms import build_transform
-from vfnet.errors import DatasetError
+from vfnet.errors import DatasetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,14 @@ def prepare_train_shards(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
 
 def count_rows(parquet_dir: str | Path) -> int:
     """Images in the shards, from the Parquet footers (no data read)."""
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in shard_files(parquet_dir))
+    total = 0
+    for path in shard_files(parquet_dir):
+        read_categories(path)  # a readable shard with the vfnet columns
+        try:
+            total += pq.ParquetFile(path).metadata.num_rows
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet file: {one_line(exc)}") from None
+    return total
 
 
 def shard_cat_ids(parquet_dir: str | Path) -> list[int]:
@@ -137,6 +145,7 @@ class ShardBatches:
     def __init__(self, shard: Any, cfg: Config, cat_ids: list[int], rank: int) -> None:
         self.shard = shard
         self.cfg = cfg
+        set_max_image_pixels(cfg.data.max_image_pixels)
         self.cat_ids = list(cat_ids)
         self.rank = rank
         self.transform = build_transform(cfg.data, train=True)

@@ -4,7 +4,7 @@
     vfnet train --ray ...   (Ray Train: the flags of `python -m orchestration.train`)
     vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
-    vfnet predict --checkpoint FILE --out DIR [--score-thr S] IMAGE...
+    vfnet predict --checkpoint FILE --out DIR [--score-thr S] [--set key=value ...] IMAGE...
     vfnet convert mmdet IN.pth OUT.pt
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
     vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
@@ -66,12 +66,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from vfnet.data import CocoDetection, build_transform, build_val_loader, collate
+    from vfnet.data.coco import set_max_image_pixels
     from vfnet.evaluate import evaluate, format_table, write_json
     from vfnet.inference import load_model
 
     if (args.ann is None) != (args.images is None):
         raise ArgumentError("--ann and --images go together: give both or neither")
     model, cfg, device = load_model(args.checkpoint, args.set)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     if args.ann is None:
         loader, dataset = build_val_loader(cfg)
     else:
@@ -90,7 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import ImageDraw
 
     from vfnet.data import Sample, build_transform, collate
-    from vfnet.data.coco import decode_image
+    from vfnet.data.coco import decode_image, set_max_image_pixels
     from vfnet.evaluate import to_coco_results, write_json
     from vfnet.inference import class_info, load_model
 
@@ -100,7 +102,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in images:  # fail before any work on a typo
         if not path.is_file():
             raise DatasetError(f"{path}: image file not found")
-    model, cfg, device = load_model(args.checkpoint)
+    model, cfg, device = load_model(args.checkpoint, args.set)
+    set_max_image_pixels(cfg.data.max_image_pixels)
     cat_ids, names = class_info(cfg)
     name_of = dict(zip(cat_ids, names))
     transform = build_transform(cfg.data, train=False)
@@ -240,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out", required=True, help="output directory for PNGs and results.json")
     p.add_argument("--score-thr", type=float, default=0.3, help="draw boxes scoring at least this")
+    p.add_argument("--set", **sets)
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.set_defaults(func=cmd_predict)
 

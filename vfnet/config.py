@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class DataConfig:
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255 scale
     std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
     num_workers: int = 2  # DataLoader worker processes
+    max_image_pixels: int = 1 << 27  # refuse larger images (width x height, from the header)
 
 
 @dataclass
@@ -194,8 +196,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # TOMLDecodeError, UnicodeDecodeError, an integer too long to read
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
     cfg = config_from_dict(raw, source=str(path))
     return apply_overrides(cfg, overrides or [])
 
@@ -252,8 +258,10 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("model.reg_denoms", len(cfg.model.reg_denoms) == len(cfg.model.strides),
          "one per stride"),
         ("model.stacked_convs", cfg.model.stacked_convs >= 1, ">= 1"),
-        ("model.head_channels", cfg.model.head_channels % cfg.model.gn_groups == 0,
-         "a multiple of model.gn_groups"),
+        ("model.fpn_channels", cfg.model.fpn_channels >= 1, ">= 1"),
+        ("model.gn_groups", cfg.model.gn_groups >= 1, ">= 1"),
+        ("model.head_channels", cfg.model.gn_groups >= 1 and cfg.model.head_channels >= 1
+         and cfg.model.head_channels % cfg.model.gn_groups == 0, "a positive multiple of model.gn_groups"),
         ("assign.topk", cfg.assign.topk >= 1, ">= 1"),
         ("loss.gamma", cfg.loss.gamma >= 0, ">= 0"),
         ("loss.alpha", cfg.loss.alpha >= 0, ">= 0"),
@@ -266,6 +274,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("data.flip_prob", 0 <= cfg.data.flip_prob <= 1, "in [0, 1]"),
         ("data.size_divisor", cfg.data.size_divisor >= 1, ">= 1"),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
+        ("data.max_image_pixels", cfg.data.max_image_pixels >= 1, ">= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),
         ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_iters > 0, ">= 1"),
         ("train.max_iters", cfg.train.max_iters >= 0, ">= 0"),
@@ -322,35 +331,49 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {_preview(value)}")
         (inner,) = typing.get_args(hint)
         return [_coerce(v, inner, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a table, got {value!r}")
+            raise ConfigError(f"{where} must be a table, got {_preview(value)}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {_preview(value)}")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not -(1 << 63) <= value < 1 << 63:
+            raise ConfigError(f"{where} must be a 64-bit integer, got {_preview(value)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where} must be a number, got {_preview(value)}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where} must be a finite number, got {_preview(value)}")
+        return number
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {_preview(value)}")
         return value
     raise TypeError(f"unsupported config type {hint}")  # a programming error, not user input
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer with too many digits to print
+        text = f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _parse_value(text: str) -> Any:
     """Parse a `--set` value as TOML (`3`, `0.5`, `true`, `[1, 2]`, `"s"`); bare words are strings."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError and the like: a bare word
         return text

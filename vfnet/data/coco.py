@@ -14,6 +14,8 @@ import io
 import json
 import logging
 import math
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vfnet.data.transforms import Transform
-from vfnet.errors import DatasetError
+from vfnet.errors import DatasetError, one_line
 from vfnet.optional import require
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,8 @@ def read_json(ann_file: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{ann_file}: cannot read annotation file: {exc}") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{ann_file}: not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DatasetError(f"{ann_file}: not COCO json: nested too deeply to read") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{ann_file}: expected a JSON object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
@@ -138,8 +142,50 @@ def _field(entry: Any, key: str, kind: type | tuple[type, ...], where: str) -> A
         raise DatasetError(f"{where}: missing field {key!r}")
     value = entry[key]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise DatasetError(f"{where}: field {key!r} has invalid value {value!r}")
+        raise DatasetError(f"{where}: field {key!r} has invalid value {_preview(value)}")
     return value
+
+
+_MAX_SIZE = 1 << 20  # image sides above a million pixels are not real images
+
+
+def _size(entry: dict[str, Any], key: str, where: str) -> int:
+    value = _field(entry, key, int, where)
+    if not 1 <= value <= _MAX_SIZE:
+        raise DatasetError(f"{where}: field {key!r} must be an image side in pixels (1..{_MAX_SIZE}), "
+                           f"got {value!r}")
+    return value
+
+
+def _bbox(ann: dict[str, Any], where: str) -> tuple[float, float, float, float]:
+    """An annotation's bbox [x, y, w, h] as 4 finite floats; DatasetError otherwise."""
+    bbox = _field(ann, "bbox", list, where)
+    values = []
+    for v in bbox if len(bbox) == 4 else ():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            break
+        try:
+            f = float(v)
+        except OverflowError:  # an integer too large for a float
+            break
+        if not math.isfinite(f):
+            break
+        values.append(f)
+    if len(values) != 4:
+        raise DatasetError(f"{where}: field 'bbox' must be 4 finite numbers, got {_preview(bbox)}")
+    return values[0], values[1], values[2], values[3]
+
+
+def _crowd(ann: dict[str, Any], where: str) -> bool:
+    value = ann.get("iscrowd", 0)
+    if value not in (0, 1) or isinstance(value, float):
+        raise DatasetError(f"{where}: field 'iscrowd' must be 0 or 1, got {_preview(value)}")
+    return bool(value)
+
+
+def _preview(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_coco(data: dict[str, Any], source: str | Path) -> tuple[list[ImageRecord], list[int], list[str]]:
@@ -164,31 +210,27 @@ def parse_coco(data: dict[str, Any], source: str | Path) -> tuple[list[ImageReco
             raise DatasetError(f"{source}: duplicate image id {iid}")
         images[iid] = {
             "file_name": _field(img, "file_name", str, where),
-            "width": _field(img, "width", int, where),
-            "height": _field(img, "height", int, where),
+            "width": _size(img, "width", where),
+            "height": _size(img, "height", where),
             "boxes": [],
             "labels": [],
         }
 
     dropped = 0
     for i, ann in enumerate(data["annotations"]):
-        aid = ann.get("id", f"[{i}]") if isinstance(ann, dict) else f"[{i}]"
-        where = f"{source}: annotation {aid}"
+        aid = ann.get("id") if isinstance(ann, dict) else None
+        named = isinstance(aid, int) and not isinstance(aid, bool)
+        where = f"{source}: annotation {aid}" if named else f"{source}: annotations[{i}]"
         iid = _field(ann, "image_id", int, where)
         cid = _field(ann, "category_id", int, where)
         if iid not in images:
             raise DatasetError(f"{where}: unknown image id {iid}")
         if cid not in label_of:
             raise DatasetError(f"{where}: unknown category id {cid}")
-        if ann.get("iscrowd", 0):
+        x, y, w, h = _bbox(ann, where)
+        if _crowd(ann, where):
             continue
-        bbox = _field(ann, "bbox", list, where)
-        if len(bbox) != 4 or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
-        ):
-            raise DatasetError(f"{where}: field 'bbox' must be 4 finite numbers, got {bbox!r}")
         img = images[iid]
-        x, y, w, h = (float(v) for v in bbox)
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
         if x2 - x1 < 1.0 or y2 - y1 < 1.0:
@@ -211,31 +253,79 @@ def parse_coco(data: dict[str, Any], source: str | Path) -> tuple[list[ImageReco
     return records, cat_ids, [cats[c] for c in cat_ids]
 
 
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # 134 MP (e.g. 11585 x 11585): `data.max_image_pixels`
+_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(limit: int) -> None:
+    """Refuse images of more than `limit` pixels (width x height, from the header, before any
+    pixel is decoded) in this process; PIL's own decompression-bomb limit is set to match."""
+    global _max_image_pixels
+    _max_image_pixels = int(limit)
+    Image.MAX_IMAGE_PIXELS = int(limit)  # PIL warns above it and refuses above twice it
+
+
+@contextlib.contextmanager
+def open_image(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
+    """`PIL.Image.open` of a file or encoded bytes, its size checked against the pixel limit
+    (`set_max_image_pixels`). Whatever PIL raises on bad bytes (a missing file, an unknown or
+    truncated format, a decompression bomb, an unsupported mode) becomes a DatasetError naming
+    `name`, also when it happens inside the block (e.g. `img.load()`)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            img = Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+        with img:
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise DatasetError(f"{name}: image has no pixels ({width}x{height})")
+            if width * height > _max_image_pixels:
+                raise DatasetError(_too_large(name, width * height))
+            yield img
+    except (FileNotFoundError, IsADirectoryError):
+        raise DatasetError(f"{name}: image file not found") from None
+    except Image.DecompressionBombError as exc:
+        raise DatasetError(_too_large(name, None, exc)) from None
+    except (DatasetError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise ~10 exception types on bad bytes
+        raise DatasetError(f"{name}: cannot read image: {type(exc).__name__}: {one_line(exc)}") from None
+
+
+def _too_large(name: str | Path, pixels: int | None, exc: Exception | None = None) -> str:
+    size = f"{pixels} pixels" if pixels is not None else one_line(exc)
+    return (f"{name}: image too large ({size}; data.max_image_pixels = {_max_image_pixels}): "
+            "raise data.max_image_pixels to read it")
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding the pixels;
-    DatasetError naming the file when missing or unreadable."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt files
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+    DatasetError naming the file when missing, unreadable or above the pixel limit."""
+    with open_image(path, path) as img:
+        return img.size
 
 
 def decode_image(source: Path | bytes, name: str | Path) -> Image.Image:
-    """Open an image file or encoded bytes as RGB (grayscale, palette, RGBA, CMYK converted);
-    DatasetError naming `name` when missing or unreadable."""
-    try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
-            img.load()
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            return img.convert("RGB") if img.mode != "RGB" else img.copy()
-    except FileNotFoundError:
-        raise DatasetError(f"{name}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises these for corrupt files
-        raise DatasetError(f"{name}: cannot read image: {exc}") from None
+    """Open an image file or encoded bytes as RGB (grayscale, palette, RGBA, CMYK converted;
+    16-bit grayscale mapped 0..65535 -> 0..255, 32-bit int or float grayscale by its own
+    min..max); DatasetError naming `name` when missing, unreadable or above the pixel limit."""
+    with open_image(source, name) as img:
+        img.load()
+        if img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        if img.mode.startswith("I;16"):  # PIL would clip to 0..255: map the 16-bit range instead
+            img = Image.fromarray((np.asarray(img, dtype=np.uint32) // 257).astype(np.uint8))
+        elif img.mode in ("I", "F"):  # 32-bit int or float: no fixed range, use the image's own
+            img = Image.fromarray(_to_uint8(np.asarray(img)))
+        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    """A 32-bit int or float single-channel image scaled to 0..255 by its own min..max."""
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(values.min()), float(values.max())
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return scaled.astype(np.uint8)
 
 
 def make_sample(image: Image.Image, record: ImageRecord, transform: Transform,
@@ -253,6 +343,26 @@ def make_sample(image: Image.Image, record: ImageRecord, transform: Transform,
         image=out.image, boxes=out.boxes, labels=torch.from_numpy(record.labels.copy()),
         image_id=record.image_id, orig_size=(record.height, record.width), scale=out.scale,
     )
+
+
+def evaluation_dataset(data: dict[str, Any]) -> dict[str, Any]:
+    """The ground truth as pycocotools needs it, from a COCO dict that `parse_coco` accepted:
+    images (id, file_name, width, height), categories (id, name) and every annotation with its
+    position from 1 as `id`, `bbox` as 4 floats, `iscrowd` 0/1 and `area` (w * h unless the file
+    gives a finite non-negative number)."""
+    annotations = []
+    for i, ann in enumerate(data["annotations"]):
+        bbox = _bbox(ann, "")
+        area = ann.get("area")
+        if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 <= float(area) < math.inf:
+            area = bbox[2] * bbox[3]
+        annotations.append({"id": i + 1, "image_id": ann["image_id"], "category_id": ann["category_id"],
+                            "bbox": list(bbox), "area": float(area), "iscrowd": int(_crowd(ann, ""))})
+    return {
+        "images": [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in data["images"]],
+        "categories": [{"id": c["id"], "name": c["name"]} for c in data["categories"]],
+        "annotations": annotations,
+    }
 
 
 class CocoDetection(Dataset):
@@ -284,7 +394,7 @@ class CocoDetection(Dataset):
         """The pycocotools `COCO` index of the annotations (built on first use: only evaluation
         needs it, and pycocotools)."""
         coco = require("pycocotools.coco", "COCO evaluation").COCO()
-        coco.dataset = self._data
+        coco.dataset = evaluation_dataset(self._data)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
         return coco

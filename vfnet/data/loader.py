@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vfnet.config import Config, DataConfig
-from vfnet.data.coco import CocoDetection, Sample, collate
+from vfnet.data.coco import CocoDetection, Sample, collate, set_max_image_pixels
 from vfnet.data.parquet import ParquetDetection
 from vfnet.data.synth import ensure_synth
 from vfnet.data.transforms import Transform, build_transform
@@ -68,6 +68,7 @@ def _cached_train_base(parquet: str, ann: str, images: str, stamp: float) -> Coc
 def train_dataset(data_cfg: DataConfig) -> CocoDetection | ParquetDetection:
     """The training set without transform (from `data.train_parquet` when set, else json +
     images); cached per process, so building a loader per epoch reads the annotations once."""
+    set_max_image_pixels(data_cfg.max_image_pixels)
     if data_cfg.synth:
         ensure_synth(data_cfg)
     source = Path(data_cfg.train_parquet or data_cfg.train_ann)
@@ -106,6 +107,7 @@ def build_train_loader(cfg: Config, epoch: int, *, rank: int = 0, world_size: in
 def build_val_loader(cfg: Config) -> tuple[DataLoader, CocoDetection]:
     """Validation batches in file order (no flip, `data.img_scale`), and the dataset (its
     `.coco` and `.cat_ids` are what evaluation needs)."""
+    set_max_image_pixels(cfg.data.max_image_pixels)
     if cfg.data.synth:
         ensure_synth(cfg.data)
     dataset = CocoDetection(cfg.data.val_ann, cfg.data.val_images, build_transform(cfg.data, train=False))

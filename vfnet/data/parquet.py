@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vfnet.atomic import atomic_write
-from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample
+from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample, read_image_size
 from vfnet.data.transforms import Transform
-from vfnet.errors import ArgumentError, DatasetError
+from vfnet.errors import ArgumentError, DatasetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +82,11 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
 
 def _read_checked(path: Path, record: ImageRecord) -> bytes:
     """The file's bytes, after checking that its header decodes to the annotated size."""
+    size = read_image_size(path)
     try:
-        with Image.open(path) as img:
-            size = img.size
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: image file not found") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read image: {exc.strerror or exc}") from None
     if size != (record.width, record.height):
         raise DatasetError(f"{path}: image is {size[0]}x{size[1]} but the annotations say "
                            f"{record.width}x{record.height}")
@@ -98,16 +94,31 @@ def _read_checked(path: Path, record: ImageRecord) -> bytes:
 
 
 def record_from_row(row: dict[str, Any]) -> ImageRecord:
-    """The targets of one shard row (as a dict of Python or NumPy values)."""
-    boxes = [np.asarray(b, dtype=np.float64) for b in row["boxes"]]
-    return ImageRecord(
-        image_id=int(row["image_id"]),
-        file_name=str(row["file_name"]),
-        width=int(row["width"]),
-        height=int(row["height"]),
-        boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
-        labels=np.asarray(row["labels"], dtype=np.int64).reshape(-1),
-    )
+    """The targets of one shard row (as a dict of Python or NumPy values); DatasetError when a
+    value is missing (null) or malformed."""
+    name = f"row image_id={row.get('image_id')!r}"
+    try:
+        boxes = [np.asarray(b, dtype=np.float64) for b in row["boxes"]]
+        record = ImageRecord(
+            image_id=int(row["image_id"]),
+            file_name=str(row["file_name"]),
+            width=int(row["width"]),
+            height=int(row["height"]),
+            boxes=np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+            labels=np.asarray(row["labels"], dtype=np.int64).reshape(-1),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DatasetError(f"{name}: malformed targets: {one_line(exc)}") from None
+    if not np.isfinite(record.boxes).all():
+        raise DatasetError(f"{name}: boxes are not all finite")
+    if len(record.labels) != len(record.boxes):
+        raise DatasetError(f"{name}: {len(record.boxes)} boxes but {len(record.labels)} labels")
+    return record
+
+
+def _check_labels(record: ImageRecord, num_classes: int, name: str) -> None:
+    if record.labels.size and not (0 <= record.labels.min() and record.labels.max() < num_classes):
+        raise DatasetError(f"{name}: labels {record.labels.tolist()[:20]} outside 0..{num_classes - 1}")
 
 
 def decode_row(row: dict[str, Any], transform: Transform, cat_ids: list[int],
@@ -116,22 +127,30 @@ def decode_row(row: dict[str, Any], transform: Transform, cat_ids: list[int],
     (and `rng`). `cat_ids` (label -> COCO id) checks the labels' range."""
     record = record_from_row(row)
     name = f"row image_id={record.image_id} ({record.file_name})"
-    if record.labels.size and not (0 <= record.labels.min() and record.labels.max() < len(cat_ids)):
-        raise DatasetError(f"{name}: labels {record.labels.tolist()} outside 0..{len(cat_ids) - 1}")
-    if len(record.labels) != len(record.boxes):
-        raise DatasetError(f"{name}: {len(record.boxes)} boxes but {len(record.labels)} labels")
+    _check_labels(record, len(cat_ids), name)
     return make_sample(decode_image(bytes(row["image"]), name), record, transform, rng, name)
 
 
 def read_categories(shard: str | Path) -> tuple[list[int], list[str]]:
-    """(cat_ids, class_names) stored in a shard's schema metadata."""
+    """(cat_ids, class_names) stored in a shard's schema metadata, after checking that the
+    shard is a readable Parquet file with the columns of `SCHEMA`; DatasetError otherwise."""
     try:
-        meta = pq.read_schema(shard).metadata or {}
-        cats = json.loads(meta[CATEGORIES_KEY])
-        return [int(c["id"]) for c in cats], [str(c["name"]) for c in cats]
+        schema = pq.read_schema(shard)
     except (OSError, pa.ArrowException) as exc:
-        raise DatasetError(f"{shard}: not a readable Parquet file: {exc}") from None
-    except (KeyError, TypeError, ValueError):
+        raise DatasetError(f"{shard}: not a readable Parquet file: {one_line(exc)}") from None
+    for expected in SCHEMA:
+        index = schema.get_field_index(expected.name)
+        if index < 0 or not schema.field(index).type.equals(expected.type):
+            found = "missing" if index < 0 else f"of type {schema.field(index).type}"
+            raise DatasetError(f"{shard}: not a vfnet shard: column {expected.name!r} is {found} "
+                               f"(expected {expected.type})")
+    try:
+        cats = json.loads((schema.metadata or {})[CATEGORIES_KEY])
+        if not isinstance(cats, list) or not all(
+                isinstance(c, dict) and type(c.get("id")) is int and isinstance(c.get("name"), str) for c in cats):
+            raise ValueError("not a list of {id, name}")
+        return [c["id"] for c in cats], [c["name"] for c in cats]
+    except (KeyError, ValueError, RecursionError):
         raise DatasetError(f"{shard}: schema metadata {CATEGORIES_KEY.decode()!r} missing or invalid") from None
 
 
@@ -154,12 +173,19 @@ class ParquetDetection(Dataset):
                 raise DatasetError(f"{path}: categories differ from those of {self.files[0]}")
             try:
                 pf = pq.ParquetFile(path)
-                for rg in range(pf.num_row_groups):
-                    rows = pf.read_row_group(rg, columns=_META_COLUMNS).to_pylist()
-                    self.records.extend(record_from_row(row) for row in rows)
-                    self._where.extend((f_idx, rg, i) for i in range(len(rows)))
-            except (OSError, pa.ArrowException, KeyError) as exc:
-                raise DatasetError(f"{path}: cannot read shard: {exc}") from None
+                groups = [pf.read_row_group(rg, columns=_META_COLUMNS).to_pylist()
+                          for rg in range(pf.num_row_groups)]
+            except (OSError, pa.ArrowException) as exc:
+                raise DatasetError(f"{path}: cannot read shard: {one_line(exc)}") from None
+            for rg, rows in enumerate(groups):
+                for i, row in enumerate(rows):
+                    try:
+                        record = record_from_row(row)
+                        _check_labels(record, len(self.cat_ids), f"row image_id={record.image_id}")
+                    except DatasetError as exc:
+                        raise DatasetError(f"{path}: row group {rg} row {i}: {exc}") from None
+                    self.records.append(record)
+                    self._where.append((f_idx, rg, i))
         self._cache: tuple[tuple[int, int], pa.ChunkedArray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -180,7 +206,7 @@ class ParquetDetection(Dataset):
             try:
                 column = pq.ParquetFile(self.files[f_idx]).read_row_group(rg, columns=["image"])["image"]
             except (OSError, pa.ArrowException) as exc:
-                raise DatasetError(f"{self.files[f_idx]}: cannot read row group {rg}: {exc}") from None
+                raise DatasetError(f"{self.files[f_idx]}: cannot read row group {rg}: {one_line(exc)}") from None
             self._cache = ((f_idx, rg), column)
         record = self.records[index]
         name = f"{self.files[f_idx]}: image_id={record.image_id} ({record.file_name})"

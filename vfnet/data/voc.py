@@ -15,13 +15,15 @@ Conventions:
 from __future__ import annotations
 
 import logging
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
+from xml.parsers import expat
 
 from vfnet.atomic import write_json
 from vfnet.data.coco import read_image_size
-from vfnet.errors import DatasetError
+from vfnet.errors import DatasetError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +38,34 @@ def _text(node: ET.Element, path: str, source: Path) -> str:
 def _number(node: ET.Element, path: str, source: Path) -> float:
     text = _text(node, path, source)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DatasetError(f"{source}: field <{path}> is not a number: {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise DatasetError(f"{source}: field <{path}> is not a finite number: {text[:80]!r}")
+    return value
+
+
+def parse_xml(path: Path) -> ET.Element:
+    """The root element of an xml file. Documents with a DTD (where entity declarations, and
+    so entity expansion attacks, live) are refused; DatasetError naming the file for those and
+    for anything the parser cannot read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read xml file: {exc.strerror or exc}") from None
+
+    def refuse(*_: Any) -> None:
+        raise DatasetError(f"{path}: xml with a DTD or entity declarations is not accepted")
+
+    scan = expat.ParserCreate()
+    scan.StartDoctypeDeclHandler = refuse
+    scan.EntityDeclHandler = refuse
+    try:
+        scan.Parse(data, True)
+        return ET.fromstring(data)
+    except (expat.ExpatError, ET.ParseError, ValueError, LookupError) as exc:
+        raise DatasetError(f"{path}: not a readable VOC xml file: {one_line(exc)}") from None
 
 
 def _xml_files(xml_dir: Path, split_file: Path | None) -> list[Path]:
@@ -48,7 +75,7 @@ def _xml_files(xml_dir: Path, split_file: Path | None) -> list[Path]:
         return sorted(xml_dir.glob("*.xml"))
     try:
         stems = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{split_file}: cannot read split list: {exc}") from None
     files = [xml_dir / f"{stem}.xml" for stem in stems]
     for path in files:
@@ -69,10 +96,7 @@ def convert_voc(xml_dir: str | Path, images_dir: str | Path, out_json: str | Pat
     parsed: list[tuple[dict[str, Any], list[tuple[str, list[float], int]]]] = []
     dropped = difficult = mismatched = 0
     for path in files:
-        try:
-            root = ET.parse(path).getroot()
-        except (ET.ParseError, OSError) as exc:
-            raise DatasetError(f"{path}: not a readable VOC xml file: {exc}") from None
+        root = parse_xml(path)
         found = root.find("filename")
         file_name = found.text.strip() if found is not None and found.text else f"{path.stem}.jpg"
         width, height = read_image_size(images_dir / file_name)

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from PIL import Image
 
 from vfnet.atomic import write_json
 from vfnet.data import DatasetError
-from vfnet.data.coco import read_image_size
+from vfnet.data.coco import open_image, read_image_size
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def _pixel_box(box: list[float], width: int, height: int) -> list[float] | None:
 
 
 def _rotated(path: Path) -> bool:
-    with Image.open(path) as img:
+    with open_image(path, path) as img:
         return img.getexif().get(EXIF_ORIENTATION, 1) in ROTATING_ORIENTATIONS
 
 

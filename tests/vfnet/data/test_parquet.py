@@ -85,7 +85,7 @@ def test_bad_shards_and_rows(tmp_path, packed):
     with pytest.raises(DatasetError, match="no .parquet shards"):
         ParquetDetection(tmp_path)
     pq.write_table(pa.table({"x": [1]}), tmp_path / "plain.parquet")
-    with pytest.raises(DatasetError, match=r"plain\.parquet: schema metadata 'vfnet.categories' missing"):
+    with pytest.raises(DatasetError, match=r"plain\.parquet: not a vfnet shard: column 'image_id' is missing"):
         ParquetDetection(tmp_path)
     (tmp_path / "plain.parquet").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match=r"plain\.parquet: not a readable Parquet file"):

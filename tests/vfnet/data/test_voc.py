@@ -114,7 +114,7 @@ def test_bad_inputs(voc, tmp_path):
     with pytest.raises(DatasetError, match=r"a\.xml: not a readable VOC xml file"):
         convert_voc(xml_dir, image_dir, out)
     (xml_dir / "a.xml").write_text(voc_xml("a.png", [("ant", (2, 2, "x", 3), 0)]))
-    with pytest.raises(DatasetError, match=r"a\.xml: field <bndbox/xmax> is not a number"):
+    with pytest.raises(DatasetError, match=r"a\.xml: field <bndbox/xmax> is not a finite number"):
         convert_voc(xml_dir, image_dir, out)
     no_box = "<annotation><filename>a.png</filename><object><name>ant</name></object></annotation>"
     (xml_dir / "a.xml").write_text(no_box)
