@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from orchestration.train import WORKDIR_NAME, run_training, torch_threads
+from orchestration.common import Workers
+from orchestration.train import WORKDIR_NAME, run_training
 from vfnet.config import CONFIG_DIR, Config, load_config
 
 log = logging.getLogger("benchmarks.ray_train")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         cfg = bench_config(root / "shapes", args.iters, args.use_gpu)
         ensure_synth(cfg.data)
         if not args.no_plain:
-            torch.set_num_threads(torch_threads(args.cpus_per_worker))
+            torch.set_num_threads(Workers(cpus_per_worker=args.cpus_per_worker).torch_threads)
             tic = time.perf_counter()
             train(cfg, root / "plain", resume=False)
             rates = step_rates(root / "plain", cfg.train.batch_size, args.skip)

@@ -34,26 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestration import common
+from orchestration.common import Workers
 from orchestration.tracking import MlflowTarget, tune_callback
-from orchestration.train import (
-    DEFAULT_STORAGE,
-    PACKED_DIR,
-    RayReporter,
-    absolute_paths,
-    add_common_arguments,
-    build_trainer,
-    check_cpu_budget,
-    check_flags,
-    default_name,
-    fit_trainer,
-    mlflow_target,
-    restore_checkpoint,
-    run_on_ray,
-    torch_threads,
-)
+from orchestration.train import build_trainer
 from vfnet.atomic import atomic_write
 from vfnet.config import Config, config_from_dict, load_config, set_value, validate
-from vfnet.errors import ArgumentError, ConfigError, run_main
+from vfnet.errors import ArgumentError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +116,7 @@ class TrialSetup:
     """What every trial shares (pickled once with the trainable)."""
 
     base: dict[str, Any]  # the base Config.to_dict(), absolute paths
-    num_workers: int
-    use_gpu: bool
-    cpus_per_worker: float
-    placement_strategy: str
+    workers: Workers  # per trial
     parquet_dir: str | None  # packed training shards (TorchTrainer trials only)
 
 
@@ -143,25 +127,22 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     cfg = apply_params(config_from_dict(setup.base, source="tune base config"), params)
     trial_dir = Path(ray.tune.get_context().get_trial_dir())
-    if setup.num_workers > 1:
+    if setup.workers.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         assert setup.parquet_dir is not None
-        trainer = build_trainer(cfg, num_workers=setup.num_workers, use_gpu=setup.use_gpu,
-                                cpus_per_worker=setup.cpus_per_worker, storage=trial_dir,
-                                name="train", parquet_dir=Path(setup.parquet_dir),
-                                placement_strategy=setup.placement_strategy,
-                                callbacks=[TuneReportCallback()])
-        final = fit_trainer(trainer).return_value
+        trainer = build_trainer(cfg, setup.workers, storage=trial_dir, name="train",
+                                parquet_dir=Path(setup.parquet_dir), callbacks=[TuneReportCallback()])
+        final = common.fit_trainer(trainer).return_value
     else:
         import torch
 
         from vfnet.engine import TrainHooks, train
 
-        torch.set_num_threads(torch_threads(setup.cpus_per_worker))
+        torch.set_num_threads(setup.workers.torch_threads)
         with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
-            resume_from = restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
-            hooks = TrainHooks(report=RayReporter(ray.tune.report), resume_from=resume_from)
+            resume_from = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
+            hooks = TrainHooks(report=common.RayReporter(ray.tune.report), resume_from=resume_from)
             final = train(cfg, trial_dir / "workdir", resume=resume_from is not None, hooks=hooks)
     ray.tune.report({**final, "iteration": final["iterations"], FINISHED: 1.0})
 
@@ -170,20 +151,39 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 # Driver
 
 
-def check_sweep_flags(cfg: Config, num_samples: int, max_concurrent: int, num_workers: int,
-                      use_gpu: bool, cpus_per_worker: float, placement_strategy: str) -> None:
-    """Reject flag values with an ArgumentError naming the flag."""
+@dataclass(frozen=True)
+class SweepPlan:
+    """A checked sweep, ready for Ray: the base config (absolute paths), its Tune search space,
+    the trials' workers and where the results go."""
+
+    cfg: Config
+    space: dict[str, Any]  # build_search_space(cfg.tune.space, cfg)
+    workers: Workers
+    num_samples: int
+    max_concurrent: int  # 0: as many as resources allow
+    out: Path
+    storage: Path
+    name: str
+    mlflow: MlflowTarget | None = None  # one MLflow run per trial
+
+
+def plan_sweep(cfg: Config, workers: Workers, *, num_samples: int, out: str | Path,
+               max_concurrent: int = 0, storage: str | Path = common.DEFAULT_STORAGE,
+               name: str | None = None, mlflow: MlflowTarget | None = None) -> SweepPlan:
+    """Check the sweep's flags, `cfg` against them and its search space (no Ray cluster needed);
+    ArgumentError / ConfigError naming the flag or key."""
     if num_samples < 1:
         raise ArgumentError(f"--num-samples must be >= 1, got {num_samples}")
     if max_concurrent < 0:
         raise ArgumentError(f"--max-concurrent must be >= 0, got {max_concurrent}")
-    check_flags(cfg, num_workers, use_gpu, cpus_per_worker, placement_strategy)
+    workers.check_config(cfg)
+    cfg = common.absolute_paths(cfg)
+    return SweepPlan(cfg, build_search_space(cfg.tune.space, cfg), workers, num_samples, max_concurrent,
+                     Path(out), Path(storage).resolve(),
+                     name or common.default_name().replace("vfnet-", "vfnet-tune-", 1), mlflow)
 
 
-def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent: int = 0,
-              num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 0.5,
-              placement_strategy: str = "PACK", storage: str | Path = DEFAULT_STORAGE,
-              name: str | None = None, mlflow: MlflowTarget | None = None) -> list[dict[str, Any]]:
+def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     """Run the sweep on the connected Ray cluster and write `--out`'s files; returns the rows
     of results.parquet."""
     from ray import tune
@@ -192,26 +192,17 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
     from orchestration.data import prepare_train_shards
     from vfnet.data.synth import ensure_synth
 
-    check_sweep_flags(cfg, num_samples, max_concurrent, num_workers, use_gpu, cpus_per_worker,
-                      placement_strategy)
-    storage = Path(storage).resolve()
-    out = Path(out)
-    cfg = absolute_paths(cfg)
-    space = build_search_space(cfg.tune.space, cfg)
+    cfg, workers = plan.cfg, plan.workers
     if cfg.data.synth:
         ensure_synth(cfg.data)
     parquet_dir = None
-    if num_workers > 1:
-        check_cpu_budget(num_workers, cpus_per_worker)  # for one trial at a time
-        parquet_dir = prepare_train_shards(cfg.data, storage / PACKED_DIR)
-    setup = TrialSetup(base=cfg.to_dict(), num_workers=num_workers, use_gpu=use_gpu,
-                       cpus_per_worker=cpus_per_worker, placement_strategy=placement_strategy,
+    if workers.num_workers > 1:
+        common.check_cpu_budget(workers)  # for one trial at a time
+        parquet_dir = prepare_train_shards(cfg.data, plan.storage / common.PACKED_DIR)
+    setup = TrialSetup(base=cfg.to_dict(), workers=workers,
                        parquet_dir=str(parquet_dir) if parquet_dir else None)
     # A trial driving a TorchTrainer only waits for it; a trial that trains holds a worker's share.
-    if num_workers > 1:
-        resources: dict[str, float] = {"CPU": 0.1}
-    else:
-        resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": 0.1} if workers.num_workers > 1 else workers.resources()
     unit = asha_milestone(cfg)
     scheduler = ASHAScheduler(time_attr="iteration", grace_period=cfg.tune.grace_period * unit,
                               reduction_factor=cfg.tune.reduction_factor,
@@ -222,22 +213,35 @@ def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent:
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     tuner = tune.Tuner(
         trainable,
-        param_space=space,
+        param_space=plan.space,
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                    num_samples=num_samples, max_concurrent_trials=max_concurrent or None),
+                                    num_samples=plan.num_samples,
+                                    max_concurrent_trials=plan.max_concurrent or None),
         run_config=tune.RunConfig(
-            name=name or default_name().replace("vfnet-", "vfnet-tune-", 1),
-            storage_path=str(storage),
+            name=plan.name,
+            storage_path=str(plan.storage),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=[tune_callback(mlflow)] if mlflow else None,
+            callbacks=[tune_callback(plan.mlflow)] if plan.mlflow else None,
         ),
     )
     grid = tuner.fit()
-    rows = [trial_row(result, list(space), cfg.tune.metric) for result in grid]
-    out.mkdir(parents=True, exist_ok=True)
-    write_outputs(rows, cfg, list(space), cfg.tune.metric, out)
+    keys = list(plan.space)
+    rows = [trial_row(result, keys, cfg.tune.metric) for result in grid]
+    plan.out.mkdir(parents=True, exist_ok=True)
+    write_outputs(rows, cfg, keys, cfg.tune.metric, plan.out)
     return rows
+
+
+def run_sweep(cfg: Config, *, num_samples: int, out: str | Path, max_concurrent: int = 0,
+              num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: float = 0.5,
+              placement_strategy: str = "PACK", storage: str | Path = common.DEFAULT_STORAGE,
+              name: str | None = None, mlflow: MlflowTarget | None = None) -> list[dict[str, Any]]:
+    """Python entry: plan and execute a sweep on the connected Ray cluster (see `execute_sweep`)."""
+    workers = Workers(num_workers, use_gpu, cpus_per_worker, placement_strategy)
+    return execute_sweep(plan_sweep(cfg, workers, num_samples=num_samples, out=out,
+                                    max_concurrent=max_concurrent, storage=storage, name=name,
+                                    mlflow=mlflow))
 
 
 def trial_row(result: Any, keys: list[str], metric: str) -> dict[str, Any]:
@@ -311,7 +315,7 @@ def parse_args(argv: Sequence[str] | None = None,
                prog: str = "python -m orchestration.tune") -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog=prog,
                                      description="Sweep VFNet loss hyper-parameters on Ray Tune.")
-    add_common_arguments(parser)
+    common.add_common_arguments(parser)
     parser.add_argument("--num-samples", type=int, required=True, help="trials")
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials running at once (default 0: as many as resources allow)")
@@ -325,23 +329,15 @@ def parse_args(argv: Sequence[str] | None = None,
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.tune") -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 1 sweep failed or a bug)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv, prog)
+    return common.run_command(
+        args.address,
+        lambda: plan_sweep(load_config(args.config, args.overrides), Workers.from_args(args),
+                           num_samples=args.num_samples, out=args.out, max_concurrent=args.max_concurrent,
+                           storage=args.storage, name=args.name, mlflow=common.mlflow_target(args)),
+        execute_sweep,
+    )
 
-    def body() -> int:
-        cfg = load_config(args.config, args.overrides)
-        check_sweep_flags(cfg, args.num_samples, args.max_concurrent, args.num_workers,
-                          args.use_gpu, args.cpus_per_worker, args.placement_strategy)
-        build_search_space(cfg.tune.space, cfg)
-        return run_on_ray(
-            args.address,
-            lambda: run_sweep(cfg, num_samples=args.num_samples, out=args.out,
-                              max_concurrent=args.max_concurrent, num_workers=args.num_workers,
-                              use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                              placement_strategy=args.placement_strategy, storage=args.storage,
-                              name=args.name, mlflow=mlflow_target(args)))
-
-    return run_main(body)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestration import common
 from orchestration import train as otrain
 from vfnet.checkpoint import load_checkpoint
 from vfnet.config import Config, save_config
@@ -216,5 +217,5 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config
     resumed = [r for r in records if r["resumed_from"] is not None]
     assert resumed and all(r["pid"] != victim for r in resumed)
     # the restarted worker resumed mid-run from a registered checkpoint, not from scratch
-    state = load_checkpoint(Path(resumed[0]["resumed_from"]) / otrain.CHECKPOINT_NAME)
+    state = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)
     assert 4 <= int(state["iteration"]) < 48

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestration import common
 from orchestration import train as otrain
 from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
 from vfnet.checkpoint import load_checkpoint
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 def test_absolute_paths(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config(**{"data.val_images": "rel/val", "model.pretrained": ""})
-    resolved = otrain.absolute_paths(cfg, base=tmp_path)
+    resolved = common.absolute_paths(cfg, base=tmp_path)
     assert resolved.data.val_images == str(tmp_path.resolve() / "rel" / "val")
     assert resolved.data.train_ann == cfg.data.train_ann  # already absolute
     assert resolved.model.pretrained == "" and resolved.data.train_parquet == ""
@@ -28,12 +29,12 @@ def test_reporter_forwards_metrics_and_checkpoint_file(tmp_path: Path) -> None:
     def report(metrics, checkpoint=None):
         content = None
         if checkpoint is not None:  # the temporary directory only lives during the call
-            content = (Path(checkpoint.path) / otrain.CHECKPOINT_NAME).read_bytes()
+            content = (Path(checkpoint.path) / common.CHECKPOINT_NAME).read_bytes()
         calls.append((metrics, content))
 
     engine_file = tmp_path / "last.pt"
     engine_file.write_bytes(b"weights")
-    reporter = otrain.RayReporter(report)
+    reporter = common.RayReporter(report)
     reporter({"iteration": 2.0}, engine_file)
     reporter({"iteration": 3.0, "bbox_mAP": 0.5}, None)
     assert calls == [({"iteration": 2.0}, b"weights"), ({"iteration": 3.0, "bbox_mAP": 0.5}, None)]
@@ -42,18 +43,18 @@ def test_reporter_forwards_metrics_and_checkpoint_file(tmp_path: Path) -> None:
 def test_restore_checkpoint(tmp_path: Path) -> None:
     from ray.train import Checkpoint
 
-    assert otrain.restore_checkpoint(None, tmp_path) is None
+    assert common.restore_checkpoint(None, tmp_path) is None
     src = tmp_path / "ray_ckpt"
     src.mkdir()
-    (src / otrain.CHECKPOINT_NAME).write_bytes(b"state")
+    (src / common.CHECKPOINT_NAME).write_bytes(b"state")
     dest = tmp_path / "dest"
     dest.mkdir()
-    restored = otrain.restore_checkpoint(Checkpoint.from_directory(src), dest)
-    assert restored == dest / otrain.CHECKPOINT_NAME and restored.read_bytes() == b"state"
+    restored = common.restore_checkpoint(Checkpoint.from_directory(src), dest)
+    assert restored == dest / common.CHECKPOINT_NAME and restored.read_bytes() == b"state"
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match=otrain.CHECKPOINT_NAME):
-        otrain.restore_checkpoint(Checkpoint.from_directory(empty), dest)
+    with pytest.raises(CheckpointError, match=common.CHECKPOINT_NAME):
+        common.restore_checkpoint(Checkpoint.from_directory(empty), dest)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -68,7 +69,7 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypat
     def no_connect(address):
         raise AssertionError("bad input must be reported before connecting to Ray")
 
-    monkeypatch.setattr(otrain, "connect", no_connect)
+    monkeypatch.setattr(common, "connect", no_connect)
     assert otrain.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vfnet: error:") and message in err[0]
@@ -78,7 +79,7 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
     def refuse(address):
         raise ConnectionError("Could not find any running Ray instance.\nmore detail")
 
-    monkeypatch.setattr(otrain, "connect", refuse)
+    monkeypatch.setattr(common, "connect", refuse)
     assert otrain.main(["--num-workers", "1", "--address", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["vfnet: error: cannot connect to Ray (127.0.0.1:1): Could not find any running Ray instance."]
@@ -86,7 +87,7 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
 
 def test_workers_must_leave_a_cpu_to_ray_data(tiny_config, tmp_path: Path, ray_session) -> None:
     # the session cluster has 4 CPUs: 2 x 1.5 leaves 1 (enough), 2 x 2 none (would hang)
-    otrain.check_cpu_budget(2, 1.5)
+    common.check_cpu_budget(common.Workers(2, cpus_per_worker=1.5))
     with pytest.raises(ArgumentError, match="--cpus-per-worker"):
         otrain.run_training(tiny_config(), num_workers=2, cpus_per_worker=2.0, storage=tmp_path)
     assert not any(tmp_path.iterdir())  # refused before packing or starting anything

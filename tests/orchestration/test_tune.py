@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from orchestration import train as otrain
+from orchestration import common
 from orchestration import tune as otune
 from orchestration.tracking import MlflowTarget
 from vfnet.config import Config, ConfigError, load_config
@@ -58,7 +58,7 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, tmp_path, capsys,
     def no_connect(address):
         raise AssertionError("bad input must be reported before connecting to Ray")
 
-    monkeypatch.setattr(otrain, "connect_or_raise", no_connect)  # what run_on_ray connects with
+    monkeypatch.setattr(common, "connect_or_raise", no_connect)  # what run_on_ray connects with
     assert otune.main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vfnet: error:") and message in err[0]

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from orchestration import train as otrain
+from orchestration import common
 from vfnet.cli import main, ray_command
 
 
@@ -27,7 +27,7 @@ def test_bad_input_exits_2_as_the_module_does(command, argv, message, capsys, mo
     def no_connect(address):
         raise AssertionError("bad input must be reported before connecting to Ray")
 
-    monkeypatch.setattr(otrain, "connect", no_connect)
+    monkeypatch.setattr(common, "connect", no_connect)
     assert main([*command, *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
@@ -46,7 +46,7 @@ def test_unreachable_cluster_exits_2(capsys, monkeypatch) -> None:
     def refuse(address):
         raise ConnectionError("Could not find any running Ray instance.")
 
-    monkeypatch.setattr(otrain, "connect", refuse)
+    monkeypatch.setattr(common, "connect", refuse)
     assert main(["train", "--ray", "--num-workers", "1", "--address", "127.0.0.1:1"]) == 2
     assert "vfnet: error: cannot connect to Ray (127.0.0.1:1)" in capsys.readouterr().err
 

@@ -1,0 +1,286 @@
+"""What the Ray entry points `orchestration.train` and `orchestration.tune` share.
+
+- Flags: `add_common_arguments` (the shared command line) and `Workers`, the training workers'
+  flags, checked once, when a `Workers` is built.
+- Config resolution: `absolute_paths` (a Ray worker's current directory is not the driver's).
+- Running: `run_command` (plan without Ray, then connect and run), `run_on_ray`, `connect`.
+- Exit statuses and the error line: `vfnet.errors.run_main` (0 done; 2 and one line
+  `vfnet: error: ...` for a `UserError`: bad flags, configs, data, checkpoints, an unreachable
+  cluster, also when a worker raised it; 1 with a traceback otherwise). Bad flags and configs are
+  reported by the plan, before Ray is touched.
+- Worker side: `RayReporter` (engine reports to Ray) and `restore_checkpoint` (Ray checkpoint ->
+  engine checkpoint file).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from orchestration.tracking import MlflowTarget
+from vfnet.config import Config, config_from_dict
+from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"  # the engine's checkpoint file inside a Ray checkpoint dir
+DEFAULT_STORAGE = "work_dirs/ray"
+PACKED_DIR = "packed"  # under the storage path: the content-keyed cache of packed shards
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# Paths in the config that workers open; made absolute on the driver, since a Ray worker's
+# current directory is not the driver's (Tune trials even change into their trial dir).
+_PATH_KEYS = ("data.train_ann", "data.train_images", "data.val_ann", "data.val_images",
+              "data.train_parquet", "data.synth_dir", "model.pretrained")
+
+Plan = TypeVar("Plan")
+
+
+class TrainingFailed(RuntimeError):
+    """The Ray Train run failed (after its allowed restarts) for a reason other than a user
+    error (those are re-raised as themselves, see `fit_trainer`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and config
+
+
+@dataclass(frozen=True)
+class Workers:
+    """The training workers of a run: how many, GPU or not, the logical CPUs Ray reserves for
+    each, and how their resource bundles are placed (Ray placement group strategies: PACK fills
+    few nodes, SPREAD / STRICT_SPREAD put workers on different nodes). Building one checks the
+    values (ArgumentError naming the flag); nothing checks them again."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    placement_strategy: str = "PACK"
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ArgumentError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if not self.cpus_per_worker > 0:
+            raise ArgumentError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ArgumentError(f"--placement-strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                                f"got {self.placement_strategy!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Workers:
+        """The flags of `add_common_arguments` (and `--num-workers`)."""
+        return cls(args.num_workers, args.use_gpu, args.cpus_per_worker, args.placement_strategy)
+
+    def check_config(self, cfg: Config) -> None:
+        """ArgumentError when the config contradicts the flags (`--use-gpu` on `train.device = 'cpu'`)."""
+        if self.use_gpu and cfg.train.device == "cpu":
+            raise ArgumentError("--use-gpu with train.device = 'cpu': set train.device to 'auto' or 'cuda'")
+
+    @property
+    def torch_threads(self) -> int:
+        """Intra-op threads for a worker holding `cpus_per_worker` logical CPUs (at least 1)."""
+        return max(1, math.floor(self.cpus_per_worker))
+
+    def resources(self) -> dict[str, float]:
+        """Ray resources of one worker."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+
+
+def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
+    """A copy of `cfg` whose non-empty data/model paths are absolute (relative to `base`,
+    default the current directory)."""
+    base = (base or Path.cwd()).resolve()
+    raw = cfg.to_dict()
+    for key in _PATH_KEYS:
+        section, name = key.split(".")
+        value = raw[section][name]
+        if value:
+            raw[section][name] = str((base / value).resolve()) if not Path(value).is_absolute() else value
+    return config_from_dict(raw, source="resolved config")
+
+
+def default_name() -> str:
+    """A fresh run name: `vfnet-<UTC time>-<pid>`."""
+    return f"vfnet-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `orchestration.train` and `orchestration.tune` share."""
+    parser.add_argument("--config", type=Path, default=None,
+                        help="TOML config (default: configs/shapes_tiny.toml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--cpus-per-worker", type=float, default=0.5,
+                        help="logical CPUs Ray reserves per training worker (default 0.5; "
+                             "fractional leaves CPUs to Ray Data); also torch's thread count, "
+                             "rounded down, at least 1")
+    parser.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
+                        help="how workers are placed on nodes (default PACK: as few nodes as "
+                             "possible; SPREAD / STRICT_SPREAD: across nodes)")
+    parser.add_argument("--storage", type=Path, default=Path(DEFAULT_STORAGE),
+                        help=f"run storage every node can reach (default {DEFAULT_STORAGE})")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
+    parser.add_argument("--mlflow-uri", default=None, metavar="URI",
+                        help="log to MLflow at this tracking URI (http://..., sqlite:///..., "
+                             "file:///...); credentials from MLflow's environment variables")
+    parser.add_argument("--mlflow-experiment", default="vfnet", metavar="NAME",
+                        help="MLflow experiment (default vfnet; created when missing)")
+
+
+def mlflow_target(args: argparse.Namespace) -> MlflowTarget | None:
+    """The MLflow target of the command line, None without --mlflow-uri."""
+    return MlflowTarget(args.mlflow_uri, args.mlflow_experiment) if args.mlflow_uri else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running on Ray
+
+
+def connect(address: str | None) -> bool:
+    """Connect to the Ray cluster at `address` (or `RAY_ADDRESS`), else start a local one with
+    its dashboard on 127.0.0.1. Returns True when this call started or joined Ray (the caller
+    then shuts it down), False when Ray was already initialised in this process."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", dashboard_host="127.0.0.1")
+    return True
+
+
+def connect_or_raise(address: str | None) -> bool:
+    """`connect`; EnvError when the cluster cannot be reached (wrong address, no or wrong auth
+    token, ...), with the first line of Ray's reason."""
+    try:
+        return connect(address)
+    except Exception as exc:  # noqa: BLE001 - Ray raises several unrelated types here
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EnvError(f"cannot connect to Ray ({address or os.environ.get('RAY_ADDRESS')}): "
+                       f"{message}") from exc
+
+
+def run_on_ray(address: str | None, work: Callable[[], object]) -> int:
+    """Connect to (or start) Ray (EnvError when unreachable), run `work()` and return 0; a Ray
+    started here is shut down afterwards. Errors propagate to `run_main`."""
+    started = connect_or_raise(address)
+    try:
+        work()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def run_command(address: str | None, plan: Callable[[], Plan], run: Callable[[Plan], object]) -> int:
+    """An entry point's body under `run_main`: `plan()` loads and checks the config and the
+    flags without Ray (so bad input is reported before Ray is touched), then `run(planned)` on
+    Ray (`run_on_ray`). Returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def body() -> int:
+        planned = plan()
+        return run_on_ray(address, lambda: run(planned))
+
+    return run_main(body)
+
+
+def find_user_error(exc: BaseException | None) -> UserError | None:
+    """The first `UserError` in a Ray failure: the exception itself, its causes, a Ray Train
+    `WorkerGroupError`'s per-rank failures or a `RayTaskError`'s cause; None if there is none."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        todo.extend([e.__cause__, e.__context__, getattr(e, "cause", None),
+                     *getattr(e, "worker_failures", {}).values()])
+    return None
+
+
+def fit_trainer(trainer: Any) -> Any:
+    """`trainer.fit()`; the `Result`. A failure caused by a `UserError` in a worker (a corrupt
+    image, a non-finite loss) raises that error, any other failure `TrainingFailed`."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:
+        user = find_user_error(exc)
+        if user is not None:
+            raise type(user)(one_line(user)) from exc
+        raise TrainingFailed(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+    if result.error is not None:
+        user = find_user_error(result.error)
+        if user is not None:
+            raise type(user)(one_line(user)) from result.error
+        raise TrainingFailed(str(result.error)) from result.error
+    return result
+
+
+def check_cpu_budget(workers: Workers) -> None:
+    """ArgumentError when the workers would reserve all but less than one of the connected
+    cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    free = total - workers.num_workers * workers.cpus_per_worker
+    if free < 1:
+        raise ArgumentError(
+            f"--num-workers {workers.num_workers} x --cpus-per-worker {workers.cpus_per_worker:g} leaves "
+            f"{free:g} of the cluster's {total:g} CPUs to Ray Data, which needs at least 1 to read the "
+            f"shards (the run would hang): lower --cpus-per-worker or add nodes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: the engine's checkpoints to and from Ray
+
+
+class RayReporter:
+    """`TrainHooks.report` for Ray: forwards the engine's metrics, and rank 0's checkpoint file
+    as a one-file `ray.train.Checkpoint`, to `report_fn` (`ray.train.report` or
+    `ray.tune.report`); the engine calls it on every rank equally often, as Ray requires."""
+
+    def __init__(self, report_fn: Callable[..., None]) -> None:
+        self.report_fn = report_fn
+
+    def __call__(self, metrics: dict[str, float], checkpoint_file: Path | None) -> None:
+        from ray.train import Checkpoint
+
+        if checkpoint_file is None:
+            self.report_fn(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="vfnet-ckpt-") as tmp:
+            shutil.copyfile(checkpoint_file, Path(tmp) / CHECKPOINT_NAME)
+            self.report_fn(metrics, checkpoint=Checkpoint.from_directory(tmp))  # copied to storage
+
+
+def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Path | None:
+    """Copy the engine file out of a Ray checkpoint (None -> None) into `dest_dir`; its path."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as src:
+        source = Path(src) / CHECKPOINT_NAME
+        if not source.is_file():
+            raise CheckpointError(f"{checkpoint.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
+        dest = dest_dir / CHECKPOINT_NAME
+        shutil.copyfile(source, dest)
+    return dest
