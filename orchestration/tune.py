@@ -36,6 +36,7 @@ from typing import Any
 
 from orchestration import common
 from orchestration.common import Workers
+from orchestration.search import build_search, check_search, keep_checkpoints, trial_base
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import build_trainer
 from vfnet.atomic import atomic_write
@@ -177,7 +178,8 @@ def plan_sweep(cfg: Config, workers: Workers, *, num_samples: int, out: str | Pa
     if max_concurrent < 0:
         raise ArgumentError(f"--max-concurrent must be >= 0, got {max_concurrent}")
     workers.check_config(cfg)
-    cfg = common.absolute_paths(cfg)
+    check_search(cfg, workers.num_workers)
+    cfg = trial_base(common.absolute_paths(cfg))
     return SweepPlan(cfg, build_search_space(cfg.tune.space, cfg), workers, num_samples, max_concurrent,
                      Path(out), Path(storage).resolve(),
                      name or common.default_name().replace("vfnet-", "vfnet-tune-", 1), mlflow)
@@ -187,7 +189,6 @@ def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     """Run the sweep on the connected Ray cluster and write `--out`'s files; returns the rows
     of results.parquet."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from orchestration.data import prepare_train_shards
     from vfnet.data.synth import ensure_synth
@@ -203,24 +204,22 @@ def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
                        parquet_dir=str(parquet_dir) if parquet_dir else None)
     # A trial driving a TorchTrainer only waits for it; a trial that trains holds a worker's share.
     resources = {"CPU": 0.1} if workers.num_workers > 1 else workers.resources()
-    unit = asha_milestone(cfg)
-    scheduler = ASHAScheduler(time_attr="iteration", grace_period=cfg.tune.grace_period * unit,
-                              reduction_factor=cfg.tune.reduction_factor,
-                              max_t=max(cfg.tune.grace_period * unit + 1, 1 << 30))
-    # Checkpoint-only reports come before the first evaluation and lack the metric: ASHA skips
-    # them, and Tune's strict check (which would fail the trial) is turned off for them.
+    search_alg, scheduler = build_search(cfg, plan.space, asha_milestone(cfg))
+    # Checkpoint-only reports come before the first evaluation and lack the metric: the
+    # schedulers and searchers skip them, and Tune's strict check (which would fail the trial)
+    # is turned off for them.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), resources)
     tuner = tune.Tuner(
         trainable,
         param_space=plan.space,
         tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="max", scheduler=scheduler,
-                                    num_samples=plan.num_samples,
+                                    search_alg=search_alg, num_samples=plan.num_samples,
                                     max_concurrent_trials=plan.max_concurrent or None),
         run_config=tune.RunConfig(
             name=plan.name,
             storage_path=str(plan.storage),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints(cfg)),
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[tune_callback(plan.mlflow)] if plan.mlflow else None,
         ),

@@ -138,7 +138,7 @@ class TrainConfig:
 
 @dataclass
 class TuneConfig:
-    """Ray Tune sweep: the search space and ASHA.
+    """Ray Tune sweep: the search space, the search algorithm (`orchestration.search`) and ASHA.
 
     `space` maps a dotted config key to a distribution: {type = "uniform" | "loguniform",
     low, high} or {type = "choice", values = [...]}.
@@ -154,6 +154,8 @@ class TuneConfig:
         }
     )
     metric: str = "bbox_mAP"
+    search: str = "random"  # "random" (+ ASHA), "tpe" (Optuna TPE + ASHA), "pbt" (population-based training)
+    perturbation_interval: int = 2  # PBT: evaluations between exploit/explore steps
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
 
@@ -286,6 +288,8 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("train.eval_interval", cfg.train.eval_interval >= 0, ">= 0"),
         ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 1, ">= 1"),
         ("train.max_failures", cfg.train.max_failures >= -1, ">= -1 (-1 = unlimited)"),
+        ("tune.search", cfg.tune.search in ("random", "tpe", "pbt"), "'random', 'tpe' or 'pbt'"),
+        ("tune.perturbation_interval", cfg.tune.perturbation_interval >= 1, ">= 1"),
     ]
     for key, ok, expected in checks:
         if not ok:

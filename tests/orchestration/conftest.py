@@ -62,19 +62,38 @@ def tiny_config_dict(data_dir: Path) -> dict:
     }
 
 
+def with_overrides(raw: dict, overrides: dict[str, object]) -> dict:
+    """`raw` (nested config dicts) with each dotted key of `overrides` set."""
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
 @pytest.fixture
 def tiny_config(synth_dir: Path) -> Callable[..., Config]:
     """`tiny_config(data_dir=None, **{"train.max_iters": 6, ...})`: the tiny config on
     `data_dir` (default: the session's shapes data) with dotted-key overrides."""
 
     def make(data_dir: Path | None = None, **overrides: object) -> Config:
-        raw = tiny_config_dict(data_dir or synth_dir)
-        for key, value in overrides.items():
-            section, name = key.split(".")
-            raw.setdefault(section, {})[name] = value
-        return config_from_dict(raw, source="tiny test config")
+        return config_from_dict(with_overrides(tiny_config_dict(data_dir or synth_dir), overrides),
+                                source="tiny test config")
 
     return make
+
+
+@pytest.fixture
+def tiny_config_toml(synth_dir: Path) -> Callable[..., Path]:
+    """`tiny_config_toml(path, **{"tune.search": "tpe", ...})`: the tiny config with dotted-key
+    overrides written as a TOML file at `path`; returns `path`."""
+
+    def write(path: Path, **overrides: object) -> Path:
+        import tomli_w
+
+        path.write_text(tomli_w.dumps(with_overrides(tiny_config_dict(synth_dir), overrides)))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

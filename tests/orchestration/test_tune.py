@@ -1,6 +1,7 @@
 """orchestration.tune: search space, output files, and real sweeps on the session's local Ray."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -9,8 +10,12 @@ import pytest
 
 from orchestration import common
 from orchestration import tune as otune
+from orchestration.common import Workers
+from orchestration.search import build_search, pbt_keys
 from orchestration.tracking import MlflowTarget
-from vfnet.config import Config, ConfigError, load_config
+from vfnet.cli import main
+from vfnet.config import Config, load_config
+from vfnet.errors import ArgumentError, ConfigError
 
 pytestmark = pytest.mark.ray
 
@@ -167,3 +172,61 @@ def test_trial_row_status_and_metrics() -> None:
     row = otune.trial_row(_FakeResult([], config, RuntimeError("boom")), ["loss.alpha"], "bbox_mAP")
     assert row["status"] == "error" and math.isnan(row["final_bbox_mAP"])
     assert row["trial_id"] == "run_trial_abc_00007" and row["iterations"] == 0
+
+
+@pytest.mark.parametrize("overrides, num_workers, error, message", [
+    ({"tune.search": "grid"}, 1, ConfigError, "tune.search = 'grid' is invalid"),
+    ({"tune.search": "pbt", "train.eval_interval": 2, "tune.space": SPACE}, 1, ConfigError,
+     "tune.space has none of them"),
+    ({"tune.search": "pbt", "train.eval_interval": 0}, 1, ConfigError, "train.eval_interval > 0"),
+    ({"tune.search": "pbt", "train.eval_interval": 2}, 2, ArgumentError, "--num-workers must be 1"),
+])
+def test_search_set_up_checked_before_starting(tiny_config, tmp_path, overrides, num_workers, error,
+                                               message) -> None:
+    with pytest.raises(error, match=message):
+        cfg = tiny_config(**overrides)
+        otune.plan_sweep(cfg, Workers(num_workers), num_samples=2, out=tmp_path)
+
+
+def test_pbt_perturbs_lr_and_loss_weights_only(tiny_config) -> None:
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    cfg = otune.trial_base(tiny_config(**{"tune.search": "pbt", "train.eval_interval": 2}))
+    assert cfg.train.checkpoint_interval == 2  # a checkpoint at every evaluation
+    assert pbt_keys(cfg.tune.space) == ["loss.init_weight", "loss.refine_weight", "train.lr"]
+    searcher, scheduler = build_search(cfg, otune.build_search_space(cfg.tune.space, cfg), 2)
+    assert searcher is None and isinstance(scheduler, PopulationBasedTraining)
+    assert sorted(scheduler._hyperparam_mutations) == ["loss.init_weight", "loss.refine_weight", "train.lr"]
+    assert scheduler._perturbation_interval == 4  # tune.perturbation_interval (2) evaluations of 2 iterations
+
+
+def test_tpe_sweep_through_vfnet_tune(tiny_config_toml, tmp_path: Path, ray_session) -> None:
+    """`vfnet tune` on the session's Ray (connect() finds it initialised): Optuna's TPE proposes
+    the trials, exit status 0."""
+    config = tiny_config_toml(tmp_path / "tpe.toml", **{"train.eval_interval": 2, "tune.search": "tpe",
+                                                         "tune.space": SPACE})
+    out = tmp_path / "out"
+    assert main(["tune", "--config", str(config), "--num-samples", "2", "--max-concurrent", "1",
+                 "--storage", str(tmp_path / "runs"), "--name", "tpe", "--out", str(out)]) == 0
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    _check_sweep(rows, out, 2)
+    searcher_state = list((tmp_path / "runs" / "tpe").glob("searcher-state-*.pkl"))
+    assert searcher_state, "Tune saved no searcher state: no search algorithm ran"
+
+
+def test_pbt_sweep_exploits_and_explores(tiny_config, tmp_path: Path, ray_session) -> None:
+    cfg = tiny_config(**{"train.eval_interval": 1, "train.max_iters": 4, "tune.search": "pbt",
+                         "tune.perturbation_interval": 1})
+    cfg.tune.space = {"train.lr": {"type": "loguniform", "low": 0.005, "high": 0.04},
+                      "loss.alpha": SPACE["loss.alpha"]}
+    out = tmp_path / "out"
+    rows = otune.run_sweep(cfg, num_samples=2, out=out, max_concurrent=2, storage=tmp_path / "runs", name="pbt")
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["iterations"] == 4 for r in rows)
+    # every perturbation is logged: (target trial, source trial, iterations, ..., old config, new config)
+    lines = (tmp_path / "runs" / "pbt" / "pbt_global.txt").read_text().splitlines()
+    assert lines
+    for line in lines:
+        old, new = json.loads(line)[-2:]
+        assert new["loss.alpha"] == old["loss.alpha"]  # copied from the exploited trial, not perturbed
+        assert 0.005 * 0.8 - 1e-12 <= new["train.lr"] <= 0.04 * 1.2 + 1e-12
+    assert (out / "best.toml").is_file()
