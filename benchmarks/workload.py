@@ -165,11 +165,12 @@ def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Call
     for group in optimizer.param_groups:
         group["lr"] = 0.0
     amp = use_amp(device)
+    image_sizes = data.image_sizes.tolist()  # read once, on the host
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             outputs = model(data.images)
-            losses = model.loss(outputs, data.boxes, data.labels, data.image_sizes)
+            losses = model.loss(outputs, data.boxes, data.labels, image_sizes)
         total = losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
         with record_function("vfnet.backward"):
             optimizer.zero_grad(set_to_none=True)

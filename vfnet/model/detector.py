@@ -6,7 +6,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from kernels.ops import Ops
-from vfnet.assign import atss_assign, pad_gts, valid_points
+from vfnet.assign import atss_assign, pad_gts
 from vfnet.boxes import batched_nms, distance_to_box
 from vfnet.config import Config
 from vfnet.losses import VFNetLoss, flatten_levels
@@ -82,33 +82,34 @@ class VFNet(nn.Module):
         outputs: HeadOutputs,
         gt_boxes: list[torch.Tensor],
         gt_labels: list[torch.Tensor],
-        image_sizes: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | list[list[int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training losses for a batch.
 
         gt_boxes[i] [n_i, 4] xyxy in input pixels, gt_labels[i] [n_i] int 0..C-1; image_sizes
-        [B, 2] int (h, w) of the resized, unpadded images: only points inside an image's own
-        extent padded to `data.size_divisor` are ATSS candidates for its gts (None: every image
-        fills the batch). Returns `loss_cls`, `loss_bbox_init`, `loss_bbox_refine` (weighted; the
-        total is their sum) and `num_pos` (detached).
+        [B, 2] (h, w) of the resized, unpadded images, read on the host (pass a CPU tensor or a
+        list: a CUDA tensor would be copied back, a synchronisation): only points inside an
+        image's own extent padded to `data.size_divisor` are ATSS candidates for its gts (None:
+        every image fills the batch). Returns `loss_cls`, `loss_bbox_init`, `loss_bbox_refine`
+        (weighted; the total is their sum) and `num_pos` (detached).
         """
         batch = outputs.cls_scores[0].shape[0]
         if len(gt_boxes) != batch:
             raise ValueError(f"gt_boxes has {len(gt_boxes)} images but the batch has {batch}")
+        padded = None
+        if image_sizes is not None:
+            sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
+            if len(sizes) != batch or any(len(s) != 2 for s in sizes):
+                raise ValueError(f"image_sizes must be [{batch}, 2], got {sizes}")
+            divisor = self.cfg.data.size_divisor
+            padded = [(-(-h // divisor) * divisor, -(-w // divisor) * divisor) for h, w in sizes]
         with record_function("vfnet.assign"):
             points = self.points(outputs)
             boxes, labels, valid = pad_gts(gt_boxes, gt_labels, points[0].device)
-            point_valid = None
-            if image_sizes is not None:
-                if image_sizes.shape != (batch, 2):
-                    raise ValueError(f"image_sizes must be [{batch}, 2], got {tuple(image_sizes.shape)}")
-                point_valid = valid_points(
-                    torch.cat(points), image_sizes.to(points[0].device), self.cfg.data.size_divisor
-                )
             targets = atss_assign(
                 points, self.head.strides, boxes, labels, valid, self.head.num_classes,
-                point_valid=point_valid, topk=self.cfg.assign.topk,
-                anchor_scale=self.cfg.assign.anchor_scale,
+                level_shapes=[tuple(s.shape[-2:]) for s in outputs.cls_scores], padded_sizes=padded,
+                topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
             )
         with record_function("vfnet.loss"):
             return self.loss_fn(
