@@ -382,12 +382,11 @@ def _loop(run: _Run, start_iter: int) -> dict[str, float]:
 def _step(run: _Run, batch: Batch) -> tuple[tuple[str, ...], torch.Tensor]:
     """One optimiser step without reading anything back to the host; returns the names and a
     float32 device tensor of the (all-rank mean) losses, num_pos and, with clipping, grad_norm."""
-    image_sizes = batch.image_sizes  # the host copy: the assignment reads the sizes on the host
     batch = batch.to(run.device, non_blocking=True)
     amp = run.cfg.train.amp and run.device.type == "cuda"
     with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = run.model(batch.images)
-        losses = run.core.loss(outputs, batch.boxes, batch.labels, image_sizes)
+        losses = run.core.loss(outputs, batch.boxes, batch.labels, batch.host_sizes or batch.image_sizes)
     loss = sum(losses[k] for k in LOSS_NAMES)
     stats = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in LOSS_NAMES),
                          losses["num_pos"].detach().float().reshape(())])

@@ -192,7 +192,7 @@ def engine_run(model: VFNet, device: str = "cpu", grad_clip: float = 35.0) -> Si
 def engine_batch(device: str = "cpu") -> Batch:
     images, boxes, labels = batch(device)
     sizes = torch.tensor([[64, 64], [64, 64]], device=device)
-    return Batch(images, boxes, labels, sizes, torch.ones(2, 2, device=device), sizes, [1, 2])
+    return Batch(images, boxes, labels, sizes, torch.ones(2, 2, device=device), sizes, [1, 2], [(64, 64)] * 2)
 
 
 @pytest.mark.interpret

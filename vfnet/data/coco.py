@@ -16,7 +16,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,9 @@ class Batch:
     scales: torch.Tensor  # float32 [B, 2] (sx, sy)
     orig_sizes: torch.Tensor  # int64 [B, 2] (H0, W0)
     image_ids: list[int]
+    # image_sizes as Python ints, for what reads them on the host (the ATSS assignment) without
+    # a device synchronisation; empty in a Batch built without them
+    host_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -100,6 +103,7 @@ def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
         scales=torch.tensor([s.scale for s in samples], dtype=torch.float32),
         orig_sizes=torch.tensor([s.orig_size for s in samples], dtype=torch.int64),
         image_ids=[int(s.image_id) for s in samples],
+        host_sizes=[(int(h), int(w)) for h, w in sizes],
     )
 
 

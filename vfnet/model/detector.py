@@ -82,13 +82,13 @@ class VFNet(nn.Module):
         outputs: HeadOutputs,
         gt_boxes: list[torch.Tensor],
         gt_labels: list[torch.Tensor],
-        image_sizes: torch.Tensor | list[list[int]] | None = None,
+        image_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training losses for a batch.
 
         gt_boxes[i] [n_i, 4] xyxy in input pixels, gt_labels[i] [n_i] int 0..C-1; image_sizes
-        [B, 2] (h, w) of the resized, unpadded images, read on the host (pass a CPU tensor or a
-        list: a CUDA tensor would be copied back, a synchronisation): only points inside an
+        [B, 2] (h, w) of the resized, unpadded images, read on the host (pass `Batch.host_sizes`
+        or a CPU tensor: a CUDA tensor is copied back, a synchronisation): only points inside an
         image's own extent padded to `data.size_divisor` are ATSS candidates for its gts (None:
         every image fills the batch). Returns `loss_cls`, `loss_bbox_init`, `loss_bbox_refine`
         (weighted; the total is their sum) and `num_pos` (detached).
