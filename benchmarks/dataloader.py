@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dataloader",
                                      description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help="320x240, N = 0 1 2, few batches (default without CUDA)")
-    size.add_argument("--full", dest="small", action="store_false", help="1333x800 (default with CUDA)")
+    harness.add_size_args(parser, small="320x240, N = 0 1 2, few batches", full="1333x800")
     parser.add_argument("--workers", type=int, nargs="+", help="worker counts N (>= 0)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per batch (default 2)")
     parser.add_argument("--batches", type=int, help="timed batches per repetition (default 100, small 4)")
@@ -122,11 +119,10 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     data.add_argument("--synth", type=int, metavar="IMAGES",
                       help="use this many synthetic 640 px images instead")
     parser.add_argument("--images", type=Path, help="image folder of --ann")
-    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where the CSV and PNG go (default benchmarks/results)")
+    harness.add_output_args(parser, SCRIPT, ceilings=False)
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    small = args.small if args.small is not None else device.type == "cpu"
+    small = harness.is_small(args, device)
     workers = args.workers or ([0, 1, 2] if small else [0, 1, 2, 4, 8, 16])
     batches = args.batches or (4 if small else 100)
     reps = args.reps or (2 if small else 3)
@@ -151,30 +147,25 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         if not ann.is_file() or not images.is_dir():
             parser.error(f"no data at {ann} / {images}: pass --ann/--images or --synth N")
         log.info("data: %s (%s), %dx%d, batch %d", ann, images, *img_scale, args.batch_size)
-        rows = []
+        results = harness.start(SCRIPT, args, device)
         shape = f"B{args.batch_size} {img_scale[0]}x{img_scale[1]}"
         for n in workers:
             cfg = loader_config(ann, images, img_scale, args.batch_size, n)
             startup, rates = measure_workers(cfg, skip=n, batches=batches, reps=reps)
-            rate_q = harness.quantiles(rates)
-            rows.append(harness.Row(SCRIPT, f"workers_{n}", "load", "fp32", shape, "img_per_s",
-                                    "images/s", *rate_q))
-            rows.append(harness.Row(SCRIPT, f"workers_{n}", "startup", "fp32", shape, "ms", "ms",
-                                    *harness.quantiles(startup)))
-            log.info("%2d workers: %8.1f img/s (first batch after %.0f ms)", n, rate_q[0],
-                     rows[-1].p50)
+            rate_q, startup_q = harness.quantiles(rates), harness.quantiles(startup)
+            log.info("%2d workers: %8.1f img/s (first batch after %.0f ms)", n, rate_q[0], startup_q[0])
+            results.add([
+                harness.Row(SCRIPT, f"workers_{n}", "load", "fp32", shape, "img_per_s", "images/s", *rate_q),
+                harness.Row(SCRIPT, f"workers_{n}", "startup", "fp32", shape, "ms", "ms", *startup_q),
+            ])
     consumption = training_consumption(args.out_dir, device)
     if consumption is not None:
         need, source = consumption
-        for r in rows:
+        for r in results.rows:
             if r.metric == "img_per_s":
                 log.info("%s: %.1f img/s %s the training step's %.1f img/s (%s)", r.provider, r.p50,
                          "exceeds" if r.p50 > need else "does NOT reach", need, source)
-    csv_path = harness.write_rows(SCRIPT, rows, device, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s", "Training input pipeline, images/s",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    return results.finish("img_per_s", "Training input pipeline, images/s")
 
 
 if __name__ == "__main__":

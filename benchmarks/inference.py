@@ -16,12 +16,13 @@ figure); the issue's target is >= 60 images/s at batch 8 on an H100/H200.
 
 Full (default with CUDA): VFNet R-50, 80 classes, 1333x800 (padded 1344x800), batch 1 and 8.
 `--small` (default without CUDA): ResNet-18 with 32 channels, 128x128, batch 1 and 2. Rows go to
-<out-dir>/inference.csv, the chart (img/s) to <out-dir>/inference.png.
+<out-dir>/inference.csv as they are measured, the chart (img/s) to <out-dir>/inference.png.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -36,15 +37,15 @@ TARGET_IMG_PER_S = 60.0  # issue #6: R-50 1333x800, batch 8, H100/H200
 
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
-            device: torch.device, warmup: int, reps: int, nms_classes: int) -> list[harness.Row]:
-    """Time `predict` per provider and batch size; ms, img_per_s (and peak_mem_mb) rows."""
+            device: torch.device, warmup: int, reps: int, nms_classes: int) -> Iterator[harness.Row]:
+    """Time `predict` per provider and batch size; yields ms, img_per_s (and on CUDA
+    peak_mem_mb) rows as they are measured."""
     models = workload.build_models(cfg, providers, device)
     for model in models.values():
         model.eval()
         workload.raise_class_scores(model, nms_classes)
     amp = workload.use_amp(device)
     dtype = "bf16" if amp else "fp32"
-    rows: list[harness.Row] = []
     for batch in batches:
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
         shape = workload.shape_label(cfg, batch, size)
@@ -54,20 +55,17 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
                     return model.predict(data.images, data.image_sizes, data.scales)
 
             detections = sum(len(d["scores"]) for d in predict()) / batch
-            ms = harness.time_calls_ms(predict, device, warmup=warmup, reps=reps)
+            ms = harness.time_ms(predict, device, warmup=warmup, reps=reps)
             rate = [batch * 1e3 / t for t in ms]
-            rows.append(harness.Row(SCRIPT, provider, "infer", dtype, shape, "ms", "ms", *ms))
-            rows.append(harness.Row(SCRIPT, provider, "infer", dtype, shape, "img_per_s", "images/s",
-                                    *rate))
-            line = (f"{provider:6s} {shape}: {ms[0]:9.1f} ms/batch {rate[0]:8.2f} img/s "
-                    f"({detections:.0f} detections per image)")
+            log.info("%-6s %s: %9.1f ms/batch %8.2f img/s (%.0f detections per image)", provider, shape,
+                     ms[0], rate[0], detections)
+            yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "ms", "ms", *ms)
+            yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "img_per_s", "images/s", *rate)
             if device.type == "cuda":
                 peak = harness.peak_memory_mb(predict, device)
-                rows.append(harness.Row(SCRIPT, provider, "infer", dtype, shape, "peak_mem_mb", "MB",
-                                        peak, peak, peak))
-                line += f" {peak:8.0f} MB peak"
-            log.info(line)
-    return rows
+                log.info("%-6s %s: %8.0f MB peak", provider, shape, peak)
+                yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "peak_mem_mb", "MB",
+                                  peak, peak, peak)
 
 
 def log_reference(rows: list[harness.Row]) -> None:
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference",
                                      description=__doc__.split("\n")[0])
-    workload.add_common_args(parser, "1 8, or 1 2 small")
+    workload.add_common_args(parser, SCRIPT, "1 8, or 1 2 small")
     parser.add_argument("--nms-classes", type=int, default=1,
                         help="classes whose scores pass the threshold everywhere (default 1)")
     args = parser.parse_args(argv)
@@ -93,15 +91,11 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     cfg = workload.bench_config(small)
     if not 0 <= args.nms_classes <= cfg.model.num_classes:
         parser.error(f"--nms-classes must be in [0, {cfg.model.num_classes}], got {args.nms_classes}")
-    rows = [] if args.no_ceiling else harness.ceiling_rows(SCRIPT, device)
-    rows += measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes)
-    workload.log_speedups(rows)
-    log_reference(rows)
-    csv_path = harness.write_rows(SCRIPT, rows, device, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s", "VFNet inference (incl. NMS), images/s",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    results = harness.start(SCRIPT, args, device)
+    results.add(measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes))
+    workload.log_speedups(results.rows)
+    log_reference(results.rows)
+    return results.finish("img_per_s", "VFNet inference (incl. NMS), images/s")
 
 
 if __name__ == "__main__":

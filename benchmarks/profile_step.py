@@ -285,11 +285,7 @@ def main(argv: list[str] | None = None) -> Profile:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
                                      description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help="ResNet-18, 32 channels, 128x128 (default without CUDA)")
-    size.add_argument("--full", dest="small", action="store_false",
-                      help="VFNet R-50, 1333x800 (default with CUDA)")
+    harness.add_size_args(parser, small="ResNet-18, 32 channels, 128x128", full="VFNet R-50, 1333x800")
     parser.add_argument("--batch", type=int, help="images per step (default 8, small 2)")
     parser.add_argument("--provider", choices=workload.PROVIDERS,
                         help="default triton on CUDA or under TRITON_INTERPRET=1, else torch")
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None) -> Profile:
                         help="where the text goes (default benchmarks/results)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    small = args.small if args.small is not None else device.type == "cpu"
+    small = harness.is_small(args, device)
     batch = args.batch or (2 if small else 8)
     provider = args.provider or workload.default_providers(device)[0]
     if batch < 1 or args.steps < 1 or args.warmup < 0:

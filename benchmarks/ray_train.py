@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -61,11 +60,10 @@ def step_rates(workdir: Path, images_per_step: int, skip: int) -> list[float]:
 
 
 def _row(provider: str, workers: int, cfg: Config, rates: list[float], device: str) -> harness.Row:
-    q = statistics.quantiles(rates, n=10) if len(rates) > 1 else [rates[0]] * 9
     shape = f"{workers}w x b{cfg.train.batch_size} {cfg.data.img_scale[0]}px"
     dtype = "bf16" if device == "cuda" and cfg.train.amp else "fp32"
     return harness.Row(SCRIPT, provider, "train_step", dtype, shape, "img_per_s", "images/s",
-                       statistics.median(rates), q[1], q[7])
+                       *harness.quantiles(rates))
 
 
 def main(argv: list[str] | None = None) -> list[harness.Row]:
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker and for the plain run")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain-engine run")
-    parser.add_argument("--out-dir", type=Path, default=None)
+    harness.add_output_args(parser, SCRIPT, ceilings=False)
     args = parser.parse_args(argv)
     import ray
 
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     from vfnet.engine import train
 
     device = "cuda" if args.use_gpu else "cpu"
-    rows: list[harness.Row] = []
+    results = harness.start(SCRIPT, args, torch.device(device))
     with tempfile.TemporaryDirectory(prefix="vfnet-ray-bench-") as tmp:
         root = Path(tmp)
         cfg = bench_config(root / "shapes", args.iters, args.use_gpu)
@@ -97,8 +95,9 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
             tic = time.perf_counter()
             train(cfg, root / "plain", resume=False)
             rates = step_rates(root / "plain", cfg.train.batch_size, args.skip)
-            rows.append(_row("engine", 1, cfg, rates, device))
-            log.info("plain engine: %.1f s wall, %.2f img/s (p50)", time.perf_counter() - tic, rows[-1].p50)
+            results.add([_row("engine", 1, cfg, rates, device)])
+            log.info("plain engine: %.1f s wall, %.2f img/s (p50)", time.perf_counter() - tic,
+                     results.rows[-1].p50)
         # room for Ray Data beside the workers: 2 more logical CPUs than they hold
         ray.init(address="local", num_cpus=int(max(args.workers) * args.cpus_per_worker) + 2,
                  include_dashboard=False, log_to_driver=False)
@@ -110,18 +109,12 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                                        name=f"w{workers}")
                 rates = step_rates(Path(summary["run_dir"]) / WORKDIR_NAME,
                                    cfg.train.batch_size * workers, args.skip)
-                rows.append(_row("ray", workers, cfg, rates, device))
+                results.add([_row("ray", workers, cfg, rates, device)])
                 log.info("ray, %d worker(s): %.1f s wall, %.2f img/s (p50)", workers,
-                         time.perf_counter() - tic, rows[-1].p50)
+                         time.perf_counter() - tic, results.rows[-1].p50)
         finally:
             ray.shutdown()
-    dev = torch.device("cuda" if args.use_gpu else "cpu")
-    csv_path = harness.write_rows(SCRIPT, rows, dev, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s",
-                                 "VFNet training, plain engine vs Ray Train, images/s",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    return results.finish("img_per_s", "VFNet training, plain engine vs Ray Train, images/s")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,9 @@ What the VFNet head runs per FPN level: two 3x3 star convolutions (classificatio
 tower outputs, Cin = Cout = 256, no bias) over the same star points. Providers:
 - `triton`: `kernels.star_deform_conv2d_pair` (sampling computed once for both);
 - `triton_single`: `kernels.star_deform_conv2d` called twice;
-- `torchvision`: the reference head's path, offsets built in PyTorch
-  (`kernels.reference.star_offsets`, gradient_mul included) then `torchvision.ops.deform_conv2d`
-  twice; run under autocast for bf16, where torchvision's autocast rule computes in fp32 (skipped
-  with a warning when torchvision is not installed);
+- `torchvision`: the reference head's path, `benchmarks.harness.torchvision_star_pair` (offsets
+  built in PyTorch, then `torchvision.ops.deform_conv2d` twice; bf16 computed in fp32 as
+  torchvision's autocast rule does; skipped with a warning when torchvision does not load);
 - `eager`: `kernels.reference.star_deform_conv2d_pair_reference` (gather + einsum in PyTorch).
 Modes: `fwd` (inputs not requiring grad) and `fwd_bwd` (forward, then gradients of x_cls, x_reg,
 both weights and bbox_pred for a fixed upstream gradient). Metrics: ms, TFLOP/s (2*B*H*W*Cout*Cin*9
@@ -19,20 +18,23 @@ Shapes: the five FPN levels of a 2-image 1333x800 batch (padded to 1344x800): P3
 P5 25x42, P6 13x21, P7 7x11 at strides 8..128, boxes with each distance uniform in
 [0.5, 6] strides. `--small` (the default without CUDA) uses tiny shapes so the script runs in
 seconds; on the CPU the Triton kernels run through the interpreter and the numbers only show that
-the script works (not to be committed). Rows go to <out-dir>/star_conv.csv and the chart to
-<out-dir>/star_conv.png (default benchmarks/results).
+the script works (not to be committed). Rows go to <out-dir>/star_conv.csv as they are measured,
+the chart to <out-dir>/star_conv.png (default benchmarks/results).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from benchmarks import harness
+
+if TYPE_CHECKING:  # kernels are imported once main has set TRITON_INTERPRET (see main)
+    from kernels.ops import StarPairOp
 
 log = logging.getLogger("benchmarks.star_conv")
 
@@ -47,8 +49,6 @@ SMALL_LEVELS = (("P3", 8, 4, 6), ("P4", 16, 2, 3))
 BATCH, CHANNELS = 2, 256
 SMALL_BATCH, SMALL_CHANNELS = 1, 16
 GRADIENT_MUL = 0.1
-
-StarPair = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def make_inputs(batch: int, channels: int, height: int, width: int, stride: int,
@@ -70,49 +70,31 @@ def make_inputs(batch: int, channels: int, height: int, width: int, stride: int,
     }
 
 
-def _torchvision_pair() -> StarPair | None:
-    try:
-        from torchvision.ops import deform_conv2d
-    except ImportError:
-        return None
-    from kernels.reference import star_offsets
-
-    def pair(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul):
-        offsets = star_offsets(bbox_pred, stride, gradient_mul)
-        # bf16: the reference head runs under autocast, where torchvision computes in fp32
-        with torch.autocast(x_cls.device.type, dtype=x_cls.dtype,
-                            enabled=x_cls.dtype in (torch.bfloat16, torch.float16)):
-            return (deform_conv2d(x_cls, offsets, w_cls, padding=1),
-                    deform_conv2d(x_reg, offsets, w_reg, padding=1))
-
-    return pair
-
-
-def build_providers(names: list[str]) -> dict[str, StarPair]:
+def build_providers(names: list[str]) -> dict[str, StarPairOp]:
     """name -> function (x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul) ->
-    (out_cls, out_reg); torchvision is dropped with a warning when it is not installed."""
+    (out_cls, out_reg); torchvision is dropped with a warning when it does not load."""
     from kernels import reference, star_deform_conv2d, star_deform_conv2d_pair
 
     def single_twice(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul):
         return (star_deform_conv2d(x_cls, bbox_pred, w_cls, stride, gradient_mul=gradient_mul),
                 star_deform_conv2d(x_reg, bbox_pred, w_reg, stride, gradient_mul=gradient_mul))
 
-    table: dict[str, StarPair | None] = {
+    table: dict[str, StarPairOp | None] = {
         "triton": star_deform_conv2d_pair,
         "triton_single": single_twice,
-        "torchvision": _torchvision_pair() if "torchvision" in names else None,
+        "torchvision": harness.torchvision_star_pair() if "torchvision" in names else None,
         "eager": reference.star_deform_conv2d_pair_reference,
     }
     providers = {}
     for name in names:
         if table[name] is None:
-            log.warning("skipping torchvision: torchvision is not installed")
+            log.warning("skipping torchvision: torchvision does not load here")
             continue
         providers[name] = table[name]
     return providers
 
 
-def step_fn(fn: StarPair, inputs: dict[str, torch.Tensor], stride: int,
+def step_fn(fn: StarPairOp, inputs: dict[str, torch.Tensor], stride: int,
             mode: str) -> Callable[[], object]:
     """A closure running one forward (or forward + all gradients) of the pair."""
     if mode == "fwd":
@@ -136,11 +118,11 @@ def conv_flops(batch: int, channels: int, height: int, width: int, mode: str) ->
     return forward * (3 if mode == "fwd_bwd" else 1)
 
 
-def measure(providers: dict[str, StarPair], levels: tuple, batch: int, channels: int,
+def measure(providers: dict[str, StarPairOp], levels: tuple, batch: int, channels: int,
             dtypes: list[str], modes: list[str], device: torch.device, warmup: int,
-            reps: int) -> list[harness.Row]:
-    """Time every provider x level x dtype x mode: ms, tflops and peak_mem_mb rows."""
-    rows: list[harness.Row] = []
+            reps: int) -> Iterator[harness.Row]:
+    """Time every provider x level x dtype x mode: ms, tflops and peak_mem_mb rows, yielded as
+    they are measured."""
     for dtype_name in dtypes:
         for name, stride, h, w in levels:
             inputs = make_inputs(batch, channels, h, w, stride, DTYPES[dtype_name], device)
@@ -153,16 +135,13 @@ def measure(providers: dict[str, StarPair], levels: tuple, batch: int, channels:
                     ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
                     tflops = [flops / (t * 1e-3) / 1e12 for t in ms]
                     mem = harness.peak_memory_mb(step, device)
-                    rows += [
-                        harness.Row(SCRIPT, provider, mode, dtype_name, shape, "ms", "ms", *ms),
-                        harness.Row(SCRIPT, provider, mode, dtype_name, shape, "tflops", "TFLOP/s",
-                                    *tflops),
-                        harness.Row(SCRIPT, provider, mode, dtype_name, shape, "peak_mem_mb", "MB",
-                                    mem, mem, mem),
-                    ]
                     log.info("%-13s %-7s %s %-22s %9.3f ms %7.2f TFLOP/s %9.1f MB", provider, mode,
                              dtype_name, shape, ms[0], tflops[0], mem)
-    return rows
+                    yield harness.Row(SCRIPT, provider, mode, dtype_name, shape, "ms", "ms", *ms)
+                    yield harness.Row(SCRIPT, provider, mode, dtype_name, shape, "tflops", "TFLOP/s",
+                                      *tflops)
+                    yield harness.Row(SCRIPT, provider, mode, dtype_name, shape, "peak_mem_mb", "MB",
+                                      mem, mem, mem)
 
 
 def log_ratios(rows: list[harness.Row]) -> dict[tuple[str, str], dict[str, float]]:
@@ -189,30 +168,18 @@ def log_ratios(rows: list[harness.Row]) -> dict[tuple[str, str], dict[str, float
     return totals
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.star_conv",
                                      description=__doc__.split("\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help="tiny shapes (default without CUDA)")
-    size.add_argument("--full", dest="small", action="store_false",
-                      help="the five FPN levels of a 2-image 1333x800 batch (default with CUDA)")
-    parser.add_argument("--levels", type=_positive_int,
+    harness.add_size_args(parser, small="tiny shapes",
+                          full="the five FPN levels of a 2-image 1333x800 batch")
+    parser.add_argument("--levels", type=harness.positive_int,
                         help="only the first N levels (P3 first)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where star_conv.csv and star_conv.png go "
-                             "(default benchmarks/results)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+    harness.add_timing_args(parser, default=harness.KERNEL_TIMING, quick=(1, 2))
+    harness.add_output_args(parser, SCRIPT)
     return parser.parse_args(argv)
 
 
@@ -226,21 +193,17 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         # Triton kernels run on CPU tensors only through the interpreter; the flag is read when
         # the kernel modules are imported (by build_providers, below).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    small = args.small if args.small is not None else device.type == "cpu"
+    small = harness.is_small(args, device)
     levels = SMALL_LEVELS if small else LEVELS
     levels = levels[: args.levels] if args.levels else levels
     batch, channels = (SMALL_BATCH, SMALL_CHANNELS) if small else (BATCH, CHANNELS)
-    warmup, reps = (1, 2) if small and device.type == "cpu" else (3, 10)
+    warmup, reps = harness.timing(args, small, device)
     providers = build_providers(args.providers)
-    rows = [] if args.no_ceiling else harness.ceiling_rows(SCRIPT, device)
-    rows += measure(providers, levels, batch, channels, args.dtypes, args.modes, device, warmup,
-                    reps)
-    log_ratios(rows)
-    csv_path = harness.write_rows(SCRIPT, rows, device, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "ms", "Star deformable conv pair, time per level",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    results = harness.start(SCRIPT, args, device)
+    results.add(measure(providers, levels, batch, channels, args.dtypes, args.modes, device, warmup,
+                        reps))
+    log_ratios(results.rows)
+    return results.finish("ms", "Star deformable conv pair, time per level")
 
 
 if __name__ == "__main__":

@@ -5,19 +5,20 @@ step, on a synthetic batch already in device memory (benchmarks.workload), for t
 `triton` (model.kernels = "triton") and `torch` (PyTorch reference ops, torchvision's
 deform_conv2d for the star conv where it loads), with the same weights and the same batch.
 Rows (mode `train_step`): `ms` per step, `img_per_s`, and on CUDA `peak_mem_mb`; the device's
-copy/matmul ceilings as `ceiling` rows. Each step is timed on its own after warm-up (CUDA events
-and a synchronize; wall clock on the CPU).
+copy/matmul ceilings as `ceiling` rows. Each step is timed on its own after warm-up
+(`benchmarks.harness.time_ms`).
 
 Full (default with CUDA): VFNet R-50 + FPN, 80 classes, 1333x800 (padded 1344x800), batch 2, 4 and
 8. `--small` (default without CUDA): ResNet-18 with 32 channels, 128x128, batch 2, provider `torch`
 only unless TRITON_INTERPRET=1 (then the Triton kernels run through the interpreter: a smoke test,
-not a measurement). Rows go to <out-dir>/train_throughput.csv, the chart (img/s) to
+not a measurement). Rows go to <out-dir>/train_throughput.csv as they are measured, the chart (img/s) to
 <out-dir>/train_throughput.png (default benchmarks/results).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -30,31 +31,28 @@ SCRIPT = "train_throughput"
 
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
-            device: torch.device, warmup: int, reps: int) -> list[harness.Row]:
-    """Time one training step per provider and batch size; ms, img_per_s, peak_mem_mb rows."""
+            device: torch.device, warmup: int, reps: int) -> Iterator[harness.Row]:
+    """Time one training step per provider and batch size; yields ms, img_per_s (and on CUDA
+    peak_mem_mb) rows as they are measured."""
     models = workload.build_models(cfg, providers, device)
     dtype = "bf16" if workload.use_amp(device) else "fp32"
-    rows: list[harness.Row] = []
     for batch in batches:
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
         shape = workload.shape_label(cfg, batch, size)
         for provider, model in models.items():
             step = workload.train_step(model, data, device)
-            ms = harness.time_calls_ms(step, device, warmup=warmup, reps=reps)
+            ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
             rate = [batch * 1e3 / t for t in ms]
-            rows.append(harness.Row(SCRIPT, provider, "train_step", dtype, shape, "ms", "ms", *ms))
-            rows.append(harness.Row(SCRIPT, provider, "train_step", dtype, shape, "img_per_s",
-                                    "images/s", *rate))
-            line = f"{provider:6s} {shape}: {ms[0]:9.1f} ms/step {rate[0]:8.2f} img/s"
+            log.info("%-6s %s: %9.1f ms/step %8.2f img/s", provider, shape, ms[0], rate[0])
+            yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "ms", "ms", *ms)
+            yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "img_per_s", "images/s", *rate)
             if device.type == "cuda":
                 peak = harness.peak_memory_mb(step, device)
-                rows.append(harness.Row(SCRIPT, provider, "train_step", dtype, shape, "peak_mem_mb",
-                                        "MB", peak, peak, peak))
-                line += f" {peak:8.0f} MB peak"
-            log.info(line)
+                log.info("%-6s %s: %8.0f MB peak", provider, shape, peak)
+                yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "peak_mem_mb", "MB",
+                                  peak, peak, peak)
             del step
         del data
-    return rows
 
 
 def main(argv: list[str] | None = None) -> list[harness.Row]:
@@ -63,19 +61,15 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.train_throughput",
                                      description=__doc__.split("\n")[0])
-    workload.add_common_args(parser, "2 4 8, or 2 small")
+    workload.add_common_args(parser, SCRIPT, "2 4 8, or 2 small")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small, size, batches, providers, warmup, reps = workload.resolve_args(args, device, [2, 4, 8], [2])
     cfg = workload.bench_config(small)
-    rows = [] if args.no_ceiling else harness.ceiling_rows(SCRIPT, device)
-    rows += measure(cfg, providers, batches, size, device, warmup, reps)
-    workload.log_speedups(rows)
-    csv_path = harness.write_rows(SCRIPT, rows, device, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s", "VFNet training step, images/s",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    results = harness.start(SCRIPT, args, device)
+    results.add(measure(cfg, providers, batches, size, device, warmup, reps))
+    workload.log_speedups(results.rows)
+    return results.finish("img_per_s", "VFNet training step, images/s")
 
 
 if __name__ == "__main__":

@@ -14,15 +14,15 @@ Shapes: on a GPU, the points of a 16-image batch at 1333x800 (padded to 1344x800
 (358,400 points) x 80 (COCO) and 1203 (LVIS) classes; with `--small` (the default without CUDA)
 tiny shapes so the script runs in seconds (on the CPU the Triton kernel runs through the
 interpreter: those numbers only show the script works and are not meant to be committed).
-Rows are appended to <out-dir>/vfl.csv and drawn in <out-dir>/vfl.png (default benchmarks/results).
+Rows are appended to <out-dir>/vfl.csv as they are measured and drawn in <out-dir>/vfl.png (default
+benchmarks/results).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -113,9 +113,8 @@ def step_fn(fn: Callable, logits: torch.Tensor, labels: torch.Tensor, scores: to
 
 
 def measure(providers: dict[str, Callable], points: int, classes: list[int], dtypes: list[str],
-            modes: list[str], device: torch.device, warmup: int, reps: int) -> list[harness.Row]:
-    """Time every provider x shape x dtype x mode; returns ms and gbps rows."""
-    rows: list[harness.Row] = []
+            modes: list[str], device: torch.device, warmup: int, reps: int) -> Iterator[harness.Row]:
+    """Time every provider x shape x dtype x mode; yields ms and gbps rows as they are measured."""
     broken: set[str] = set()
     for c in classes:
         for dtype_name in dtypes:
@@ -139,12 +138,10 @@ def measure(providers: dict[str, Callable], points: int, classes: list[int], dty
                         continue
                     ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
                     gbps = [nbytes / (t * 1e-3) / 1e9 for t in ms]
-                    rows.append(harness.Row("vfl", name, mode, dtype_name, shape, "ms", "ms", *ms))
-                    rows.append(harness.Row("vfl", name, mode, dtype_name, shape, "gbps", "GB/s",
-                                            *gbps))
                     log.info("%-13s %-7s %s %-12s %9.3f ms %8.1f GB/s", name, mode, dtype_name,
                              shape, ms[0], gbps[0])
-    return rows
+                    yield harness.Row(SCRIPT, name, mode, dtype_name, shape, "ms", "ms", *ms)
+                    yield harness.Row(SCRIPT, name, mode, dtype_name, shape, "gbps", "GB/s", *gbps)
 
 
 def log_ratios(rows: list[harness.Row]) -> None:
@@ -163,30 +160,18 @@ def log_ratios(rows: list[harness.Row]) -> None:
         log.info("triton %s %s %s: %s", mode, dtype, shape, ", ".join(parts) or "no comparison")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vfl", description=__doc__.split(
         "\n")[0])
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help="tiny shapes (default without CUDA)")
-    size.add_argument("--full", dest="small", action="store_false",
-                      help=f"the COCO/LVIS shapes: {COCO_POINTS} points (default with CUDA)")
-    parser.add_argument("--points", type=_positive_int, help="override the number of points N")
-    parser.add_argument("--classes", type=_positive_int, nargs="+",
+    harness.add_size_args(parser, small="tiny shapes", full=f"the COCO/LVIS shapes: {COCO_POINTS} points")
+    parser.add_argument("--points", type=harness.positive_int, help="override the number of points N")
+    parser.add_argument("--classes", type=harness.positive_int, nargs="+",
                         help="class counts C (default 80 1203)")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where vfl.csv and vfl.png go (default benchmarks/results)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+    harness.add_timing_args(parser, default=harness.KERNEL_TIMING, quick=(1, 3))
+    harness.add_output_args(parser, SCRIPT)
     return parser.parse_args(argv)
 
 
@@ -199,19 +184,15 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
         # Triton kernels run on CPU tensors only through the interpreter; the flag is read when
         # the kernel module is imported (by build_providers, below).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    small = args.small if args.small is not None else device.type == "cpu"
+    small = harness.is_small(args, device)
     points = args.points or (1024 if small else COCO_POINTS)
     classes = args.classes or [80, 1203]
-    warmup, reps = (1, 3) if small and device.type == "cpu" else (3, 10)
+    warmup, reps = harness.timing(args, small, device)
     providers = build_providers(args.providers)
-    rows = [] if args.no_ceiling else harness.ceiling_rows("vfl", device)
-    rows += measure(providers, points, classes, args.dtypes, args.modes, device, warmup, reps)
-    log_ratios(rows)
-    csv_path = harness.write_rows(SCRIPT, rows, device, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "gbps", "Varifocal loss, achieved bandwidth",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+    results = harness.start(SCRIPT, args, device)
+    results.add(measure(providers, points, classes, args.dtypes, args.modes, device, warmup, reps))
+    log_ratios(results.rows)
+    return results.finish("gbps", "Varifocal loss, achieved bandwidth")
 
 
 if __name__ == "__main__":

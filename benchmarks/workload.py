@@ -4,8 +4,8 @@ synthetic batch already on the device, and one training step.
 
 Providers: `triton` (`model.kernels = "triton"`: the Triton star conv and varifocal loss) and
 `torch` (`model.kernels = "torch"`: the PyTorch reference loss, and for the star conv
-`torchvision.ops.deform_conv2d` on the star offsets where torchvision imports, else the PyTorch
-reference star conv).
+`benchmarks.harness.torchvision_star_pair` where torchvision loads, else the PyTorch reference
+star conv).
 
 Sizes: full = VFNet R-50 + FPN, 80 classes, 1333x800 padded to 1344x800 (W x H); small (CPU smoke
 runs) = ResNet-18, 32 channels, 3 classes, 128x128.
@@ -19,13 +19,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.profiler import record_function
 
 from benchmarks import harness
-from kernels import Ops, reference
+from kernels import Ops
 from kernels.dispatch import interpreter_enabled
 from vfnet.config import Config
 from vfnet.model import VFNet
@@ -59,27 +58,6 @@ def default_providers(device: torch.device) -> list[str]:
     return ["torch"]
 
 
-def torchvision_star_pair() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
-    """The head's star-conv pair computed with `torchvision.ops.deform_conv2d` on
-    `kernels.reference.star_offsets` (same signature as `kernels.star_deform_conv2d_pair`), or
-    None when torchvision or its compiled ops do not load."""
-    try:
-        from torchvision.ops import deform_conv2d
-    except Exception as exc:  # noqa: BLE001 - missing package or unloadable compiled ops
-        log.warning("torchvision unavailable (%s: %s): the torch provider's star conv is the "
-                    "PyTorch reference", type(exc).__name__, exc)
-        return None
-
-    def star_pair(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul=0.1):
-        # Offsets stay float32 (bf16 would round a 100-cell offset by up to half a cell);
-        # torchvision's autocast rule runs deform_conv2d in float32.
-        offsets = reference.star_offsets(bbox_pred.float(), stride, gradient_mul)
-        return (deform_conv2d(x_cls, offsets, w_cls, padding=1),
-                deform_conv2d(x_reg, offsets, w_reg, padding=1))
-
-    return star_pair
-
-
 def build_models(cfg: Config, providers: list[str], device: torch.device, *,
                  seed: int = 0) -> dict[str, VFNet]:
     """One VFNet per provider, all with the weights of the first (seeded) one, on `device`."""
@@ -93,8 +71,12 @@ def build_models(cfg: Config, providers: list[str], device: torch.device, *,
         provider_cfg = copy.deepcopy(cfg)
         provider_cfg.model.kernels = provider
         ops = Ops.from_name(provider)
-        if provider == "torch" and (star_pair := torchvision_star_pair()) is not None:
-            ops = dataclasses.replace(ops, star_pair=star_pair)
+        if provider == "torch":
+            star_pair = harness.torchvision_star_pair()
+            if star_pair is None:
+                log.warning("the torch provider's star conv is the PyTorch reference")
+            else:
+                ops = dataclasses.replace(ops, star_pair=star_pair)
         model = VFNet(provider_cfg, ops=ops)
         if state is None:
             state = model.state_dict()
@@ -199,54 +181,29 @@ def raise_class_scores(model: VFNet, classes: int, score: float = 0.3) -> None:
 # Command-line options and logging shared by the detector benchmarks
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_common_args(parser: argparse.ArgumentParser, default_batches: str) -> None:
+def add_common_args(parser: argparse.ArgumentParser, script: str, default_batches: str) -> None:
     """Options the detector benchmarks share (sizes, providers, timing, output)."""
-    size = parser.add_mutually_exclusive_group()
-    size.add_argument("--small", dest="small", action="store_true", default=None,
-                      help="ResNet-18, 32 channels, 128x128 (default without CUDA)")
-    size.add_argument("--full", dest="small", action="store_false",
-                      help="VFNet R-50, 1333x800 (default with CUDA)")
-    parser.add_argument("--batches", type=_positive_int, nargs="+",
+    harness.add_size_args(parser, small="ResNet-18, 32 channels, 128x128", full="VFNet R-50, 1333x800")
+    parser.add_argument("--batches", type=harness.positive_int, nargs="+",
                         help=f"batch sizes (default {default_batches})")
-    parser.add_argument("--size", type=_positive_int, nargs=2, metavar=("H", "W"),
+    parser.add_argument("--size", type=harness.positive_int, nargs=2, metavar=("H", "W"),
                         help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
                         help="default: both on CUDA; torch on CPU (+ triton under TRITON_INTERPRET=1)")
-    parser.add_argument("--warmup", type=_non_negative_int,
-                        help="untimed calls first (default 3, CPU small 1)")
-    parser.add_argument("--reps", type=_positive_int, help="timed calls (default 10, CPU small 3)")
-    parser.add_argument("--out-dir", type=Path, default=harness.RESULTS_DIR,
-                        help="where the CSV and PNG go (default benchmarks/results)")
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling rows")
+    harness.add_timing_args(parser, default=harness.STEP_TIMING, quick=(1, 3))
+    harness.add_output_args(parser, script)
 
 
 def resolve_args(args: argparse.Namespace, device: torch.device, full_batches: list[int],
             small_batches: list[int]) -> tuple[bool, tuple[int, int], list[int], list[str], int, int]:
     """(small, size, batches, providers, warmup, reps) from the parsed options and the device."""
-    small = args.small if args.small is not None else device.type == "cpu"
+    small = harness.is_small(args, device)
     size = tuple(args.size) if args.size else (SMALL_SIZE if small else FULL_SIZE)
     if size[0] % 32 or size[1] % 32:
         raise SystemExit(f"--size must be multiples of 32 (the padded input), got {size}")
     batches = args.batches or (small_batches if small else full_batches)
     providers = args.providers or default_providers(device)
-    quick = small and device.type == "cpu"
-    warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
-    reps = args.reps or (3 if quick else 10)
-    return small, size, batches, providers, warmup, reps
+    return small, size, batches, providers, *harness.timing(args, small, device)
 
 
 def shape_label(cfg: Config, batch: int, size: tuple[int, int]) -> str:

@@ -54,7 +54,7 @@ def test_script_writes_rows_and_chart_to_out_dir(tmp_path):
 
 
 def test_missing_torchvision_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(star_conv, "_torchvision_pair", lambda: None)
+    monkeypatch.setattr(harness, "torchvision_star_pair", lambda: None)
     with caplog.at_level(logging.WARNING, logger="benchmarks.star_conv"):
         rows = star_conv.main(["--small", "--levels", "1", "--dtypes", "bf16", "--modes", "fwd",
                                "--providers", "torchvision", "eager", "--no-ceiling",

@@ -77,7 +77,7 @@ def test_unknown_provider_is_rejected():
 
 def test_torchvision_star_pair_matches_the_reference():
     pytest.importorskip("torchvision.ops")
-    pair = workload.torchvision_star_pair()
+    pair = harness.torchvision_star_pair()
     if pair is None:
         pytest.skip("torchvision's compiled ops do not load here")
     gen = torch.Generator().manual_seed(0)
@@ -101,9 +101,11 @@ def test_missing_torchvision_falls_back_to_the_reference(monkeypatch, caplog):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_torchvision)
+    assert harness.torchvision_star_pair() is None
     with caplog.at_level(logging.WARNING, logger="benchmarks.workload"):
-        assert workload.torchvision_star_pair() is None
+        model = workload.build_models(workload.bench_config(True), ["torch"], torch.device("cpu"))["torch"]
     assert "PyTorch reference" in caplog.text
+    assert model.head.star_pair is reference.star_deform_conv2d_pair_reference
 
 
 def test_raise_class_scores_sends_candidates_to_nms():
