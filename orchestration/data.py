@@ -102,7 +102,7 @@ def count_rows(parquet_dir: str | Path) -> int:
         read_categories(path)  # a readable shard with the vfnet columns
         try:
             total += pq.ParquetFile(path).metadata.num_rows
-        except (OSError, pa.ArrowException) as exc:
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise DatasetError(f"{path}: not a readable Parquet file: {one_line(exc)}") from None
     return total
 

@@ -127,10 +127,10 @@ def read_json(ann_file: str | Path) -> dict[str, Any]:
             data = json.load(fh)
     except FileNotFoundError:
         raise DatasetError(f"{ann_file}: annotation file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise DatasetError(f"{ann_file}: cannot read annotation file: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{ann_file}: not valid JSON: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a number with too many digits
+        raise DatasetError(f"{ann_file}: not valid JSON: {one_line(exc)[:300]}") from None
     except RecursionError:
         raise DatasetError(f"{ann_file}: not COCO json: nested too deeply to read") from None
     if not isinstance(data, dict):

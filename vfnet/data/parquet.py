@@ -4,7 +4,9 @@ One row per image (DESIGN.md §4): `image_id` int64, `file_name` string, `width`
 `image` binary (the encoded file bytes, unchanged), `boxes` list<list<double>> ([x, y, w, h]
 pixels, already clipped, crowd and degenerate boxes removed as in `CocoDetection`), `labels`
 list<int64> (contiguous). The schema metadata key `vfnet.categories` holds the categories as JSON
-`[{"id": ..., "name": ...}, ...]` in label order. Shards are `part-NNNNN.parquet`.
+`[{"id": ..., "name": ...}, ...]` in label order. Shards are `part-NNNNN.parquet`, written with
+page checksums (CRC32) that `ParquetDetection` verifies: a flipped bit in the data is an error,
+not a silently different image id or box.
 """
 from __future__ import annotations
 
@@ -74,7 +76,8 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
                 bar.update()
             shard = out_dir / f"part-{len(shards):05d}.parquet"
             with atomic_write(shard) as fh:
-                pq.write_table(pa.table(columns, schema=schema), fh, row_group_size=row_group_size)
+                pq.write_table(pa.table(columns, schema=schema), fh, row_group_size=row_group_size,
+                               write_page_checksum=True)
             shards.append(shard)
     log.info("packed %d images of %s into %d shards in %s", len(records), ann_file, len(shards), out_dir)
     return shards
@@ -136,7 +139,7 @@ def read_categories(shard: str | Path) -> tuple[list[int], list[str]]:
     shard is a readable Parquet file with the columns of `SCHEMA`; DatasetError otherwise."""
     try:
         schema = pq.read_schema(shard)
-    except (OSError, pa.ArrowException) as exc:
+    except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. a name not UTF-8
         raise DatasetError(f"{shard}: not a readable Parquet file: {one_line(exc)}") from None
     for expected in SCHEMA:
         index = schema.get_field_index(expected.name)
@@ -172,10 +175,10 @@ class ParquetDetection(Dataset):
             if read_categories(path) != (self.cat_ids, self.class_names):
                 raise DatasetError(f"{path}: categories differ from those of {self.files[0]}")
             try:
-                pf = pq.ParquetFile(path)
+                pf = pq.ParquetFile(path, page_checksum_verification=True)
                 groups = [pf.read_row_group(rg, columns=_META_COLUMNS).to_pylist()
                           for rg in range(pf.num_row_groups)]
-            except (OSError, pa.ArrowException) as exc:
+            except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. a name not UTF-8
                 raise DatasetError(f"{path}: cannot read shard: {one_line(exc)}") from None
             for rg, rows in enumerate(groups):
                 for i, row in enumerate(rows):
@@ -204,8 +207,9 @@ class ParquetDetection(Dataset):
         f_idx, rg, row = self._where[index]
         if self._cache is None or self._cache[0] != (f_idx, rg):
             try:
-                column = pq.ParquetFile(self.files[f_idx]).read_row_group(rg, columns=["image"])["image"]
-            except (OSError, pa.ArrowException) as exc:
+                shard = pq.ParquetFile(self.files[f_idx], page_checksum_verification=True)
+                column = shard.read_row_group(rg, columns=["image"])["image"]
+            except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. a name not UTF-8
                 raise DatasetError(f"{self.files[f_idx]}: cannot read row group {rg}: {one_line(exc)}") from None
             self._cache = ((f_idx, rg), column)
         record = self.records[index]
