@@ -94,19 +94,22 @@ def giou_pairwise(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Non-maximum suppression
 
-NMS_MAX_JOINT = 10_000  # above this many boxes, NMS runs class by class (bounded memory)
+NMS_MAX_JOINT = 10_000  # from this many boxes on, NMS runs class by class (the reference's split_thr)
 NMS_CHECK_EVERY = 4  # greedy-NMS iterations between convergence tests (each one a host sync)
 
 
 def batched_nms(
     boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, iou_threshold: float
 ) -> torch.Tensor:
-    """Class-wise greedy NMS.
+    """Class-wise greedy NMS, as the reference's (mmcv's `batched_nms` with `nms`).
 
     boxes [K, 4] xyxy, scores [K], labels [K] int. A box is suppressed by a higher-scoring kept
     box of the same label whose IoU with it is > iou_threshold. Returns the kept indices [k]
-    (int64), by decreasing score. Up to NMS_MAX_JOINT boxes are processed jointly (the classes are
-    separated by offsetting each class's boxes beyond all others), more class by class.
+    (int64) by decreasing score; boxes are visited in `torch.sort(descending=True)` order, as
+    the reference does, so equal scores resolve as there. Below NMS_MAX_JOINT boxes the classes
+    are processed jointly, each class's boxes shifted by label * (max coordinate + 1) (the
+    reference's shift, so the IoUs are computed on the same shifted values; widened when
+    coordinates are negative), from NMS_MAX_JOINT on class by class.
     """
     if boxes.ndim != 2 or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must be [K, 4], got {tuple(boxes.shape)}")
@@ -117,17 +120,15 @@ def batched_nms(
         )
     if boxes.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    if boxes.shape[0] <= NMS_MAX_JOINT:
-        span = (boxes.max() - boxes.min()).clamp(min=0) + 1
-        offsets = (labels.to(boxes.dtype) * span)[:, None]
-        keep = _greedy_nms(boxes + offsets, scores, iou_threshold)
-    else:
-        kept = []
-        for c in torch.unique(labels):
-            members = torch.nonzero(labels == c).squeeze(1)
-            kept.append(members[_greedy_nms(boxes[members], scores[members], iou_threshold)])
-        keep = torch.cat(kept)
-    return keep[torch.argsort(scores[keep], descending=True, stable=True)]
+    if boxes.shape[0] < NMS_MAX_JOINT:
+        unit = boxes.max() + 1 - boxes.min().clamp(max=0)
+        return _greedy_nms(boxes + (labels.to(boxes.dtype) * unit)[:, None], scores, iou_threshold)
+    kept = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).squeeze(1)
+        kept[members[_greedy_nms(boxes[members], scores[members], iou_threshold)]] = True
+    keep = torch.nonzero(kept).squeeze(1)
+    return keep[scores[keep].argsort(descending=True)]
 
 
 def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -141,7 +142,7 @@ def _greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float)
     device-to-host read) only every NMS_CHECK_EVERY iterations: iterating past the fixed point
     changes nothing.
     """
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = scores.sort(descending=True).indices
     sorted_boxes = boxes[order].float()
     iou = iou_pairwise(sorted_boxes, sorted_boxes)
     suppresses = torch.triu(iou > iou_threshold, diagonal=1).float()

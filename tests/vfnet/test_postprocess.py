@@ -53,12 +53,14 @@ def brute_force(outputs, image_sizes, scales, infer):
             num_classes, _, width = logits.shape[1:]
             prob = logits[i].permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
             d = dist[i].permute(1, 2, 0).reshape(-1, 4)
-            pairs = [(prob[p, c].item(), p, c) for p in range(prob.shape[0]) for c in range(num_classes)
+            pairs = [(p, c) for p in range(prob.shape[0]) for c in range(num_classes)
                      if prob[p, c].item() > infer.score_thr]
-            pairs.sort(key=lambda t: -t[0])  # stable: equal scores stay in row-major pair order
+            # the reference orders the passing scores (row-major) with torch.sort(descending=True)
+            order = torch.tensor([prob[p, c].item() for p, c in pairs]).sort(descending=True).indices.tolist()
+            pairs = [pairs[i] for i in order]
             if infer.nms_pre > 0:
                 pairs = pairs[: infer.nms_pre]
-            for _, p, c in pairs:
+            for p, c in pairs:
                 x, y = float(p % width * stride), float(p // width * stride)
                 l, t, r, b = d[p].tolist()
                 x1, y1 = min(max(x - l, 0.0), w), min(max(y - t, 0.0), h)
@@ -104,19 +106,19 @@ def test_detections_match_the_reference_rule_on_crowded_levels(score_thr, nms_pr
         torch.testing.assert_close(g["boxes"], r["boxes"], rtol=0, atol=1e-5)
 
 
-def test_top_pairs_thresholds_before_topk_and_breaks_ties_by_pair_order():
-    # image 0: 5 passing pairs (two ties at 0.6), nms_pre 3; image 1: one passing pair
-    scores = torch.tensor([
-        [[0.6, 0.1], [0.9, 0.6], [0.05, 0.7], [0.6, 0.0]],
-        [[0.3, 0.2], [0.1, 0.0], [0.0, 0.0], [0.0, 0.25]],
-    ])
-    values, points, labels, valid = top_pairs(scores, 0.25, 3)
-    assert values[0].tolist() == pytest.approx([0.9, 0.7, 0.6])
-    assert points[0].tolist() == [1, 2, 0] and labels[0].tolist() == [0, 1, 0]  # (0, 0) before (1, 1)
-    assert valid.tolist() == [[True, True, True], [True, False, False]]  # 0.25 is not above 0.25
-    assert points[1, 0].item() == 0 and labels[1, 0].item() == 0
-    values, _, _, valid = top_pairs(scores, 0.25, 0)  # no limit: all 8 pairs, 5 + 1 passing
-    assert values.shape == (2, 8) and valid.sum(1).tolist() == [5, 1]
+def test_top_pairs_thresholds_before_topk():
+    # 5 passing pairs (three at 0.6), nms_pre 3: the top 3 of the passing ones; 0.25 is not above 0.25
+    scores = torch.tensor([[0.6, 0.1], [0.9, 0.6], [0.05, 0.7], [0.6, 0.25]])
+    values, points, labels = top_pairs(scores, 0.25, 3)
+    assert values.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert (points[:2].tolist(), labels[:2].tolist()) == ([1, 2], [0, 1])
+    assert (points[2].item(), labels[2].item()) in {(0, 0), (1, 1), (3, 0)}
+    assert scores[points, labels].tolist() == values.tolist()
+    values, points, labels = top_pairs(scores, 0.25, 0)  # no limit: all 5
+    assert len(values) == 5
+    assert sorted(zip(points.tolist(), labels.tolist())) == [(0, 0), (1, 0), (1, 1), (2, 1), (3, 0)]
+    values, points, labels = top_pairs(scores, 0.95, 3)  # none passes
+    assert values.shape == points.shape == labels.shape == (0,)
 
 
 def test_large_enough_drops_zero_size_and_keeps_all_below_zero():

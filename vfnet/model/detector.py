@@ -141,28 +141,27 @@ class VFNet(nn.Module):
         self, outputs: HeadOutputs, image_sizes: torch.Tensor, scales: torch.Tensor
     ) -> list[dict[str, torch.Tensor]]:
         """Post-process head outputs into per-image detections (see `predict`; the rules are in
-        `vfnet.postprocess`)."""
+        `vfnet.postprocess`). Image by image, as the reference: its scores are computed on the
+        image's own [P_l, C] layout, so they equal the reference's bit for bit."""
         infer = self.cfg.infer
         device = outputs.cls_scores[0].device
         image_sizes = image_sizes.to(device)
         scales = scales.to(device=device, dtype=torch.float32)
-        boxes, scores, labels, valid = [], [], [], []
-        for scores_map, refine_map, points in zip(outputs.cls_scores, outputs.bbox_refine, self.points(outputs)):
-            level_scores, point, label, passing = top_pairs(
-                flatten_levels([scores_map]).float().sigmoid(), infer.score_thr, infer.nms_pre
-            )
-            distances = flatten_levels([refine_map]).float()  # [B, P_l, 4]
-            distances = distances.gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
-            boxes.append(distance_to_box(points[point], distances, image_sizes[:, None, :]))
-            scores.append(level_scores)
-            labels.append(label)
-            valid.append(passing)
-        boxes_all = torch.cat(boxes, dim=1) / scales.repeat(1, 2)[:, None, :]
-        keep_all = torch.cat(valid, dim=1) & large_enough(boxes_all, infer.min_bbox_size)
-        return [
-            self._nms(b[k], s[k], lab[k])
-            for b, s, lab, k in zip(boxes_all, torch.cat(scores, dim=1), torch.cat(labels, dim=1), keep_all)
-        ]
+        level_points = self.points(outputs)
+        results = []
+        for b in range(image_sizes.shape[0]):
+            boxes, scores, labels = [], [], []
+            for logits, refine, points in zip(outputs.cls_scores, outputs.bbox_refine, level_points):
+                probs = logits[b].permute(1, 2, 0).reshape(-1, logits.shape[1]).float().sigmoid()
+                values, point, label = top_pairs(probs, infer.score_thr, infer.nms_pre)
+                distances = refine[b].permute(1, 2, 0).reshape(-1, 4).float()[point]
+                boxes.append(distance_to_box(points[point], distances, image_sizes[b]))
+                scores.append(values)
+                labels.append(label)
+            boxes_b = torch.cat(boxes) / scales[b].repeat(2)
+            keep = large_enough(boxes_b, infer.min_bbox_size)
+            results.append(self._nms(boxes_b[keep], torch.cat(scores)[keep], torch.cat(labels)[keep]))
+        return results
 
     def _nms(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Candidates of one image (boxes [K, 4], scores [K], labels [K]) -> class-wise NMS'd
