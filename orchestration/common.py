@@ -8,8 +8,8 @@
   `vfnet: error: ...` for a `UserError`: bad flags, configs, data, checkpoints, an unreachable
   cluster, also when a worker raised it; 1 with a traceback otherwise). Bad flags and configs are
   reported by the plan, before Ray is touched.
-- Worker side: `RayReporter` (engine reports to Ray) and `restore_checkpoint` (Ray checkpoint ->
-  engine checkpoint file).
+- Worker side: `RayReporter` (engine reports to Ray) and `restore_checkpoint` (the newest
+  registered Ray checkpoint that verifies -> engine checkpoint file).
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from orchestration.tracking import MlflowTarget
+from vfnet.checkpoint import load_checkpoint
 from vfnet.config import Config, config_from_dict
 from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
 
@@ -273,14 +274,57 @@ class RayReporter:
             self.report_fn(metrics, checkpoint=Checkpoint.from_directory(tmp))  # copied to storage
 
 
-def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Path | None:
-    """Copy the engine file out of a Ray checkpoint (None -> None) into `dest_dir`; its path."""
+class Restored(NamedTuple):
+    """The engine checkpoint file a worker resumes from, and the Ray checkpoint it came from."""
+
+    file: Path
+    source: str  # the Ray checkpoint directory (storage path)
+
+
+def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Restored | None:
+    """The newest registered Ray checkpoint that verifies, its engine file copied into
+    `dest_dir` (None for no checkpoint). `checkpoint` is the one Ray hands the worker, the
+    latest registered; when its file is missing, incomplete or corrupt (content hash), the older
+    checkpoints of the same run (the `checkpoint_*` directories beside it, whose names sort by
+    age) are tried newest first, and each one skipped is logged. CheckpointError naming them all
+    when none verifies."""
     if checkpoint is None:
         return None
-    with checkpoint.as_directory() as src:
-        source = Path(src) / CHECKPOINT_NAME
-        if not source.is_file():
-            raise CheckpointError(f"{checkpoint.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
-        dest = dest_dir / CHECKPOINT_NAME
-        shutil.copyfile(source, dest)
-    return dest
+    reasons = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        try:
+            with candidate.as_directory() as src:
+                source = Path(src) / CHECKPOINT_NAME
+                if not source.is_file():
+                    raise CheckpointError(f"{candidate.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
+                dest = dest_dir / CHECKPOINT_NAME
+                shutil.copyfile(source, dest)
+            load_checkpoint(dest)  # verifies the content hash
+        except CheckpointError as exc:
+            log.warning("skipping Ray checkpoint %s: %s", candidate.path, exc)
+            reasons.append(f"{candidate.path}: {exc}")
+            continue
+        if reasons:
+            log.warning("resuming from Ray checkpoint %s, the newest that verifies (skipped %d newer)",
+                        candidate.path, len(reasons))
+        return Restored(dest, candidate.path)
+    raise CheckpointError(f"no registered checkpoint verifies: {'; '.join(reasons)}")
+
+
+def _older_checkpoints(checkpoint: Any) -> list[Any]:
+    """The `checkpoint_*` directories beside `checkpoint` whose names sort before its own,
+    newest first, as Ray checkpoints on the same file system."""
+    import posixpath
+
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent, own = posixpath.split(checkpoint.path.rstrip("/"))
+    try:
+        infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory),
+                   reverse=True)
+    return [Checkpoint(posixpath.join(parent, n), filesystem=checkpoint.filesystem)
+            for n in names if n.startswith("checkpoint_") and n < own]

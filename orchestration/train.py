@@ -113,10 +113,10 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     run_dir = Path(spec.run_dir)
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    checkpoint = ray.train.get_checkpoint()
-    write_worker_record(run_dir, checkpoint.path if checkpoint is not None else None)
     with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
-        resume_from = common.restore_checkpoint(checkpoint, Path(tmp))
+        restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
+        write_worker_record(run_dir, restored.source if restored is not None else None)
+        resume_from = restored.file if restored is not None else None
         hooks = TrainHooks(
             train_batches=ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
             iters_per_epoch=spec.iters_per_epoch,

@@ -142,7 +142,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
         torch.set_num_threads(setup.workers.torch_threads)
         with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
-            resume_from = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
+            restored = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
+            resume_from = restored.file if restored is not None else None
             hooks = TrainHooks(report=common.RayReporter(ray.tune.report), resume_from=resume_from)
             final = train(cfg, trial_dir / "workdir", resume=resume_from is not None, hooks=hooks)
     ray.tune.report({**final, "iteration": final["iterations"], FINISHED: 1.0})

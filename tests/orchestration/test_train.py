@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from corrupt import flip_tensor_bit
 
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
-from vfnet.checkpoint import load_checkpoint
+from vfnet.checkpoint import load_checkpoint, save_checkpoint
 from vfnet.errors import ArgumentError, CheckpointError
 
 pytestmark = pytest.mark.ray
@@ -40,21 +42,32 @@ def test_reporter_forwards_metrics_and_checkpoint_file(tmp_path: Path) -> None:
     assert calls == [({"iteration": 2.0}, b"weights"), ({"iteration": 3.0, "bbox_mAP": 0.5}, None)]
 
 
-def test_restore_checkpoint(tmp_path: Path) -> None:
+def test_restore_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path: Path, caplog) -> None:
+    """Registered checkpoints a (iteration 1), b (2, corrupt), c (3, no engine file): a worker
+    handed c resumes from a, saying it skipped c and b."""
     from ray.train import Checkpoint
+    from torch import nn
+
+    from vfnet.config import Config
 
     assert common.restore_checkpoint(None, tmp_path) is None
-    src = tmp_path / "ray_ckpt"
-    src.mkdir()
-    (src / common.CHECKPOINT_NAME).write_bytes(b"state")
+    run = tmp_path / "run"
+    for name, iteration in (("checkpoint_a", 1), ("checkpoint_b", 2)):
+        path = save_checkpoint(run / name, model=nn.Linear(2, 2), optimizer=None, iteration=iteration,
+                               epoch=0, config=Config())
+        path.rename(run / name / common.CHECKPOINT_NAME)
+    flip_tensor_bit(run / "checkpoint_b" / common.CHECKPOINT_NAME)
+    (run / "checkpoint_c").mkdir()
+    (run / "checkpoint_z_partial_upload").mkdir()  # sorts after c: newer than the registered one, ignored
     dest = tmp_path / "dest"
     dest.mkdir()
-    restored = common.restore_checkpoint(Checkpoint.from_directory(src), dest)
-    assert restored == dest / common.CHECKPOINT_NAME and restored.read_bytes() == b"state"
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(CheckpointError, match=common.CHECKPOINT_NAME):
-        common.restore_checkpoint(Checkpoint.from_directory(empty), dest)
+    restored = common.restore_checkpoint(Checkpoint.from_directory(run / "checkpoint_c"), dest)
+    assert restored.file == dest / common.CHECKPOINT_NAME and restored.source.endswith("checkpoint_a")
+    assert load_checkpoint(restored.file)["iteration"] == 1
+    assert "skipping Ray checkpoint" in caplog.text and "checkpoint_b" in caplog.text
+    shutil.rmtree(run / "checkpoint_a")
+    with pytest.raises(CheckpointError, match="no registered checkpoint verifies.*checkpoint_c.*checkpoint_b"):
+        common.restore_checkpoint(Checkpoint.from_directory(run / "checkpoint_c"), dest)
 
 
 @pytest.mark.parametrize("argv, message", [
