@@ -39,7 +39,7 @@ BOXES_PER_IMAGE = 7  # COCO train2017 averages 7.3 objects per image
 
 
 def bench_config(small: bool) -> Config:
-    """The reference VFNet R-50 config (DESIGN.md §3), or a tiny ResNet-18 one for CPU runs."""
+    """The reference VFNet R-50 config (docs/design.md §3), or a tiny ResNet-18 one for CPU runs."""
     cfg = Config()
     if small:
         cfg.model.depth = 18

@@ -1,6 +1,6 @@
 """Per-call choice between the Triton kernels and their PyTorch references.
 
-Rules (DESIGN.md §2):
+Rules (docs/design.md §2):
 - `VFNET_KERNELS=torch` forces the reference everywhere.
 - CUDA tensors use Triton.
 - CPU tensors use the reference, except under `TRITON_INTERPRET=1`, where the Triton kernels run

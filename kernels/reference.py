@@ -190,7 +190,7 @@ def star_deform_conv2d_reference(
     bias: torch.Tensor | None = None,
     gradient_mul: float = 0.1,
 ) -> torch.Tensor:
-    """Star deformable 3x3 convolution (DESIGN.md §2), out [B, Cout, H, W] in x's dtype.
+    """Star deformable 3x3 convolution (docs/design.md §2), out [B, Cout, H, W] in x's dtype.
 
     x [B, Cin, H, W]; bbox_pred [B, 4, H, W] (l, t, r, b) in input pixels; weight
     [Cout, Cin, 3, 3]; bias [Cout] or None; stride in input pixels per cell. Tap (ky, kx) samples

@@ -1,6 +1,6 @@
 r"""Star deformable convolution: VFNet's 3x3 conv over the 9 star points of each location.
 
-Public API (DESIGN.md §2)::
+Public API (docs/design.md §2)::
 
     star_deform_conv2d(x, bbox_pred, weight, stride, *, bias=None, gradient_mul=0.1)
     star_deform_conv2d_pair(x_cls, x_reg, bbox_pred, w_cls, w_reg, stride, *, gradient_mul=0.1)

@@ -1,7 +1,7 @@
 r"""Fused varifocal loss (VFL): one Triton pass computes the loss and its gradient.
 
 Kernel, autograd.Function and functional API live together here; `kernels/reference.py` holds the
-PyTorch oracle with the same contract (DESIGN.md §2).
+PyTorch oracle with the same contract (docs/design.md §2).
 
 Definition. For a logit x, target q in [0, 1] and p = sigmoid(x)::
 

@@ -1,7 +1,7 @@
 """Test-suite set-up.
 
 Triton reads `TRITON_INTERPRET` when `@triton.jit` decorates a kernel, so it is decided here,
-before any kernel module is imported (DESIGN.md §6), unless the caller set it:
+before any kernel module is imported (docs/design.md §6), unless the caller set it:
 - without CUDA: `1`, the Triton kernels themselves run on CPU tensors through the interpreter
   (CI); tests marked `interpret` check them that way.
 - with CUDA: `0`, the `gpu` tests run the compiled kernels. The `interpret` tests are skipped

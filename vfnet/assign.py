@@ -1,6 +1,6 @@
 """ATSS target assignment (adaptive training sample selection), batched over images and gts.
 
-Semantics (DESIGN.md §3, the reference VFNet/ATSS assigner): every point (x, y) of every level
+Semantics (docs/design.md §3, the reference VFNet/ATSS assigner): every point (x, y) of every level
 carries a square anchor of side `anchor_scale * stride` centred on it. Per image, level and gt, the
 `topk` points nearest to the gt centre are candidates; the gt's IoU threshold is the mean plus the
 unbiased standard deviation of its candidates' anchor IoUs; a candidate is positive when its IoU

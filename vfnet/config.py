@@ -1,7 +1,7 @@
 """Configuration: dataclasses, TOML loading, `--set key=value` overrides and validation.
 
 A config is a TOML file with the sections below; every key is optional and defaults to the
-reference VFNet R-50 1x COCO settings (DESIGN.md §3). Relative paths are resolved against the
+reference VFNet R-50 1x COCO settings (docs/design.md §3). Relative paths are resolved against the
 current working directory. `vfnet train` with no `--config` uses `configs/shapes_tiny.toml`.
 
 Errors (unknown section or key, wrong value type, out-of-range value, unreadable file) raise

@@ -1,6 +1,6 @@
 """COCO bbox evaluation (pycocotools COCOeval) on the original category ids.
 
-Metrics are returned by name, in COCOeval's `stats` order: the six of DESIGN.md §4
+Metrics are returned by name, in COCOeval's `stats` order: the six of docs/design.md §4
 (`bbox_mAP`, `bbox_mAP_50`, `bbox_mAP_75`, `bbox_mAP_s`, `bbox_mAP_m`, `bbox_mAP_l`) followed by
 the six average recalls (`bbox_AR_1`, `bbox_AR_10`, `bbox_AR_100`, `bbox_AR_s`, `bbox_AR_m`,
 `bbox_AR_l`). A value of -1 means undefined (no ground truth in that area range), as in pycocotools.

@@ -1,5 +1,5 @@
 """The VFNet loss: varifocal loss on the IoU-aware class scores plus GIoU losses on the initial
-and the refined boxes (DESIGN.md §3).
+and the refined boxes (docs/design.md §3).
 
 - VFL on every point; the target of a positive point is q = IoU(refined box, gt), detached and
   floored at 1e-6, at its gt class (sparse labels/scores, never a dense [N, C] target); normalised

@@ -1,4 +1,4 @@
-"""Inference post-processing rules (the reference dense-head test procedure, DESIGN.md §3).
+"""Inference post-processing rules (the reference dense-head test procedure, docs/design.md §3).
 
 Per image and level, the candidates are the `nms_pre` highest (point, class) pairs among those
 whose score is strictly above `score_thr`: threshold first, then top-k. The passing pairs are taken

@@ -1,7 +1,7 @@
 """Real multi-process Ray clusters: `ray start` heads, `ray job submit`, two nodes, a SIGKILLed worker.
 
 The module starts its own cluster with the `ray` CLI in subprocesses: a head on 127.0.0.2 and a
-second raylet on 127.0.0.3 (two real nodes on one machine, DESIGN.md §8), on free ports and in a
+second raylet on 127.0.0.3 (two real nodes on one machine, docs/design.md §8), on free ports and in a
 temp dir of their own, so it neither joins nor disturbs any other Ray on the machine (nor the
 in-process session cluster of the other test modules). Token authentication is on, with the
 test session's token (conftest.py) in the environment of every command (the project's policy,

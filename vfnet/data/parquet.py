@@ -1,6 +1,6 @@
 """Parquet shards of a COCO dataset (`vfnet data pack`) and the dataset that reads them back.
 
-One row per image (DESIGN.md §4): `image_id` int64, `file_name` string, `width`/`height` int32,
+One row per image (docs/design.md §4): `image_id` int64, `file_name` string, `width`/`height` int32,
 `image` binary (the encoded file bytes, unchanged), `boxes` list<list<double>> ([x, y, w, h]
 pixels, already clipped, crowd and degenerate boxes removed as in `CocoDetection`), `labels`
 list<int64> (contiguous). The schema metadata key `vfnet.categories` holds the categories as JSON

@@ -1,4 +1,4 @@
-"""The VFNet head (DESIGN.md §3), shared across the pyramid levels.
+"""The VFNet head (docs/design.md §3), shared across the pyramid levels.
 
 Per level: a classification tower and a regression tower (stacked 3x3 conv (no bias) - GroupNorm -
 ReLU); from the regression tower one more conv-GN-ReLU and a 3x3 conv to 4 channels give the
