@@ -102,7 +102,7 @@ def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
     for key in _PATH_KEYS:
         section, name = key.split(".")
         value = raw[section][name]
-        if value:
+        if value and "://" not in value:  # URIs (data.train_parquet on an object store) stay
             raw[section][name] = str((base / value).resolve()) if not Path(value).is_absolute() else value
     return config_from_dict(raw, source="resolved config")
 
@@ -126,8 +126,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                         help="how workers are placed on nodes (default PACK: as few nodes as "
                              "possible; SPREAD / STRICT_SPREAD: across nodes)")
-    parser.add_argument("--storage", type=Path, default=Path(DEFAULT_STORAGE),
-                        help=f"run storage every node can reach (default {DEFAULT_STORAGE})")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE,
+                        help="run storage every node can reach: a directory (shared disk) or a "
+                             "pyarrow.fs URI such as s3://bucket/prefix or gs://bucket/prefix "
+                             f"(default {DEFAULT_STORAGE})")
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: $RAY_ADDRESS, else start a local Ray)")
     parser.add_argument("--mlflow-uri", default=None, metavar="URI",

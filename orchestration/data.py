@@ -10,18 +10,23 @@ need not sit on every node's disk; the COCO json stays the evaluation ground tru
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from orchestration.storage import RunStorage
 from vfnet.atomic import write_text
 from vfnet.config import Config, DataConfig
 from vfnet.data.coco import Batch, collate, set_max_image_pixels
@@ -35,13 +40,31 @@ SHARD_GLOB = "part-*.parquet"
 _COMPLETE = "_COMPLETE"  # written last into a cache entry: its shards are all there
 
 
-def shard_files(parquet_dir: str | Path) -> list[Path]:
-    """The `part-*.parquet` shards of a packed directory, sorted; DatasetError if there are none."""
-    parquet_dir = Path(parquet_dir)
-    shards = sorted(parquet_dir.glob(SHARD_GLOB))
-    if not shards:
-        raise DatasetError(f"{parquet_dir}: no {SHARD_GLOB} shards (data.train_parquet)")
-    return shards
+@dataclass(frozen=True)
+class Shards:
+    """A directory of packed shards in a `pyarrow.fs` file system (local disk or object store)."""
+
+    fs: Any
+    directory: str
+
+    def files(self) -> list[str]:
+        """The `part-*.parquet` shards, sorted; DatasetError if there are none."""
+        selector = pafs.FileSelector(self.directory, allow_not_found=True)
+        try:
+            infos = self.fs.get_file_info(selector)
+        except (OSError, pa.ArrowException) as exc:
+            raise DatasetError(f"{self.directory}: cannot list the shards: {one_line(exc)}") from None
+        shards = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                        and fnmatch.fnmatch(i.base_name, SHARD_GLOB))
+        if not shards:
+            raise DatasetError(f"{self.directory}: no {SHARD_GLOB} shards (data.train_parquet)")
+        return shards
+
+
+def shards_at(location: str | Path) -> Shards:
+    """The shards at a local directory or a URI (`data.train_parquet`)."""
+    storage = RunStorage.parse(location)
+    return Shards(storage.fs, storage.root)
 
 
 def content_key(ann_file: str | Path, images_dir: str | Path) -> str:
@@ -64,25 +87,42 @@ def content_key(ann_file: str | Path, images_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def prepare_train_shards(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
-    """The directory of training shards: `data.train_parquet` when set, else
-    `cache_dir/<content key>/` holding `data.train_ann` + `data.train_images` packed (done once;
-    later calls with unchanged files reuse it). The cache entry is built in a temporary
-    directory and renamed into place, so an interrupted pack never looks complete."""
+def prepare_train_shards(data_cfg: DataConfig, cache: RunStorage | str | Path) -> Shards:
+    """The training shards: `data.train_parquet` when set (a directory or a URI), else
+    `cache/<content key>/` holding `data.train_ann` + `data.train_images` packed (done once;
+    later calls with unchanged files reuse it). The entry is complete once its `_COMPLETE`
+    marker exists: on a local disk the entry is built in a temporary directory and renamed into
+    place, on an object store the shards are packed locally, uploaded, and the marker written
+    last, so an interrupted pack never looks complete."""
     if data_cfg.train_parquet:
-        parquet_dir = Path(data_cfg.train_parquet)
-        shard_files(parquet_dir)
-        return parquet_dir
+        shards = shards_at(data_cfg.train_parquet)
+        shards.files()
+        return shards
+    cache = cache if isinstance(cache, RunStorage) else RunStorage.parse(cache)
     key = content_key(data_cfg.train_ann, data_cfg.train_images)
-    entry = Path(cache_dir) / key
-    if (entry / _COMPLETE).is_file():
-        log.info("reusing packed training shards %s", entry)
-        return entry
-    tmp = Path(cache_dir) / f".{key}.tmp-{os.getpid()}"
+    entry = cache.path(key)
+    if cache.exists(f"{entry}/{_COMPLETE}"):
+        log.info("reusing packed training shards %s", cache.display(entry))
+        return Shards(cache.fs, entry)
+    marker = f"{Path(data_cfg.train_ann).resolve()}\n"
+    if cache.is_local:
+        _pack_local(data_cfg, Path(cache.root), key, marker)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vfnet-pack-") as tmp:
+            pack(data_cfg.train_ann, data_cfg.train_images, Path(tmp))
+            cache.upload(Path(tmp), entry)
+        cache.write_text(f"{entry}/{_COMPLETE}", marker)
+    log.info("packed %s into %s", data_cfg.train_ann, cache.display(entry))
+    return Shards(cache.fs, entry)
+
+
+def _pack_local(data_cfg: DataConfig, cache_dir: Path, key: str, marker: str) -> None:
+    entry = cache_dir / key
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pack(data_cfg.train_ann, data_cfg.train_images, tmp)
-        write_text(tmp / _COMPLETE, f"{Path(data_cfg.train_ann).resolve()}\n")
+        write_text(tmp / _COMPLETE, marker)
         shutil.rmtree(entry, ignore_errors=True)  # a leftover without _COMPLETE
         try:
             tmp.rename(entry)
@@ -91,25 +131,23 @@ def prepare_train_shards(data_cfg: DataConfig, cache_dir: str | Path) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("packed %s into %s", data_cfg.train_ann, entry)
-    return entry
 
 
-def count_rows(parquet_dir: str | Path) -> int:
+def count_rows(shards: Shards) -> int:
     """Images in the shards, from the Parquet footers (no data read)."""
     total = 0
-    for path in shard_files(parquet_dir):
-        read_categories(path)  # a readable shard with the vfnet columns
+    for path in shards.files():
+        read_categories(path, shards.fs)  # a readable shard with the vfnet columns
         try:
-            total += pq.ParquetFile(path).metadata.num_rows
+            total += pq.ParquetFile(path, filesystem=shards.fs).metadata.num_rows
         except (OSError, ValueError, pa.ArrowException) as exc:
             raise DatasetError(f"{path}: not a readable Parquet file: {one_line(exc)}") from None
     return total
 
 
-def shard_cat_ids(parquet_dir: str | Path) -> list[int]:
+def shard_cat_ids(shards: Shards) -> list[int]:
     """Contiguous label -> COCO category id, from the first shard's schema metadata."""
-    return read_categories(shard_files(parquet_dir)[0])[0]
+    return read_categories(shards.files()[0], shards.fs)[0]
 
 
 def iters_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
@@ -124,11 +162,12 @@ def iters_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
     return steps
 
 
-def read_train_dataset(parquet_dir: str | Path) -> Any:
-    """A `ray.data.Dataset` of the shards' rows (lazy; read by Ray Data tasks)."""
+def read_train_dataset(shards: Shards) -> Any:
+    """A `ray.data.Dataset` of the shards' rows (lazy; read by Ray Data tasks, which get the
+    file system pickled)."""
     import ray.data
 
-    return ray.data.read_parquet([str(p) for p in shard_files(parquet_dir)])
+    return ray.data.read_parquet(shards.files(), filesystem=shards.fs)
 
 
 class ShardBatches:

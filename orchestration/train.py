@@ -1,7 +1,7 @@
 """Distributed training on Ray Train: `python -m orchestration.train` (the `ray job submit` entry).
 
     python -m orchestration.train [--config FILE] [--set key=value ...] --num-workers N
-        [--use-gpu] [--cpus-per-worker C] [--placement-strategy S] [--storage DIR] [--name NAME]
+        [--use-gpu] [--cpus-per-worker C] [--placement-strategy S] [--storage DIR|URI] [--name NAME]
         [--address ADDR]
 
 A `TorchTrainer` runs `vfnet.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
@@ -22,8 +22,11 @@ resumes from `ray.train.get_checkpoint()`. The run lives in `<storage>/<name>/`:
 in `workers/` (every group start writes one before training); re-running a finished or
 interrupted run under the same name resumes it and is not counted as a restart.
 
-`<storage>` must be a path every node can read and write (a shared file system on a real
-cluster). Exit status (`vfnet.errors.run_main`): 0 on success; 2 with one line
+`<storage>` is a path every node can read and write (a shared file system on a real cluster)
+or a `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`; `orchestration.storage`): then the
+packed shards, worker records, checkpoints and `result.json` live there, and rank 0 writes its
+work dir locally and copies it to `<run>/workdir` before every report (and fetches it back when
+it restarts). Exit status (`vfnet.errors.run_main`): 0 on success; 2 with one line
 `vfnet: error: ...` on stderr for what the user can fix (bad arguments, configs, data files or
 checkpoints, also when a worker raised it; an unreachable cluster); 1 with a traceback otherwise
 (training failed for good, or a bug).
@@ -38,15 +41,16 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestration import common
 from orchestration.common import CHECKPOINT_NAME, Workers
+from orchestration.data import Shards
+from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
-from vfnet.atomic import write_json
 from vfnet.config import Config, config_from_dict, load_config
 
 log = logging.getLogger(__name__)
@@ -63,7 +67,8 @@ class WorkerSpec:
     the run lives."""
 
     config: dict[str, Any]  # Config.to_dict() with absolute data paths
-    run_dir: str  # <storage>/<name>
+    storage: RunStorage
+    name: str  # the run lives in storage.path(name)
     iters_per_epoch: int
     cat_ids: list[int]  # contiguous label -> COCO category id of the training shards
     torch_threads: int  # intra-op threads per worker
@@ -74,8 +79,8 @@ class WorkerSpec:
 # Worker side (runs inside Ray worker processes)
 
 
-def write_worker_record(run_dir: Path, resumed_from: str | None) -> Path:
-    """Record this worker process's start in `run_dir/workers/` (see the module docstring)."""
+def write_worker_record(storage: RunStorage, name: str, resumed_from: str | None) -> str:
+    """Record this worker process's start in `<run>/workers/` (see the module docstring)."""
     import ray
     import ray.train
 
@@ -93,9 +98,10 @@ def write_worker_record(run_dir: Path, resumed_from: str | None) -> Path:
         "started": time.time(),
         "resumed_from": resumed_from,
     }
-    path = run_dir / WORKERS_DIR / f"rank{rank}-{os.getpid()}-{time.time_ns()}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, record)
+    path = storage.path(name, WORKERS_DIR, f"rank{rank}-{os.getpid()}-{time.time_ns()}.json")
+    if storage.is_local:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    storage.write_json(path, record)
     return path
 
 
@@ -110,34 +116,58 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
 
     torch.set_num_threads(spec.torch_threads)
     cfg = config_from_dict(spec.config, source="ray worker config")
-    run_dir = Path(spec.run_dir)
+    storage = spec.storage
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    report = common.RayReporter(ray.train.report)
+    sync = None
+    if storage.is_local:
+        workdir = Path(storage.path(spec.name, WORKDIR_NAME))
+    else:  # rank 0 writes locally and copies its files to <run>/workdir before every report
+        workdir = local_workdir(spec.name)
+        if rank == 0:
+            sync = WorkdirSync(storage, storage.path(spec.name, WORKDIR_NAME), workdir)
+            sync.pull()
+            report = _pushing(sync, report)
     with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
         restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
-        write_worker_record(run_dir, restored.source if restored is not None else None)
+        write_worker_record(storage, spec.name, storage.display(restored.source) if restored is not None else None)
         resume_from = restored.file if restored is not None else None
         hooks = TrainHooks(
             train_batches=ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
             iters_per_epoch=spec.iters_per_epoch,
-            report=common.RayReporter(ray.train.report),
+            report=report,
             resume_from=resume_from,
             record=(MlflowRecorder(*spec.mlflow, cfg.train.batch_size * context.get_world_size())
                     if spec.mlflow is not None and rank == 0 else None),
         )
         # Ray's registered checkpoint is the only resume source: a last.pt the failed attempt
         # wrote after it is not used (recovery is at-least-once from what Ray registered).
-        return train(cfg, run_dir / WORKDIR_NAME, resume=resume_from is not None, hooks=hooks)
+        final = train(cfg, workdir, resume=resume_from is not None, hooks=hooks)
+    if sync is not None:
+        sync.push()
+    return final
+
+
+def _pushing(sync: WorkdirSync, report: Callable[[dict[str, float], Path | None], None]) -> Callable[..., None]:
+    """`report` preceded by a push of the work dir (so it is in storage once Ray registers the
+    checkpoint)."""
+
+    def push_then_report(metrics: dict[str, float], checkpoint_file: Path | None) -> None:
+        sync.push()
+        report(metrics, checkpoint_file)
+
+    return push_then_report
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver side
 
 
-def build_trainer(cfg: Config, workers: Workers, *, storage: Path, name: str, parquet_dir: Path,
+def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: str, shards: Shards,
                   callbacks: Sequence[Any] = (), mlflow_run: tuple[str, str] | None = None) -> Any:
-    """A `TorchTrainer` running `train_loop_per_worker` on `workers` over the shards in
-    `parquet_dir`, its run in `storage/name`. `cfg` must have absolute paths. `mlflow_run`:
+    """A `TorchTrainer` running `train_loop_per_worker` on `workers` over `shards`, its run in
+    `storage.path(name)`. `cfg` must have absolute paths. `mlflow_run`:
     (tracking URI, run id) that rank 0 logs into."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -146,9 +176,10 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: Path, name: str, pa
 
     spec = WorkerSpec(
         config=cfg.to_dict(),
-        run_dir=str(storage / name),
-        iters_per_epoch=iters_per_epoch(count_rows(parquet_dir), workers.num_workers, cfg.train.batch_size),
-        cat_ids=shard_cat_ids(parquet_dir),
+        storage=storage,
+        name=name,
+        iters_per_epoch=iters_per_epoch(count_rows(shards), workers.num_workers, cfg.train.batch_size),
+        cat_ids=shard_cat_ids(shards),
         torch_threads=workers.torch_threads,
         mlflow=mlflow_run,
     )
@@ -161,12 +192,13 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: Path, name: str, pa
                                      placement_strategy=workers.placement_strategy),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage.root,
+            storage_filesystem=None if storage.is_local else storage.fs,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks) or None,
         ),
-        datasets={DATASET_NAME: read_train_dataset(parquet_dir)},
+        datasets={DATASET_NAME: read_train_dataset(shards)},
     )
 
 
@@ -177,16 +209,16 @@ class TrainPlan:
 
     cfg: Config
     workers: Workers
-    storage: Path
+    storage: RunStorage
     name: str
     mlflow: MlflowTarget | None = None
 
 
 def plan_training(cfg: Config, workers: Workers, storage: str | Path = common.DEFAULT_STORAGE,
                   name: str | None = None, mlflow: MlflowTarget | None = None) -> TrainPlan:
-    """Check `cfg` against the flags and resolve its paths (no Ray needed)."""
+    """Check `cfg` against the flags and resolve its paths and the storage (no Ray needed)."""
     workers.check_config(cfg)
-    return TrainPlan(common.absolute_paths(cfg), workers, Path(storage).resolve(),
+    return TrainPlan(common.absolute_paths(cfg), workers, RunStorage.parse(storage),
                      name or common.default_name(), mlflow)
 
 
@@ -197,16 +229,15 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
     from orchestration.data import prepare_train_shards
     from vfnet.data.synth import ensure_synth
 
-    cfg, workers, name, mlflow = plan.cfg, plan.workers, plan.name, plan.mlflow
-    run_dir = plan.storage / name
+    cfg, workers, name, mlflow, storage = plan.cfg, plan.workers, plan.name, plan.mlflow, plan.storage
+    run_dir = storage.display(storage.path(name))
     common.check_cpu_budget(workers)
     if cfg.data.synth:
         ensure_synth(cfg.data)
-    parquet_dir = prepare_train_shards(cfg.data, plan.storage / common.PACKED_DIR)
-    mlflow_run = (mlflow.uri, start_train_run(mlflow, name, str(run_dir), cfg)) if mlflow else None
-    trainer = build_trainer(cfg, workers, storage=plan.storage, name=name, parquet_dir=parquet_dir,
-                            mlflow_run=mlflow_run)
-    starts_before = _rank0_starts(run_dir)
+    shards = prepare_train_shards(cfg.data, storage.child(common.PACKED_DIR))
+    mlflow_run = (mlflow.uri, start_train_run(mlflow, name, run_dir, cfg)) if mlflow else None
+    trainer = build_trainer(cfg, workers, storage=storage, name=name, shards=shards, mlflow_run=mlflow_run)
+    starts_before = _rank0_starts(storage, name)
     log.info("training %s on %d worker(s) (%s) in %s", name, workers.num_workers,
              "GPU" if workers.use_gpu else "CPU", run_dir)
     try:
@@ -214,17 +245,17 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
     finally:
         if mlflow_run is not None:
             end_train_run(mlflow, mlflow_run[1], ok=sys.exc_info()[0] is None)
-    restarts = max(0, _rank0_starts(run_dir) - starts_before - 1)
+    restarts = max(0, _rank0_starts(storage, name) - starts_before - 1)
     if result.checkpoint is None or not isinstance(result.return_value, dict):
         raise common.TrainingFailed(f"run {name} finished without metrics or checkpoint")
     summary = dict(result.return_value)
     summary.update(
         restarts=restarts,
-        checkpoint=str(Path(result.checkpoint.path) / CHECKPOINT_NAME),
+        checkpoint=storage.display(f"{result.checkpoint.path}/{CHECKPOINT_NAME}"),
         num_workers=workers.num_workers,
-        run_dir=str(run_dir),
+        run_dir=run_dir,
     )
-    _write_json(run_dir / RESULT_NAME, summary)
+    storage.write_json(storage.path(name, RESULT_NAME), summary)
     log.info("run %s done: %s", name, json.dumps(summary))
     return summary
 
@@ -239,12 +270,8 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
     return execute_training(plan_training(cfg, workers, storage, name, mlflow))
 
 
-def _rank0_starts(run_dir: Path) -> int:
-    return len(list((run_dir / WORKERS_DIR).glob("rank0-*.json")))
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    write_json(path, data, indent=2, sort_keys=True)
+def _rank0_starts(storage: RunStorage, name: str) -> int:
+    return sum(n.startswith("rank0-") for n in storage.list(storage.path(name, WORKERS_DIR)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     python -m orchestration.tune [--config FILE] [--set key=value ...] --num-samples N
         [--max-concurrent K] [--num-workers N] [--use-gpu] [--cpus-per-worker C]
-        [--placement-strategy S] [--storage DIR] [--name NAME] [--address ADDR] --out DIR
+        [--placement-strategy S] [--storage DIR|URI] [--name NAME] [--address ADDR] --out DIR
 
 The search space is the config's `[tune.space]` table: a dotted config key -> {type = "uniform" |
 "loguniform", low, high} or {type = "choice", values = [...]}; each sampled value is set with
@@ -36,7 +36,9 @@ from typing import Any
 
 from orchestration import common
 from orchestration.common import Workers
+from orchestration.data import Shards
 from orchestration.search import build_search, check_search, keep_checkpoints, trial_base
+from orchestration.storage import RunStorage
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import build_trainer
 from vfnet.atomic import atomic_write
@@ -118,7 +120,8 @@ class TrialSetup:
 
     base: dict[str, Any]  # the base Config.to_dict(), absolute paths
     workers: Workers  # per trial
-    parquet_dir: str | None  # packed training shards (TorchTrainer trials only)
+    shards: Shards | None  # packed training shards (TorchTrainer trials only)
+    storage: RunStorage  # the sweep's run storage
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -127,13 +130,18 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     import ray.tune
 
     cfg = apply_params(config_from_dict(setup.base, source="tune base config"), params)
-    trial_dir = Path(ray.tune.get_context().get_trial_dir())
+    context = ray.tune.get_context()
+    trial_dir = Path(context.get_trial_dir())
     if setup.workers.num_workers > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        assert setup.parquet_dir is not None
-        trainer = build_trainer(cfg, setup.workers, storage=trial_dir, name="train",
-                                parquet_dir=Path(setup.parquet_dir), callbacks=[TuneReportCallback()])
+        assert setup.shards is not None
+        # the trial's TorchTrainer run: <trial dir>/train, in the sweep's storage
+        storage, name = RunStorage.parse(trial_dir), "train"
+        if not setup.storage.is_local:
+            storage, name = setup.storage, f"{context.get_experiment_name()}/{trial_dir.name}/train"
+        trainer = build_trainer(cfg, setup.workers, storage=storage, name=name, shards=setup.shards,
+                                callbacks=[TuneReportCallback()])
         final = common.fit_trainer(trainer).return_value
     else:
         import torch
@@ -164,7 +172,7 @@ class SweepPlan:
     num_samples: int
     max_concurrent: int  # 0: as many as resources allow
     out: Path
-    storage: Path
+    storage: RunStorage
     name: str
     mlflow: MlflowTarget | None = None  # one MLflow run per trial
 
@@ -182,7 +190,7 @@ def plan_sweep(cfg: Config, workers: Workers, *, num_samples: int, out: str | Pa
     check_search(cfg, workers.num_workers)
     cfg = trial_base(common.absolute_paths(cfg))
     return SweepPlan(cfg, build_search_space(cfg.tune.space, cfg), workers, num_samples, max_concurrent,
-                     Path(out), Path(storage).resolve(),
+                     Path(out), RunStorage.parse(storage),
                      name or common.default_name().replace("vfnet-", "vfnet-tune-", 1), mlflow)
 
 
@@ -197,12 +205,11 @@ def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
     cfg, workers = plan.cfg, plan.workers
     if cfg.data.synth:
         ensure_synth(cfg.data)
-    parquet_dir = None
+    shards = None
     if workers.num_workers > 1:
         common.check_cpu_budget(workers)  # for one trial at a time
-        parquet_dir = prepare_train_shards(cfg.data, plan.storage / common.PACKED_DIR)
-    setup = TrialSetup(base=cfg.to_dict(), workers=workers,
-                       parquet_dir=str(parquet_dir) if parquet_dir else None)
+        shards = prepare_train_shards(cfg.data, plan.storage.child(common.PACKED_DIR))
+    setup = TrialSetup(base=cfg.to_dict(), workers=workers, shards=shards, storage=plan.storage)
     # A trial driving a TorchTrainer only waits for it; a trial that trains holds a worker's share.
     resources = {"CPU": 0.1} if workers.num_workers > 1 else workers.resources()
     search_alg, scheduler = build_search(cfg, plan.space, asha_milestone(cfg))
@@ -219,7 +226,10 @@ def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
                                     max_concurrent_trials=plan.max_concurrent or None),
         run_config=tune.RunConfig(
             name=plan.name,
-            storage_path=str(plan.storage),
+            storage_path=plan.storage.root,
+            storage_filesystem=None if plan.storage.is_local else plan.storage.fs,
+            # the engine's files in the trial dir (metrics.jsonl, TensorBoard, ...) go to storage
+            sync_config=tune.SyncConfig(sync_artifacts=not plan.storage.is_local),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=keep_checkpoints(cfg)),
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=[tune_callback(plan.mlflow)] if plan.mlflow else None,

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import socket
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +35,61 @@ if "ray" not in sys.modules and not os.environ.get("RAY_AUTH_MODE"):
 # MLflow >= 3 refuses its file store (the tests' tracking store) unless this is set; set before
 # the session's Ray starts so that its workers (rank 0 logs to MLflow) inherit it.
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# The run-storage tests talk to an S3-compatible server on loopback (moto's standalone server,
+# `s3_storage` below) with throw-away credentials in the standard AWS variables, set before any
+# Ray starts so that Ray workers, `ray start` nodes and job drivers inherit them. The metadata
+# service lookup is off (no credential probing outside the machine).
+S3_PORT = free_port()
+os.environ.update({"AWS_ACCESS_KEY_ID": "vfnet-test", "AWS_SECRET_ACCESS_KEY": "vfnet-test-secret",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+                   "AWS_EC2_METADATA_DISABLED": "true"})
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
+S3_BUCKET = "vfnet-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1:S3_PORT with the bucket S3_BUCKET; yields `s3://S3_BUCKET`.
+    Stopped (its process group terminated) at the end of the session."""
+    import boto3
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto's S3 server did not start") from None
+                time.sleep(0.2)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture
+def s3_storage(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh prefix of the test bucket for one test: `s3://S3_BUCKET/<test name>`."""
+    return f"{s3_server}/{request.node.name.replace('[', '-').replace(']', '')}"
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,9 @@ def test_prepare_train_shards_packs_once(tiny_config, tmp_path: Path, monkeypatc
     cfg = tiny_config()
     cache = tmp_path / "cache"
     entry = odata.prepare_train_shards(cfg.data, cache)
-    assert entry.parent == cache and odata.count_rows(entry) == 16
+    assert Path(entry.directory).parent == cache and odata.count_rows(entry) == 16
     assert odata.shard_cat_ids(entry) == [1, 2, 3, 4]
-    assert [p.name for p in cache.iterdir()] == [entry.name]  # no temporary left behind
+    assert [p.name for p in cache.iterdir()] == [Path(entry.directory).name]  # no temporary left behind
 
     def no_pack(*args, **kwargs):
         raise AssertionError("packed again although nothing changed")
@@ -43,7 +43,7 @@ def test_prepare_train_shards_packs_once(tiny_config, tmp_path: Path, monkeypatc
     monkeypatch.setattr(odata, "pack", no_pack)
     assert odata.prepare_train_shards(cfg.data, cache) == entry
     # data.train_parquet wins: the shards are used where they are
-    cfg.data.train_parquet = str(entry)
+    cfg.data.train_parquet = entry.directory
     assert odata.prepare_train_shards(cfg.data, tmp_path / "unused") == entry
     cfg.data.train_parquet = str(tmp_path)
     with pytest.raises(DatasetError, match="no part-"):

@@ -134,11 +134,12 @@ def decode_row(row: dict[str, Any], transform: Transform, cat_ids: list[int],
     return make_sample(decode_image(bytes(row["image"]), name), record, transform, rng, name)
 
 
-def read_categories(shard: str | Path) -> tuple[list[int], list[str]]:
+def read_categories(shard: str | Path, filesystem: Any = None) -> tuple[list[int], list[str]]:
     """(cat_ids, class_names) stored in a shard's schema metadata, after checking that the
-    shard is a readable Parquet file with the columns of `SCHEMA`; DatasetError otherwise."""
+    shard is a readable Parquet file with the columns of `SCHEMA`; DatasetError otherwise.
+    `filesystem`: a `pyarrow.fs` file system holding `shard` (default: the local disk)."""
     try:
-        schema = pq.read_schema(shard)
+        schema = pq.read_schema(shard, filesystem=filesystem)
     except (OSError, ValueError, pa.ArrowException) as exc:  # ValueError: e.g. a name not UTF-8
         raise DatasetError(f"{shard}: not a readable Parquet file: {one_line(exc)}") from None
     for expected in SCHEMA:

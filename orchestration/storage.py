@@ -1,0 +1,183 @@
+"""Run storage: a local directory or any `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`, ...).
+
+`--storage` of the Ray commands names it. Ray stores checkpoints and Tune results there through
+the same `pyarrow.fs` file system (passed as `storage_filesystem`), and the orchestration writes
+its own files through `RunStorage`: `result.json`, the worker records, the packed Parquet shards
+(which Ray Data then reads from there) and rank 0's work dir (synced by `WorkdirSync`). On a
+multi-node cluster without a shared disk this is what makes a run resumable on any node.
+
+Credentials come from the file system's standard sources (for S3: `AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_DEFAULT_REGION`,
+`AWS_ENDPOINT_URL` for S3-compatible servers; for GCS: `GOOGLE_APPLICATION_CREDENTIALS`); a URI is
+only ever shown without its user-info part and query, so keys put there are not logged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from vfnet.atomic import write_json, write_text
+from vfnet.errors import ArgumentError, EnvError, one_line
+
+log = logging.getLogger(__name__)
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for `scheme://...` (not a plain path)."""
+    return "://" in str(location)
+
+
+def redact(uri: str) -> str:
+    """`uri` without user-info (`key:secret@`) and query (`?access_key=...`)."""
+    if not is_uri(uri):
+        return uri
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.hostname or ''}{parts.path}"
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where runs live. Paths (`path(...)`) are in the file system `fs`: absolute local paths, or
+    `bucket/prefix/...` for object stores. Picklable (workers get it in their spec)."""
+
+    location: str  # as given, made absolute for a local path
+    fs: Any = field(compare=False)  # pyarrow.fs.FileSystem
+    root: str  # the location's path inside fs
+
+    @classmethod
+    def parse(cls, location: str | Path) -> RunStorage:
+        """A local path (made absolute) or a URI; ArgumentError naming --storage when pyarrow
+        has no file system for it."""
+        text = str(location)
+        if not is_uri(text):
+            path = str(Path(text).resolve())
+            return cls(path, pafs.LocalFileSystem(), path)
+        try:
+            fs, root = pafs.FileSystem.from_uri(text)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise ArgumentError(f"--storage {redact(text)}: not a usable file system URI: "
+                                f"{one_line(exc)}") from None
+        return cls(text, fs, root.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """`root/part/...` in the file system."""
+        return "/".join([self.root, *parts])
+
+    def child(self, *parts: str) -> RunStorage:
+        """The storage at `root/part/...`, same file system."""
+        location = self.path(*parts) if self.is_local else "/".join([self.location.rstrip("/"), *parts])
+        return RunStorage(location, self.fs, self.path(*parts))
+
+    def display(self, path: str) -> str:
+        """A path of this storage as the user would write it (a URI for object stores, without
+        credentials)."""
+        if self.is_local:
+            return path
+        return f"{urlsplit(self.location).scheme}://{path}"
+
+    # -- files ------------------------------------------------------------------------------
+
+    def exists(self, path: str) -> bool:
+        return self._call(path, lambda: self.fs.get_file_info(path).type != pafs.FileType.NotFound)
+
+    def list(self, directory: str) -> list[str]:
+        """Names of the files directly in `directory` (none when it does not exist)."""
+        selector = pafs.FileSelector(directory, allow_not_found=True)
+        infos = self._call(directory, lambda: self.fs.get_file_info(selector))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def write_json(self, path: str, data: Any) -> None:
+        """Write `data` as indented json: atomically on a local disk (`vfnet.atomic`), as one
+        object upload (which object stores make visible all at once) elsewhere."""
+        if self.is_local:
+            write_json(path, data, indent=2, sort_keys=True)
+            return
+        payload = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+        self._call(path, lambda: self._write(path, payload))
+
+    def _write(self, path: str, payload: bytes) -> None:
+        with self.fs.open_output_stream(path) as out:
+            out.write(payload)
+
+    def write_text(self, path: str, text: str) -> None:
+        """Write a small text file (atomically on a local disk, one upload elsewhere)."""
+        if self.is_local:
+            write_text(path, text)
+            return
+        self._call(path, lambda: self._write(path, text.encode()))
+
+    def read_json(self, path: str) -> Any:
+        def read() -> Any:
+            with self.fs.open_input_stream(path) as src:
+                return json.loads(src.read())
+        return self._call(path, read)
+
+    def upload(self, local_dir: Path, path: str) -> None:
+        """Copy the files under `local_dir` to `path` (same relative names)."""
+        self._call(path, lambda: pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+                                                 destination_filesystem=self.fs))
+
+    def download(self, path: str, local_dir: Path) -> bool:
+        """Copy the files under `path` into `local_dir`; False when `path` does not exist."""
+        if not self.exists(path):
+            return False
+        local_dir.mkdir(parents=True, exist_ok=True)
+        self._call(path, lambda: pafs.copy_files(path, str(local_dir), source_filesystem=self.fs,
+                                                 destination_filesystem=pafs.LocalFileSystem()))
+        return True
+
+    def _call(self, path: str, action: Any) -> Any:
+        try:
+            return action()
+        except (OSError, pa.ArrowException) as exc:
+            raise EnvError(f"{self.display(path)}: run storage not reachable or not writable: "
+                           f"{one_line(exc)}") from exc
+
+
+class WorkdirSync:
+    """Rank 0's work dir on an object store: the engine writes into a local directory, which is
+    filled from `<run>/workdir` when a worker (re)starts (`pull`, so a resumed run keeps its
+    `metrics.jsonl` and TensorBoard events) and copied back after every report (`push`).
+    `checkpoints/` stays local: Ray stores the registered checkpoints itself."""
+
+    SKIP = ("checkpoints",)
+
+    def __init__(self, storage: RunStorage, remote: str, local: Path) -> None:
+        self.storage, self.remote, self.local = storage, remote, local
+
+    def pull(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)  # a failed attempt's leftovers on this node
+        if self.storage.download(self.remote, self.local):
+            log.info("work dir restored from %s", self.storage.display(self.remote))
+
+    def push(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="vfnet-workdir-") as tmp:
+            staged = Path(tmp)
+            for entry in self.local.iterdir() if self.local.is_dir() else ():
+                if entry.name in self.SKIP or entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    shutil.copytree(entry, staged / entry.name)
+                else:
+                    shutil.copy2(entry, staged / entry.name)
+            if any(staged.iterdir()):
+                self.storage.upload(staged, self.remote)
+
+
+def local_workdir(name: str) -> Path:
+    """A node-local directory for rank 0's work dir of the run `name` (object-store runs)."""
+    return Path(tempfile.gettempdir()) / f"vfnet-workdir-{os.getuid()}" / name.replace("/", "_")

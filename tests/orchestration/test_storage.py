@@ -1,0 +1,85 @@
+"""Run storage on an object store: `RunStorage` against moto's S3 server on loopback, and a
+2-worker Ray Train run (packed shards, checkpoints, worker records, work dir, result.json) stored
+there and resumed by name."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from pyarrow.fs import FileSelector
+
+from orchestration import common
+from orchestration import train as otrain
+from orchestration.storage import RunStorage, WorkdirSync, redact
+from vfnet.checkpoint import load_checkpoint
+from vfnet.errors import ArgumentError
+
+
+def test_local_path_and_uri_parsing(tmp_path: Path) -> None:
+    local = RunStorage.parse(tmp_path / "runs")
+    assert local.is_local and local.root == str((tmp_path / "runs").resolve())
+    assert local.display(local.path("a", "b")) == f"{local.root}/a/b"
+    with pytest.raises(ArgumentError, match="--storage nosuch://bucket/x: not a usable file system URI"):
+        RunStorage.parse("nosuch://bucket/x")
+    assert redact("s3://KEY:SECRET@bucket/runs?secret_key=SECRET") == "s3://bucket/runs"
+
+
+def test_files_on_s3(s3_storage: str, tmp_path: Path) -> None:
+    storage = RunStorage.parse(s3_storage)
+    assert not storage.is_local and storage.display(storage.path("x")) == f"{s3_storage}/x"
+    assert storage.list(storage.path("workers")) == [] and not storage.exists(storage.path("r.json"))
+    storage.write_json(storage.path("r.json"), {"a": 1})
+    storage.write_json(storage.path("workers", "rank0-1.json"), {"rank": 0})
+    assert storage.read_json(storage.path("r.json")) == {"a": 1}
+    assert storage.list(storage.path("workers")) == ["rank0-1.json"]
+    # a work dir round trip: checkpoints/ stays local, the rest goes up and comes back
+    local = tmp_path / "wd"
+    (local / "tensorboard").mkdir(parents=True)
+    (local / "checkpoints").mkdir()
+    (local / "metrics.jsonl").write_text('{"iter": 1}\n')
+    (local / "tensorboard" / "events.out.tfevents.1").write_bytes(b"\0\1")
+    (local / "checkpoints" / "last.pt").write_bytes(b"big")
+    WorkdirSync(storage, storage.path("workdir"), local).push()
+    again = tmp_path / "wd2"
+    WorkdirSync(storage, storage.path("workdir"), again).pull()
+    assert sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file()) == [
+        "metrics.jsonl", "tensorboard/events.out.tfevents.1"]
+    assert (again / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"\0\1"
+
+
+def load_remote_checkpoint(storage: RunStorage, uri: str) -> dict:
+    """Load an engine checkpoint stored at `uri` (a file of `storage`)."""
+    path = uri.split("://", 1)[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "checkpoint.pt"
+        with storage.fs.open_input_stream(path) as src:
+            local.write_bytes(src.read())
+        return load_checkpoint(local)
+
+
+@pytest.mark.ray
+def test_two_workers_on_s3_and_resume(tiny_config, s3_storage: str, ray_session) -> None:
+    summary = otrain.run_training(tiny_config(), num_workers=2, storage=s3_storage, name="pair")
+    storage = RunStorage.parse(s3_storage)
+    assert summary == storage.read_json(storage.path("pair", otrain.RESULT_NAME))
+    assert summary["run_dir"] == f"{s3_storage}/pair" and summary["iterations"] == 4
+    assert summary["checkpoint"].startswith(f"{s3_storage}/pair/checkpoint_")
+    assert int(load_remote_checkpoint(storage, summary["checkpoint"])["iteration"]) == 4
+    records = [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, n))
+               for n in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
+    assert sorted(r["rank"] for r in records) == [0, 1]
+    (key,) = [i.base_name for i in storage.fs.get_file_info(FileSelector(storage.path(common.PACKED_DIR)))]
+    assert storage.exists(storage.path(common.PACKED_DIR, key, "_COMPLETE"))
+    assert storage.list(storage.path("pair", otrain.WORKDIR_NAME, "tensorboard"))
+    # resumed by name on the same storage: the work dir comes back from S3 and grows
+    more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2, storage=s3_storage,
+                               name="pair")
+    assert more["iterations"] == 6 and more["restarts"] == 0
+    with storage.fs.open_input_stream(storage.path("pair", otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
+        lines = [json.loads(line) for line in src.read().decode().splitlines()]
+    assert [r["iter"] for r in lines if r["mode"] == "train"] == [1, 2, 3, 4, 5, 6]
+    resumed = [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, n))
+               for n in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
+    assert sum(r["resumed_from"] is not None and r["resumed_from"].startswith(s3_storage) for r in resumed) == 2
