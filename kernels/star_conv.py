@@ -66,12 +66,8 @@ from kernels.dispatch import (
 
 __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
 
-# Launch configurations. GPU: autotuned per (Cin, Cout, log2 M) among tiles that compile for
-# sm_90 with bf16 operands without register spills and fit its 227 KB of shared memory (checked
-# offline with Triton 3.9's ptxas, no GPU at hand; a config that does not fit a device is
-# skipped by the autotuner), plus a small one that fits with fp32/fp64 operands. Under the
-# interpreter (~4 ms per program whatever the tile) one small config that still covers several
-# channel chunks and Cout tiles on the tests' shapes.
+# Launch configurations. Under the interpreter (~4 ms per program whatever the tile) one small
+# config that still covers several channel chunks and Cout tiles on the tests' shapes.
 _INTERPRETER_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),  # channels <= 64
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=4),  # wider
@@ -90,31 +86,116 @@ def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Con
             for bm, bn, bk, w, s in tiles]
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_FWD_CONFIGS = _gpu_configs([
-    (128, 128, 32, 8, 3), (128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 32, 8, 3),
-    (128, 256, 64, 8, 2), (64, 128, 32, 4, 3), (128, 128, 32, 8, 2),
-    (64, 64, 32, 4, 2),  # fits shared memory with fp32 and fp64 operands too
-])
-# BLOCK_N >= Cout keeps the grad_out tile in registers for the whole K loop (GO_RESIDENT)
-_BWD_DATA_CONFIGS = _gpu_configs([
-    (64, 256, 32, 4, 3), (64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (64, 256, 64, 8, 3),
-    (128, 256, 32, 8, 2), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3),
-])
-_BWD_WEIGHT_CONFIGS = _gpu_configs([
-    (64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (32, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-    (64, 256, 64, 8, 3), (64, 256, 128, 8, 2),
-    (32, 64, 32, 4, 2),  # fits shared memory with fp64 operands too
-])
+# GPU: autotuned per (Cin, Cout, log2 M, dtypes) among the configs of the dot operands' width
+# (bytes: 2 = bf16/fp16 on tensor cores, 4 = fp32, 8 = fp64) and the architecture (Hopper,
+# compute capability >= 9, or older), minus those whose shared-memory estimate exceeds the
+# device's limit (pruned before anything is compiled). Every config compiles for sm_90,
+# respectively sm_80, without register spills (tests/kernels/test_aot_compile.py checks them all
+# with Triton's ptxas, no GPU needed). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_FP32 = {  # the fp32 and fp64 lists serve both architectures
+    "star_fwd": {4: [(64, 64, 32, 8, 2), (32, 128, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 3)],
+                 8: [(32, 32, 32, 8, 2), (32, 32, 16, 4, 2), (16, 64, 16, 4, 2)]},
+    "star_bwd_data": {4: [(32, 64, 32, 8, 2), (32, 64, 16, 4, 2)],
+                      8: [(32, 64, 16, 8, 2), (16, 64, 16, 4, 2)]},
+    "star_bwd_weight": {4: [(32, 64, 32, 4, 2), (32, 128, 32, 4, 2)],
+                        8: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2)]},
+}
+_CONFIGS = {  # kernel -> (width, hopper) -> configs
+    "star_fwd": {
+        (2, True): _gpu_configs([(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (64, 128, 32, 4, 3),
+                                 (128, 128, 32, 8, 2), (64, 64, 32, 4, 2)]),
+        (2, False): _gpu_configs([(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 2)]),
+    },
+    # BLOCK_N >= Cout keeps the grad_out tile in registers for the whole K loop (GO_RESIDENT)
+    "star_bwd_data": {
+        (2, True): _gpu_configs([(64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (128, 256, 32, 8, 2),
+                                 (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]),
+        (2, False): _gpu_configs([(32, 256, 32, 8, 2), (32, 128, 32, 8, 2), (32, 64, 32, 8, 2)]),
+    },
+    "star_bwd_weight": {
+        (2, True): _gpu_configs([(64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (32, 128, 64, 4, 4),
+                                 (64, 64, 64, 4, 3), (64, 256, 64, 8, 3)]),
+        (2, False): _gpu_configs([(64, 128, 64, 8, 3), (32, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+                                  (32, 64, 32, 4, 2)]),
+    },
+}
+for _kernel, _lists in _FP32.items():
+    for _width, _tiles in _lists.items():
+        _CONFIGS[_kernel][_width, True] = _CONFIGS[_kernel][_width, False] = _gpu_configs(_tiles)
 _PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
 
 
-def _autotune(gpu_configs: list[triton.Config], **kwargs: object) -> Callable:
-    """triton.autotune over gpu_configs, or over the interpreter's configs picked by shape."""
+def gpu_configs(kernel: str, dot_dtype: torch.dtype, shared_limit: int, cout: int,
+                capability: int = 90) -> list[triton.Config]:
+    """The GPU autotune configs of `kernel` ("star_fwd", "star_bwd_data", "star_bwd_weight") for
+    dot operands of `dot_dtype`, `cout` output channels and a device of compute capability
+    `capability` (90 = 9.0) whose shared-memory estimate fits `shared_limit` bytes."""
+    width = dot_dtype.itemsize
+    configs = _CONFIGS[kernel][width, capability >= 90]
+    return [c for c in configs if shared_estimate(kernel, c, width, cout) <= shared_limit]
+
+
+def shared_estimate(kernel: str, config: triton.Config, width: int, cout: int) -> int:
+    """Bytes of shared memory the compiled kernel uses with dot operands of `width` bytes: an
+    upper bound (exact for most bf16 configs on sm_90), checked against the compiler for every
+    config by tests/kernels/test_aot_compile.py. Triton keeps num_stages buffers of the tiles a
+    loop iteration loads for `tl.dot` and num_stages - 1 of the gathered corners (4 per input),
+    plus one operand staged for the dot."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    s = config.num_stages
+    if kernel == "star_fwd":  # the pair (two inputs): the worst case
+        return ((s - 1) * 2 * 4 * bm * bk + s * 2 * bk * bn + bm * bk) * width
+    if kernel == "star_bwd_data":
+        if bn >= cout:  # GO_RESIDENT: grad_out's tile stays, the weight tile streams
+            return (s * bk * bn + bm * bn + 2 * bm * bk) * width
+        return s * (bk * bn + bm * bn) * width
+    box = (s - 1) * 4 * bm * (8 if width == 8 else 4)  # the locations' boxes, compute dtype
+    return (s * bm * bn + (s - 1) * 4 * bm * bk + bm * bk) * width + box
+
+
+@functools.cache
+def shared_memory_limit(device: torch.device) -> int:
+    """Shared memory one block may use on `device` (opt-in maximum), bytes."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+@functools.cache
+def capability(device: torch.device) -> int:
+    """Compute capability of `device` as major * 10 + minor (sm_90 -> 90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def _gpu_prune(kernel: str, dot_arg: str) -> Callable:
+    """early_config_prune: the configs of the dot dtype (that of argument `dot_arg`) that fit
+    the device's shared memory, before the autotuner compiles anything."""
+    def prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
+        tensor = named_args[dot_arg]
+        limit = shared_memory_limit(tensor.device)
+        wanted = {id(c) for c in gpu_configs(kernel, tensor.dtype, limit, named_args["COUT"],
+                                             capability(tensor.device))}
+        kept = [c for c in configs if id(c) in wanted]
+        if not kept:
+            raise RuntimeError(f"{kernel}: no launch config of {tensor.dtype} fits the {limit} B "
+                               f"of shared memory of {tensor.device}")
+        return kept
+    return prune
+
+
+def _autotune(kernel: str, dot_arg: str, **kwargs: object) -> Callable:
+    """triton.autotune over the GPU configs of `kernel` (pruned per dtype and device), or over
+    the interpreter's configs picked by shape."""
     if interpreter_enabled():
         return triton.autotune(configs=_INTERPRETER_CONFIGS,
                                prune_configs_by={"early_config_prune": _interpreter_pick}, **kwargs)
-    return triton.autotune(configs=gpu_configs, **kwargs)
+    every = list({id(c): c for configs in _CONFIGS[kernel].values() for c in configs}.values())
+    return triton.autotune(configs=every, prune_configs_by={"early_config_prune": _gpu_prune(kernel, dot_arg)},
+                           **kwargs)
+
+
+# Integer arguments that only size the grid or index memory: not specialised (divisibility by 16
+# or == 1 would multiply the compiled variants per config by the shapes of P3-P7).
+_NOT_SPECIALISED = ["M", "H", "W", "M_LOG2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +294,8 @@ def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_
 # Forward
 
 
-@_autotune(_FWD_CONFIGS, key=["CIN", "COUT", "M_LOG2", "PAIR"])
-@triton.jit
+@_autotune("star_fwd", "w1_ptr", key=["CIN", "COUT", "M_LOG2", "PAIR"])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _star_fwd_kernel(
     x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR)
     w1_ptr, w2_ptr,  # [9 * CIN, COUT] in the dot dtype, row tap * CIN + c (w2: PAIR)
@@ -250,11 +331,12 @@ def _star_fwd_kernel(
         w_mask = mask_c[:, None] & mask_n[None, :]
         w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
         s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-        acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION)
+        acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION, out_dtype=ct)
         if PAIR:
             w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
             s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-            acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION,
+                          out_dtype=ct)
     if HAS_BIAS:
         acc1 += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     out_offs = offs_m[:, None] * COUT + offs_n[None, :]
@@ -280,7 +362,7 @@ def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CI
         wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
                      mask=mask_c[None, :] & (offs_n < COUT)[:, None], other=0.0)
         gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
-        gs = tl.dot(go_tile, wt, gs, input_precision=DOT_PRECISION)
+        gs = tl.dot(go_tile, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
     else:
         gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
         for n0 in range(0, COUT, BLOCK_N):
@@ -290,7 +372,7 @@ def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CI
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
             wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
                          mask=mask_c[None, :] & mask_n[:, None], other=0.0)
-            gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION)
+            gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
     return gs
 
 
@@ -327,9 +409,9 @@ def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
     return d_y, d_x
 
 
-@_autotune(_BWD_DATA_CONFIGS, key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
+@_autotune("star_bwd_data", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
 @triton.heuristics({"GO_RESIDENT": lambda args: args["BLOCK_N"] >= args["COUT"]})
-@triton.jit
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _star_bwd_data_kernel(
     go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
     x_ptr,  # [n, B, H, W, CIN] channels-last
@@ -398,8 +480,8 @@ def _star_bwd_data_kernel(
 # Backward: weight gradient
 
 
-@_autotune(_BWD_WEIGHT_CONFIGS, key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gw_ptr"])
-@triton.jit
+@_autotune("star_bwd_weight", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gw_ptr"])
+@triton.jit(do_not_specialize=_NOT_SPECIALISED)
 def _star_bwd_weight_kernel(
     go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
     x_ptr,  # [n, B, H, W, CIN] channels-last
@@ -438,9 +520,15 @@ def _star_bwd_weight_kernel(
         go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
-        acc = tl.dot(tl.trans(samples.to(go.dtype)), go, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(samples.to(go.dtype)), go, acc, input_precision=DOT_PRECISION,
+                     out_dtype=acc.dtype)
     gw_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
     tl.atomic_add(gw_ptr + gw_offs, acc, mask=mask_c[:, None] & mask_n[None, :], sem="relaxed")
+
+
+# The autotuned kernels by name (ahead-of-time checks, pre-compilation)
+KERNELS = {"star_fwd": _star_fwd_kernel, "star_bwd_data": _star_bwd_data_kernel,
+           "star_bwd_weight": _star_bwd_weight_kernel}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -161,6 +161,11 @@ def _launch_config(n_cols: int) -> tuple[int, int, int]:
     if dispatch.interpreter_enabled():
         block_c = triton.next_power_of_2(max(n_cols, 1))
         return max(1, _INTERPRETER_TILE // block_c), block_c, 4
+    return gpu_launch_config(n_cols)
+
+
+def gpu_launch_config(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) of the compiled kernel for C = n_cols classes."""
     candidates = [16 << k for k in range(int(math.log2(_GPU_MAX_BLOCK_C // 16)) + 1)]
     block_c = min(candidates, key=lambda b: (triton.cdiv(n_cols, b) * b, -b))
     return max(1, _GPU_TILE // block_c), block_c, _GPU_NUM_WARPS
