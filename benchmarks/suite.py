@@ -12,7 +12,8 @@ Output in --out (default `suite_out/`): `summary.md` (one page: environment, one
 with its status, seconds and last result line, and the p50 of every benchmark row), rewritten
 after each step, and `suite.tar.gz` (results/*.csv|png|txt, logs/*.log, junit/*.xml, env.txt),
 refreshed after each step: a run cut short keeps everything measured so far. The benchmark
-scripts append their CSV rows under results/ as they measure them.
+scripts append their CSV rows under results/ as they measure them (in a working folder, `--work`,
+default a new temporary one; the Triton cache lives there too).
 
 Needs torch with CUDA, triton, torchvision, numpy, pyarrow, pytest, matplotlib, tqdm, pillow;
 not Ray, pycocotools, tomli_w or pytest-timeout (`benchmarks.suite_plugin` limits each test).
@@ -34,6 +35,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -186,11 +188,13 @@ def precompile(jobs: int, log: Callable[[str], None]) -> int:
 
 
 class Suite:
-    """The state of one run: output folders, the budget clock, the summary lines."""
+    """The state of one run: the output folder (only summary.md and suite.tar.gz go there: the
+    device machine returns at most 8 files), the working folder, the budget clock, the summary."""
 
-    def __init__(self, out: Path, budget: float):
+    def __init__(self, out: Path, budget: float, work: Path | None = None):
         self.out, self.budget, self.start = out, budget, time.monotonic()
-        self.work = out / "suite"
+        self.work = work or Path(tempfile.mkdtemp(prefix="vfnet-suite-"))
+        self.out.mkdir(parents=True, exist_ok=True)
         for sub in ("results", "logs", "junit"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         self.lines: list[str] = []
@@ -320,14 +324,15 @@ def environment() -> list[str]:
     return lines
 
 
-def run_suite(out: Path, budget: float, jobs: int, steps: tuple[Step, ...] = STEPS) -> int:
+def run_suite(out: Path, budget: float, jobs: int, work: Path | None = None,
+              steps: tuple[Step, ...] = STEPS) -> int:
     """Run everything; returns 0 when every step ran and passed."""
     import torch
 
     if not torch.cuda.is_available():
         print("benchmarks.suite: no CUDA device (use --check without a GPU)", file=sys.stderr)
         return 2
-    suite = Suite(out, budget)
+    suite = Suite(out, budget, work)
     suite.env_lines = environment()
     (suite.work / "env.txt").write_text("\n".join(suite.env_lines) + "\n")
     os.environ.update(TRITON_CACHE_DIR=str(suite.work / "triton-cache"), TRITON_INTERPRET="0")
@@ -413,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default $OUT, else suite_out)")
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                         help="pre-compilation processes (default min(16, CPUs))")
+    parser.add_argument("--work", type=Path, help="working folder (default: a new temporary one)")
     parser.add_argument("--check", action="store_true", help="self-check without a GPU; runs nothing")
     args = parser.parse_args(argv)
     if args.check:
@@ -420,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    return run_suite(args.out, args.budget, args.jobs)
+    return run_suite(args.out, args.budget, args.jobs, args.work)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,9 @@ class Result:
 
     def line(self) -> str:
         status = "; ".join(self.problems()) or "ok"
+        estimate = f"{self.estimate / 1024:6.1f}" if self.estimate >= 0 else "     -"
         return (f"{self.variant.label()}  regs {self.registers:>3}  smem {self.shared / 1024:6.1f} KB"
-                f" (est {self.estimate / 1024:6.1f})"
+                f" (est {estimate})"
                 f"  {self.seconds:5.1f} s  {status}")
 
 
@@ -158,7 +159,10 @@ def variants(kernels: tuple[str, ...], dtypes: tuple[str, ...], archs: tuple[int
                     from kernels import varifocal
 
                     for shape in vfl_classes if dtype != "tf32" else ():  # no dots
-                        block_n, block_c, warps = varifocal.gpu_launch_config(shape.ints["n_cols"])
+                        import torch
+
+                        compute = torch.float64 if dtype == "fp64" else torch.float32
+                        block_n, block_c, warps = varifocal.gpu_launch_config(shape.ints["n_cols"], compute)
                         out.append(Variant(name, dtype, shape, arch,
                                            (("BLOCK_N", block_n), ("BLOCK_C", block_c)), warps, 3))
                     continue

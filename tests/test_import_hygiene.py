@@ -23,7 +23,7 @@ MODULES = [
     "kernels", "kernels.reference", "vfnet.config", "vfnet.model", "vfnet.data", "vfnet.evaluate",
     "vfnet.checkpoint", "vfnet.engine", "vfnet.cli", "benchmarks.harness", "benchmarks.workload",
     "benchmarks.vfl", "benchmarks.star_conv", "benchmarks.train_throughput", "benchmarks.inference",
-    "benchmarks.dataloader", "benchmarks.profile_step",
+    "benchmarks.dataloader", "benchmarks.profile_step", "benchmarks.suite", "kernels.aot",
 ]
 
 

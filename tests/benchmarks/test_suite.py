@@ -35,15 +35,16 @@ def test_runner_caps_steps_keeps_the_budget_and_saves_after_each_step(tmp_path, 
                "slow": "import time; time.sleep(30)", "late": "print('never')"}
     monkeypatch.setattr(suite.Suite, "command",
                         lambda self, step: [sys.executable, "-c", scripts[step.name]])
-    run = suite.Suite(tmp_path, budget=40)
+    run = suite.Suite(tmp_path / "out", budget=40, work=tmp_path / "work")
     for name, cap in (("ok", 20), ("fails", 20), ("slow", 2), ("late", 20)):
         if name == "late":
             run.start -= 100  # the budget is spent: the step is skipped
         run.run(suite.Step(name, "bench", (), cap, f"the {name} step"))
-    text = (tmp_path / "summary.md").read_text()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["suite.tar.gz", "summary.md"]
+    text = (tmp_path / "out" / "summary.md").read_text()
     assert "| ok | ok |" in text and "3 passed in 0.1s" in text
     assert "| fails | FAILED (rc 3) |" in text and "| slow | TIMEOUT (2 s) |" in text
     assert "| late | SKIPPED (budget:" in text
-    with tarfile.open(tmp_path / "suite.tar.gz") as tar:
+    with tarfile.open(tmp_path / "out" / "suite.tar.gz") as tar:
         names = tar.getnames()
     assert {"logs/ok.log", "logs/fails.log", "logs/slow.log", "summary.md"} <= set(names)
