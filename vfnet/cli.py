@@ -4,7 +4,8 @@
     vfnet train --ray ...   (Ray Train: the flags of `python -m orchestration.train`)
     vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
-    vfnet predict --checkpoint FILE --out DIR [--score-thr S] [--set key=value ...] IMAGE...
+    vfnet predict --checkpoint FILE --out DIR [--score-thr S] [--set key=value ...] IMAGE|DIR...
+    vfnet export  --checkpoint FILE --format onnx|torch --out FILE [--set key=value ...]
     vfnet convert mmdet IN.pth OUT.pt
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
     vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
@@ -29,8 +30,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from vfnet.atomic import atomic_write
 from vfnet.config import load_config
@@ -88,46 +87,59 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+def image_files(paths: Sequence[str]) -> list[Path]:
+    """The image files named on the command line, a directory standing for its images (files
+    with an IMAGE_SUFFIXES suffix, sorted by name, not recursive). DatasetError for a missing
+    path or a directory without images."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DatasetError(f"{path}: image file not found")
+    return files
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from PIL import ImageDraw
+    from tqdm import tqdm
 
-    from vfnet.data import Sample, build_transform, collate
-    from vfnet.data.coco import decode_image, set_max_image_pixels
+    from vfnet.api import Detector
+    from vfnet.data.coco import decode_image
     from vfnet.evaluate import to_coco_results, write_json
-    from vfnet.inference import class_info, load_model
 
     if not 0 <= args.score_thr <= 1:
         raise ArgumentError(f"--score-thr must be in [0, 1], got {args.score_thr}")
-    images = [Path(p) for p in args.images]
-    for path in images:  # fail before any work on a typo
-        if not path.is_file():
-            raise DatasetError(f"{path}: image file not found")
-    model, cfg, device = load_model(args.checkpoint, args.set)
-    set_max_image_pixels(cfg.data.max_image_pixels)
-    cat_ids, names = class_info(cfg)
-    name_of = dict(zip(cat_ids, names))
-    transform = build_transform(cfg.data, train=False)
+    images = image_files(args.images)  # fail before any work on a typo
+    detector = Detector.from_checkpoint(args.checkpoint, overrides=args.set)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = []
-    for image_id, path in enumerate(images, start=1):
+    progress = tqdm(images, desc="predict", unit="img", disable=not sys.stderr.isatty())
+    for image_id, path in enumerate(progress, start=1):
         image = decode_image(path, path)
-        t = transform(image, torch.zeros(0, 4))
-        sample = Sample(image=t.image, boxes=t.boxes, labels=torch.zeros(0, dtype=torch.int64),
-                        image_id=image_id, orig_size=(image.height, image.width), scale=t.scale)
-        batch = collate([sample], cfg.data.size_divisor).to(device)
-        (pred,) = model.predict(batch.images, batch.image_sizes, batch.scales)
-        pred = {k: v.cpu() for k, v in pred.items()}
-        for entry in to_coco_results([pred], [image_id], cat_ids):
-            results.append({**entry, "category_name": name_of[entry["category_id"]], "file_name": path.name})
+        found = detector(image)
+        pred = {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}
+        for entry, name in zip(to_coco_results([pred], [image_id], detector.category_ids), found.names):
+            results.append({**entry, "category_name": name, "file_name": path.name})
         draw = ImageDraw.Draw(image)
         shown = 0
-        for box, score, label in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()):
+        for box, score, label, name in zip(found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(),
+                                            found.names):
             if score < args.score_thr:
                 continue
             shown += 1
             draw.rectangle(box, outline=_colour(label), width=2)
-            text = f"{names[label]} {score:.2f}"
+            text = f"{name} {score:.2f}"
             left, top, right, bottom = draw.textbbox((0, 0), text)
             x = max(min(box[0], image.width - (right - left) - 2), 0)  # keep the label inside
             y = max(box[1] - (bottom - top) - 2, 0)
@@ -136,10 +148,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         target = out / f"{path.stem}.png"
         with atomic_write(target) as fh:
             image.save(fh, format="PNG")
-        log.info("%s: %d detections (%d drawn with score >= %.2f) -> %s", path, len(pred["scores"]),
-                 shown, args.score_thr, target)
+        log.debug("%s: %d detections (%d drawn with score >= %.2f) -> %s", path, len(found), shown,
+                  args.score_thr, target)
     write_json(out / "results.json", results)
     print(f"{len(images)} images, {len(results)} detections; PNGs and results.json in {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vfnet.api import Detector
+    from vfnet.export import require_onnx
+
+    if args.format == "onnx":
+        require_onnx()  # before loading anything
+    detector = Detector.from_checkpoint(args.checkpoint, device="cpu", overrides=args.set)
+    path = detector.to_onnx(args.out) if args.format == "onnx" else detector.to_torch_export(args.out)
+    print(f"wrote {path} ({args.format})")
     return 0
 
 
@@ -244,8 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory for PNGs and results.json")
     p.add_argument("--score-thr", type=float, default=0.3, help="draw boxes scoring at least this")
     p.add_argument("--set", **sets)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or a torch.export program")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", required=True, choices=["onnx", "torch"])
+    p.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    p.add_argument("--set", **sets)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="another framework's checkpoint to a vfnet checkpoint")
     p.add_argument("source", choices=["mmdet"], help="the framework: mmdet (mmdetection 2.x or 3.x VFNet)")

@@ -1,0 +1,95 @@
+"""Export a trained VFNet: ONNX (standard operators, onnxruntime) and `torch.export` programs.
+
+    export_onnx(model, "model.onnx")    # needs the `export` extra: pip install -e ".[export]"
+    export_torch(model, "model.pt2")    # torch.export + torch.export.save
+
+Both trace `ExportableVFNet` (see `vfnet.export.model` for the inputs and outputs) with a dynamic
+batch, height and width. `torch.export` programs need every side to be at least
+`MIN_SIDE` pixels (with fewer, P7 has one cell and torch.export's shape guards differ); the ONNX
+graph has no such limit. A saved `torch.export` program holds the `vfnet::non_max_suppression`
+operator: `import vfnet.export` before `torch.export.load`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from vfnet.atomic import atomic_write
+from vfnet.errors import MissingPackageError
+from vfnet.export.model import ExportableVFNet
+from vfnet.export.nms import onnx_translation
+from vfnet.model import VFNet
+
+__all__ = [
+    "MIN_SIDE",
+    "ExportableVFNet",
+    "export_onnx",
+    "export_program",
+    "export_torch",
+    "require_onnx",
+]
+
+log = logging.getLogger(__name__)
+
+MIN_SIDE = 129  # px: P7 (stride 128) has at least two cells
+MAX_SIDE = 8192
+MAX_BATCH = 1024
+EXAMPLE_SHAPE = (2, 3, 224, 288)  # traced input: every level has >= 2 cells per side
+ONNX_OPSET = 18
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+INPUT_NAMES = ["images"]
+OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
+HEAD_OUTPUT_NAMES = ["cls_logits", "bbox_init", "bbox_refine"]
+
+
+def require_onnx() -> None:
+    """Raise MissingPackageError (a one-line user error) unless onnx, onnxruntime and onnxscript
+    are installed."""
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise MissingPackageError(
+            f"ONNX export needs the packages {', '.join(missing)}: pip install -e '.[export]'")
+
+
+def export_program(model: VFNet, *, with_head: bool = False) -> torch.export.ExportedProgram:
+    """`torch.export.export` of `ExportableVFNet(model, with_head)`, dynamic batch (1-1024) and
+    height and width (MIN_SIDE-8192 px)."""
+    wrapper = ExportableVFNet(model, with_head=with_head).cpu()
+    dims = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH),
+            2: torch.export.Dim("height", min=MIN_SIDE, max=MAX_SIDE),
+            3: torch.export.Dim("width", min=MIN_SIDE, max=MAX_SIDE)}
+    example = torch.rand(EXAMPLE_SHAPE, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        return torch.export.export(wrapper, (example,), dynamic_shapes=(dims,))
+
+
+def export_torch(model: VFNet, path: str | Path, *, program: torch.export.ExportedProgram | None = None
+                 ) -> Path:
+    """Save the `torch.export` program of `model` (or the given `program`) to `path` (.pt2),
+    atomically. Load with `import vfnet.export; torch.export.load(path).module()`."""
+    program = program if program is not None else export_program(model)
+    with atomic_write(path) as fh:
+        torch.export.save(program, fh)
+    log.info("wrote %s", path)
+    return Path(path)
+
+
+def export_onnx(model: VFNet, path: str | Path, *, program: torch.export.ExportedProgram | None = None
+                ) -> Path:
+    """Write the ONNX model of `model` (opset 18; or of the given `program`) to `path`, atomically.
+    Run it with onnxruntime: `InferenceSession(path).run(None, {"images": batch})`."""
+    require_onnx()
+    import onnx
+
+    program = program if program is not None else export_program(model)
+    names = OUTPUT_NAMES + (HEAD_OUTPUT_NAMES if len(program.graph_signature.user_outputs) > 4 else [])
+    onnx_program = torch.onnx.export(
+        program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=onnx_translation(),
+        input_names=INPUT_NAMES, output_names=names, verbose=False)
+    with atomic_write(path) as fh:
+        onnx.save_model(onnx_program.model_proto, fh)
+    log.info("wrote %s", path)
+    return Path(path)
