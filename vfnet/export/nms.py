@@ -43,7 +43,10 @@ def _(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_thr
 
 
 def onnx_translation():
-    """{op: onnxscript function} for `torch.onnx.export(custom_translation_table=...)`."""
+    """{op: onnxscript function} for `torch.onnx.export(custom_translation_table=...)`: this
+    operator as NonMaxSuppression, and the stable sort of the post-processing (which the ONNX
+    exporter does not translate) as a full-length TopK, whose ties go to the lower index, as a
+    stable sort's do."""
     from onnxscript import opset18 as op
 
     def translate(boxes, scores, iou_threshold: float, score_threshold: float):
@@ -56,4 +59,8 @@ def onnx_translation():
             center_point_box=0,
         )
 
-    return {torch.ops.vfnet.non_max_suppression.default: translate}
+    def stable_sort(x, stable: bool = True, dim: int = -1, descending: bool = False):
+        length = op.Gather(op.Shape(x), op.Constant(value_ints=[dim]), axis=0)
+        return op.TopK(x, length, axis=dim, largest=int(descending), sorted=1)
+
+    return {torch.ops.vfnet.non_max_suppression.default: translate, torch.ops.aten.sort.stable: stable_sort}
