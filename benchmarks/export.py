@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -45,8 +46,9 @@ def build_model(checkpoint: str | None) -> VFNet:
 
 
 def measure(model: VFNet, onnx_file: Path, batch: int, size: tuple[int, int], threads: int,
-            warmup: int, reps: int) -> list[harness.Row]:
-    """img/s and ms per batch of PyTorch and onnxruntime on the same `batch` x 3 x h x w input."""
+            warmup: int, reps: int) -> Iterator[harness.Row]:
+    """img/s and ms per batch of PyTorch and onnxruntime on the same `batch` x 3 x h x w input,
+    yielded as measured."""
     import onnxruntime
 
     cpu = torch.device("cpu")
@@ -70,15 +72,13 @@ def measure(model: VFNet, onnx_file: Path, batch: int, size: tuple[int, int], th
             return model.predict(normalised, sizes, scales)
 
     shape = f"r{cfg.model.depth}_{width}x{height}_b{batch}"
-    rows = []
     for provider, fn in (("pytorch", run_torch), ("onnxruntime", lambda: session.run(None, feed))):
-        ms = harness.time_calls_ms(fn, cpu, warmup=warmup, reps=reps)
+        ms = harness.time_ms(fn, cpu, warmup=warmup, reps=reps)
         rate = [batch * 1e3 / t for t in ms]
-        rows.append(harness.Row(SCRIPT, provider, "infer", "fp32", shape, "ms", "ms", *ms))
-        rows.append(harness.Row(SCRIPT, provider, "infer", "fp32", shape, "img_per_s", "images/s", *rate))
         log.info("%-11s %s, %d threads: %8.1f ms/batch %7.2f img/s (p20-p80 %.2f-%.2f)", provider, shape,
                  threads, ms[0], rate[0], min(rate[1], rate[2]), max(rate[1], rate[2]))
-    return rows
+        yield harness.Row(SCRIPT, provider, "infer", "fp32", shape, "ms", "ms", *ms)
+        yield harness.Row(SCRIPT, provider, "infer", "fp32", shape, "img_per_s", "images/s", *rate)
 
 
 def main(argv: list[str] | None = None) -> list[harness.Row]:
@@ -86,27 +86,23 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export", description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", help="a vfnet checkpoint (default: BCCD R-18, random weights)")
-    parser.add_argument("--size", type=int, nargs=2, default=[320, 240], metavar=("W", "H"))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of both runtimes")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--out-dir", type=Path, help="where export.csv/png go (default benchmarks/results)")
+    parser.add_argument("--size", type=harness.positive_int, nargs=2, default=[320, 240], metavar=("W", "H"))
+    parser.add_argument("--batches", type=harness.positive_int, nargs="+", default=[1, 4])
+    parser.add_argument("--threads", type=harness.positive_int, default=2, help="intra-op threads of both runtimes")
+    harness.add_timing_args(parser, default=(3, 20), quick=(3, 20))
+    harness.add_output_args(parser, SCRIPT, ceilings=False)
     args = parser.parse_args(argv)
     require_onnx()
+    cpu = torch.device("cpu")
+    warmup, reps = harness.timing(args, True, cpu)
     torch.set_num_threads(args.threads)
     model = build_model(args.checkpoint)
-    rows = []
+    results = harness.start(SCRIPT, args, cpu)
     with tempfile.TemporaryDirectory() as tmp:
         onnx_file = export_onnx(model, Path(tmp) / "model.onnx")
         for batch in args.batches:
-            rows += measure(model, onnx_file, batch, tuple(args.size), args.threads, args.warmup, args.reps)
-    cpu = torch.device("cpu")
-    csv_path = harness.write_rows(SCRIPT, rows, cpu, out_dir=args.out_dir)
-    png_path = harness.plot_rows(SCRIPT, rows, "img_per_s", "VFNet CPU inference: PyTorch vs onnxruntime",
-                                 out_dir=args.out_dir)
-    log.info("wrote %s and %s", csv_path, png_path)
-    return rows
+            results.add(measure(model, onnx_file, batch, tuple(args.size), args.threads, warmup, reps))
+    return results.finish("img_per_s", "VFNet CPU inference: PyTorch vs onnxruntime, images/s")
 
 
 if __name__ == "__main__":
