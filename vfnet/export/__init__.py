@@ -82,14 +82,12 @@ def export_onnx(model: VFNet, path: str | Path, *, program: torch.export.Exporte
     """Write the ONNX model of `model` (opset 18; or of the given `program`) to `path`, atomically.
     Run it with onnxruntime: `InferenceSession(path).run(None, {"images": batch})`."""
     require_onnx()
-    import onnx
-
     program = program if program is not None else export_program(model)
     names = OUTPUT_NAMES + (HEAD_OUTPUT_NAMES if len(program.graph_signature.user_outputs) > 4 else [])
     onnx_program = torch.onnx.export(
         program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=onnx_translation(),
         input_names=INPUT_NAMES, output_names=names, verbose=False)
     with atomic_write(path) as fh:
-        onnx.save_model(onnx_program.model_proto, fh)
+        fh.write(onnx_program.model_proto.SerializeToString())
     log.info("wrote %s", path)
     return Path(path)
