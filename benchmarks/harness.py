@@ -21,6 +21,7 @@ import datetime as _dt
 import functools
 import io
 import logging
+import os
 import statistics
 import subprocess
 import time
@@ -39,6 +40,7 @@ if TYPE_CHECKING:  # importing kernels here would load them before a script sets
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the kernel benchmarks' input dtypes
 # (warmup, reps) defaults of `time_ms` on CUDA: single kernels (0.01-10 ms) and whole steps
 KERNEL_TIMING = (10, 100)
 STEP_TIMING = (3, 10)
@@ -62,6 +64,16 @@ class Row:
     device: str = ""
     commit: str = ""
     timestamp: str = ""
+
+
+def kernel_device() -> torch.device:
+    """The device of a kernel benchmark: CUDA when there is one, else the CPU, where the Triton
+    kernels run only through the interpreter: `TRITON_INTERPRET=1` is set (unless the caller set
+    it), which works only before the kernel modules are imported."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    return torch.device("cpu")
 
 
 def device_name(device: torch.device) -> str:
@@ -299,6 +311,16 @@ def timing(args: argparse.Namespace, small: bool, device: torch.device) -> tuple
     default, quick = args.timing_defaults
     warmup, reps = quick if small and device.type == "cpu" else default
     return (args.warmup if args.warmup is not None else warmup), (args.reps or reps)
+
+
+def add_kernel_args(parser: argparse.ArgumentParser, *, modes: tuple[str, ...], providers: tuple[str, ...],
+                    quick: tuple[int, int]) -> None:
+    """What the kernel benchmarks select (`--dtypes` of DTYPES, `--modes`, `--providers`, all by
+    default) and their timing (`add_timing_args` with KERNEL_TIMING)."""
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", choices=modes, default=list(modes))
+    parser.add_argument("--providers", nargs="+", choices=providers, default=list(providers))
+    add_timing_args(parser, default=KERNEL_TIMING, quick=quick)
 
 
 def add_output_args(parser: argparse.ArgumentParser, script: str, *, ceilings: bool = True) -> None:

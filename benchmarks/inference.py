@@ -55,17 +55,9 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
                     return model.predict(data.images, data.image_sizes, data.scales)
 
             detections = sum(len(d["scores"]) for d in predict()) / batch
-            ms = harness.time_ms(predict, device, warmup=warmup, reps=reps)
-            rate = [batch * 1e3 / t for t in ms]
-            log.info("%-6s %s: %9.1f ms/batch %8.2f img/s (%.0f detections per image)", provider, shape,
-                     ms[0], rate[0], detections)
-            yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "ms", "ms", *ms)
-            yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "img_per_s", "images/s", *rate)
-            if device.type == "cuda":
-                peak = harness.peak_memory_mb(predict, device)
-                log.info("%-6s %s: %8.0f MB peak", provider, shape, peak)
-                yield harness.Row(SCRIPT, provider, "infer", dtype, shape, "peak_mem_mb", "MB",
-                                  peak, peak, peak)
+            log.info("%-6s %s: %.0f detections per image", provider, shape, detections)
+            yield from workload.batch_rows(SCRIPT, provider, "infer", dtype, shape, batch, predict, device,
+                                           warmup, reps)
 
 
 def log_reference(rows: list[harness.Row]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -41,7 +40,6 @@ log = logging.getLogger("benchmarks.star_conv")
 SCRIPT = "star_conv"
 PROVIDERS = ("triton", "triton_single", "torchvision", "eager")
 MODES = ("fwd", "fwd_bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (name, stride, H, W) of a 2-image 1333x800 batch padded to 1344x800
 LEVELS = (("P3", 8, 100, 168), ("P4", 16, 50, 84), ("P5", 32, 25, 42), ("P6", 64, 13, 21),
           ("P7", 128, 7, 11))
@@ -125,7 +123,7 @@ def measure(providers: dict[str, StarPairOp], levels: tuple, batch: int, channel
     they are measured."""
     for dtype_name in dtypes:
         for name, stride, h, w in levels:
-            inputs = make_inputs(batch, channels, h, w, stride, DTYPES[dtype_name], device)
+            inputs = make_inputs(batch, channels, h, w, stride, harness.DTYPES[dtype_name], device)
             shape = f"{name} {batch}x{channels}x{h}x{w}"
             for mode in modes:
                 flops = conv_flops(batch, channels, h, w, mode)
@@ -175,10 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           full="the five FPN levels of a 2-image 1333x800 batch")
     parser.add_argument("--levels", type=harness.positive_int,
                         help="only the first N levels (P3 first)")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    harness.add_timing_args(parser, default=harness.KERNEL_TIMING, quick=(1, 2))
+    harness.add_kernel_args(parser, modes=MODES, providers=PROVIDERS, quick=(1, 2))
     harness.add_output_args(parser, SCRIPT)
     return parser.parse_args(argv)
 
@@ -188,11 +183,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     return the rows."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        # Triton kernels run on CPU tensors only through the interpreter; the flag is read when
-        # the kernel modules are imported (by build_providers, below).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device()  # before build_providers imports the kernels
     small = harness.is_small(args, device)
     levels = SMALL_LEVELS if small else LEVELS
     levels = levels[: args.levels] if args.levels else levels

@@ -41,16 +41,8 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
         shape = workload.shape_label(cfg, batch, size)
         for provider, model in models.items():
             step = workload.train_step(model, data, device)
-            ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
-            rate = [batch * 1e3 / t for t in ms]
-            log.info("%-6s %s: %9.1f ms/step %8.2f img/s", provider, shape, ms[0], rate[0])
-            yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "ms", "ms", *ms)
-            yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "img_per_s", "images/s", *rate)
-            if device.type == "cuda":
-                peak = harness.peak_memory_mb(step, device)
-                log.info("%-6s %s: %8.0f MB peak", provider, shape, peak)
-                yield harness.Row(SCRIPT, provider, "train_step", dtype, shape, "peak_mem_mb", "MB",
-                                  peak, peak, peak)
+            yield from workload.batch_rows(SCRIPT, provider, "train_step", dtype, shape, batch, step,
+                                           device, warmup, reps)
             del step
         del data
 

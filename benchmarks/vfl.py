@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Callable, Iterator
 
 import torch
@@ -34,7 +33,6 @@ log = logging.getLogger("benchmarks.vfl")
 SCRIPT = "vfl"
 PROVIDERS = ("triton", "eager", "torch_compile")
 MODES = ("fwd", "fwd_bwd")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STRIDES = (8, 16, 32, 64, 128)
 POSITIVE_FRACTION = 0.01  # share of points with a foreground label (ATSS gives well under 1%)
 
@@ -118,7 +116,7 @@ def measure(providers: dict[str, Callable], points: int, classes: list[int], dty
     broken: set[str] = set()
     for c in classes:
         for dtype_name in dtypes:
-            dtype = DTYPES[dtype_name]
+            dtype = harness.DTYPES[dtype_name]
             logits, labels, scores = make_inputs(points, c, dtype, device)
             shape = f"{points}x{c}"
             for mode in modes:
@@ -167,10 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--points", type=harness.positive_int, help="override the number of points N")
     parser.add_argument("--classes", type=harness.positive_int, nargs="+",
                         help="class counts C (default 80 1203)")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    harness.add_timing_args(parser, default=harness.KERNEL_TIMING, quick=(1, 3))
+    harness.add_kernel_args(parser, modes=MODES, providers=PROVIDERS, quick=(1, 3))
     harness.add_output_args(parser, SCRIPT)
     return parser.parse_args(argv)
 
@@ -179,11 +174,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     """Run the benchmark; append rows to <out-dir>/vfl.csv, draw <out-dir>/vfl.png; return rows."""
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        # Triton kernels run on CPU tensors only through the interpreter; the flag is read when
-        # the kernel module is imported (by build_providers, below).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = harness.kernel_device()  # before build_providers imports the kernels
     small = harness.is_small(args, device)
     points = args.points or (1024 if small else COCO_POINTS)
     classes = args.classes or [80, 1203]

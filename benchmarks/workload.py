@@ -17,7 +17,7 @@ import copy
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +161,22 @@ def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Call
             optimizer.step()
 
     return step
+
+
+def batch_rows(script: str, provider: str, mode: str, dtype: str, shape: str, batch: int,
+               fn: Callable[[], object], device: torch.device, warmup: int,
+               reps: int) -> Iterator[harness.Row]:
+    """Time `fn` (one call handles `batch` images) with `harness.time_ms`: yields `ms` and
+    `img_per_s` rows, and on CUDA `peak_mem_mb`, each also logged."""
+    ms = harness.time_ms(fn, device, warmup=warmup, reps=reps)
+    rate = [batch * 1e3 / t for t in ms]
+    log.info("%-6s %s %s: %9.1f ms %8.2f img/s", provider, mode, shape, ms[0], rate[0])
+    yield harness.Row(script, provider, mode, dtype, shape, "ms", "ms", *ms)
+    yield harness.Row(script, provider, mode, dtype, shape, "img_per_s", "images/s", *rate)
+    if device.type == "cuda":
+        peak = harness.peak_memory_mb(fn, device)
+        log.info("%-6s %s %s: %8.0f MB peak", provider, mode, shape, peak)
+        yield harness.Row(script, provider, mode, dtype, shape, "peak_mem_mb", "MB", peak, peak, peak)
 
 
 def raise_class_scores(model: VFNet, classes: int, score: float = 0.3) -> None:

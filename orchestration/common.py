@@ -20,14 +20,14 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from orchestration.tracking import MlflowTarget
 from vfnet.checkpoint import load_checkpoint
-from vfnet.config import Config, config_from_dict
+from vfnet.config import Config, config_from_dict, load_config
 from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,21 @@ def run_on_ray(address: str | None, work: Callable[[], object]) -> int:
 
             ray.shutdown()
     return 0
+
+
+def command_main(argv: Sequence[str] | None, *, prog: str, description: str,
+                 add_arguments: Callable[[argparse.ArgumentParser], None],
+                 plan: Callable[[argparse.Namespace, Config, Workers], Plan],
+                 run: Callable[[Plan], object]) -> int:
+    """An entry point: parse the shared flags (`add_common_arguments`) and the command's own
+    (`add_arguments`), then `run_command` with `plan(args, config, workers)` (the config of
+    `--config` and `--set`, the workers of the flags) and `run`. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_common_arguments(parser)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return run_command(
+        args.address, lambda: plan(args, load_config(args.config, args.overrides), Workers.from_args(args)), run)
 
 
 def run_command(address: str | None, plan: Callable[[], Plan], run: Callable[[Plan], object]) -> int:

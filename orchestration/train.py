@@ -51,7 +51,7 @@ from orchestration.common import CHECKPOINT_NAME, Workers
 from orchestration.data import Shards
 from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
-from vfnet.config import Config, config_from_dict, load_config
+from vfnet.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -278,25 +278,20 @@ def _rank0_starts(storage: RunStorage, name: str) -> int:
 # Command line
 
 
-def parse_args(argv: Sequence[str] | None = None,
-               prog: str = "python -m orchestration.train") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Train VFNet on a Ray cluster (Ray Train).")
-    common.add_common_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `orchestration.train` besides `common.add_common_arguments`."""
     parser.add_argument("--num-workers", type=int, required=True, help="training workers (DDP ranks)")
     parser.add_argument("--name", default=None, help="run name (default: vfnet-<time>-<pid>); "
                         "re-using a name resumes that run")
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.train") -> int:
     """Entry point; returns the exit status (see the module docstring)."""
-    args = parse_args(argv, prog)
-    return common.run_command(
-        args.address,
-        lambda: plan_training(load_config(args.config, args.overrides), Workers.from_args(args),
-                              args.storage, args.name, common.mlflow_target(args)),
-        execute_training,
+    return common.command_main(
+        argv, prog=prog, description="Train VFNet on a Ray cluster (Ray Train).", add_arguments=add_arguments,
+        plan=lambda args, cfg, workers: plan_training(cfg, workers, args.storage, args.name,
+                                                      common.mlflow_target(args)),
+        run=execute_training,
     )
 
 

@@ -42,7 +42,7 @@ from orchestration.storage import RunStorage
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import build_trainer
 from vfnet.atomic import atomic_write
-from vfnet.config import Config, config_from_dict, load_config, set_value, validate
+from vfnet.config import Config, config_from_dict, set_value, validate
 from vfnet.errors import ArgumentError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -321,11 +321,8 @@ def plot_sweep(rows: list[dict[str, Any]], keys: list[str], metric: str, path: P
     plt.close(fig)
 
 
-def parse_args(argv: Sequence[str] | None = None,
-               prog: str = "python -m orchestration.tune") -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Sweep VFNet loss hyper-parameters on Ray Tune.")
-    common.add_common_arguments(parser)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `orchestration.tune` besides `common.add_common_arguments`."""
     parser.add_argument("--num-samples", type=int, required=True, help="trials")
     parser.add_argument("--max-concurrent", type=int, default=0,
                         help="trials running at once (default 0: as many as resources allow)")
@@ -334,18 +331,16 @@ def parse_args(argv: Sequence[str] | None = None,
     parser.add_argument("--name", default=None, help="experiment name (default: vfnet-tune-<time>-<pid>)")
     parser.add_argument("--out", type=Path, required=True, help="directory for results.parquet, "
                         "best.toml and the plot")
-    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.tune") -> int:
     """Entry point; returns the exit status (0 ok, 2 bad input, 1 sweep failed or a bug)."""
-    args = parse_args(argv, prog)
-    return common.run_command(
-        args.address,
-        lambda: plan_sweep(load_config(args.config, args.overrides), Workers.from_args(args),
-                           num_samples=args.num_samples, out=args.out, max_concurrent=args.max_concurrent,
-                           storage=args.storage, name=args.name, mlflow=common.mlflow_target(args)),
-        execute_sweep,
+    return common.command_main(
+        argv, prog=prog, description="Sweep VFNet loss hyper-parameters on Ray Tune.", add_arguments=add_arguments,
+        plan=lambda args, cfg, workers: plan_sweep(
+            cfg, workers, num_samples=args.num_samples, out=args.out, max_concurrent=args.max_concurrent,
+            storage=args.storage, name=args.name, mlflow=common.mlflow_target(args)),
+        run=execute_sweep,
     )
 
 
