@@ -59,6 +59,7 @@ class Cluster:
         }
         self.env.pop("RAY_ADDRESS", None)
         self.procs: list[subprocess.Popen] = []
+        self.dead: list[subprocess.Popen] = []  # nodes killed by a test
 
     @property
     def address(self) -> str:
@@ -86,6 +87,19 @@ class Cluster:
                     "head")
         self._wait_nodes(1)
         self._start([f"--address={self.address}", f"--node-ip-address={NODE_IP}"], "node")
+        self._wait_nodes(2)
+
+    def kill_node(self) -> None:
+        """SIGKILL the second node's whole process group (raylet, its workers): a lost machine."""
+        node = self.procs[1]
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=30)
+        self.dead.append(node)
+        self.procs.remove(node)
+
+    def add_node(self) -> None:
+        """Start a (new) second node again and wait until two nodes are active."""
+        self._start([f"--address={self.address}", f"--node-ip-address={NODE_IP}"], f"node{len(self.dead)}")
         self._wait_nodes(2)
 
     def _wait_nodes(self, count: int, timeout: float = 120.0) -> None:
@@ -219,3 +233,130 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config
     # the restarted worker resumed mid-run from a registered checkpoint, not from scratch
     state = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)
     assert 4 <= int(state["iteration"]) < 48
+    _assert_registered_checkpoints_verify(run_dir)  # also the one being written at the kill, if any
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults: a lost node, a killed driver; registered checkpoints always verify
+
+
+def _faulty_run_config(tiny_config, tmp_path: Path) -> Path:
+    """96 shapes images, 16 iterations, a checkpoint every 4, all of them kept."""
+    from vfnet.data.synth import synthesize
+
+    data_dir = tmp_path / "shapes"
+    synthesize(data_dir, images=96, size=64, seed=1)
+    return _config_file(tiny_config(data_dir, **{"train.max_iters": 16, "train.checkpoint_interval": 4,
+                                                  "train.keep_checkpoints": 20}), tmp_path)
+
+
+def _driver(cluster: Cluster, config: Path, storage: Path, name: str, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
+         "--name", name, "--address", cluster.address, *flags],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_until(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the driver exited early: {proc.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _trained_iterations(run_dir: Path) -> int:
+    """The last iteration logged in the run's metrics.jsonl (0 if none yet)."""
+    try:
+        lines = (run_dir / otrain.WORKDIR_NAME / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    iters = [json.loads(line).get("iter", 0) for line in lines if line.strip().endswith("}")]
+    return max(iters, default=0)
+
+
+def _assert_registered_checkpoints_verify(run_dir: Path) -> list[int]:
+    """Every checkpoint Ray registered loads and verifies (content hash): never a partial one.
+    Returns their iterations."""
+    iterations = []
+    for entry in _registered_checkpoints(run_dir):
+        state = load_checkpoint(run_dir / entry["checkpoint_dir_name"] / common.CHECKPOINT_NAME)
+        iterations.append(state["iteration"])
+    assert iterations
+    return iterations
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return output
+
+
+def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
+                                                            capsys) -> None:
+    """Two workers spread over the two nodes; the second node's raylet and workers are SIGKILLed
+    after a checkpoint was registered. The run restarts on the head node from the latest
+    registered checkpoint, completes, and result.json counts the restart."""
+    config = _faulty_run_config(tiny_config, tmp_path)
+    storage, name = tmp_path / "runs", "lost-node"
+    run_dir = storage / name
+    proc = _driver(cluster, config, storage, name, "--num-workers", "2", "--cpus-per-worker", "0.5",
+                   "--placement-strategy", "SPREAD")
+    try:
+        _wait_until(proc, lambda: len(_records(run_dir)) == 2 and bool(_registered_checkpoints(run_dir)))
+        assert {r["node_ip"] for r in _records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
+        at_kill = _trained_iterations(run_dir)
+        cluster.kill_node()
+        output = _finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cluster.add_node()  # for the tests after this one
+    assert proc.returncode == 0, output[-6000:]
+    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    assert result["restarts"] >= 1 and result["iterations"] == 16
+    resumed = [r for r in _records(run_dir) if r["resumed_from"] is not None]
+    assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
+    resumed_at = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)["iteration"]
+    assert 4 <= resumed_at <= at_kill or at_kill < 4
+    _assert_registered_checkpoints_verify(run_dir)
+    with capsys.disabled():
+        print(f"\nlost node: killed at iteration >= {at_kill}, resumed from {resumed_at}: "
+              f"{max(at_kill - resumed_at, 0)}+ iterations redone")
+
+
+def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_config, tmp_path: Path,
+                                                     capsys) -> None:
+    """SIGKILL the driver (its Ray Train controller and workers go with it) after a checkpoint
+    was registered; the same command run again resumes that run from it, not a new run."""
+    config = _faulty_run_config(tiny_config, tmp_path)
+    storage, name = tmp_path / "runs", "driver"
+    run_dir = storage / name
+    flags = ("--num-workers", "1", "--cpus-per-worker", "1")
+    proc = _driver(cluster, config, storage, name, *flags)
+    try:
+        _wait_until(proc, lambda: bool(_records(run_dir)) and bool(_registered_checkpoints(run_dir)))
+        at_kill = _trained_iterations(run_dir)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    first = {r["pid"] for r in _records(run_dir)}
+    again = _driver(cluster, config, storage, name, *flags)
+    output = _finish(again)
+    assert again.returncode == 0, output[-6000:]
+    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    assert result["iterations"] == 16 and result["restarts"] == 0  # a re-run, not a restart
+    resumed = [r for r in _records(run_dir) if r["pid"] not in first]
+    assert resumed and resumed[0]["resumed_from"] is not None
+    resumed_at = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)["iteration"]
+    assert 4 <= resumed_at
+    _assert_registered_checkpoints_verify(run_dir)
+    with capsys.disabled():
+        print(f"\nkilled driver: killed at iteration >= {at_kill}, resumed from {resumed_at}: "
+              f"{max(at_kill - resumed_at, 0)}+ iterations redone")
