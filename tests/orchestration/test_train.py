@@ -42,6 +42,23 @@ def test_reporter_forwards_metrics_and_checkpoint_file(tmp_path: Path) -> None:
     assert calls == [({"iteration": 2.0}, b"weights"), ({"iteration": 3.0, "bbox_mAP": 0.5}, None)]
 
 
+def test_reporter_never_reports_a_partly_copied_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """A worker dying while its checkpoint is copied for Ray (here: the copy fails half way)
+    reports nothing, so Ray has nothing partial to upload or register."""
+    calls = []
+    engine_file = tmp_path / "last.pt"
+    engine_file.write_bytes(b"weights" * 100)
+
+    def half_copy(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:300])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(common.shutil, "copyfile", half_copy)
+    with pytest.raises(OSError):
+        common.RayReporter(lambda *a, **k: calls.append(a))({"iteration": 2.0}, engine_file)
+    assert calls == []
+
+
 def test_restore_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path: Path, caplog) -> None:
     """Registered checkpoints a (iteration 1), b (2, corrupt), c (3, no engine file): a worker
     handed c resumes from a, saying it skipped c and b."""
