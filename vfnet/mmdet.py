@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from vfnet.checkpoint import FORMAT, atomic_torch_save, state_digest
-from vfnet.config import Config
-from vfnet.errors import CheckpointError
+from vfnet.config import Config, validate
+from vfnet.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,11 @@ def read_untrusted(path: str | Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     names: list[str] = []
-    if zipfile.is_zipfile(path):
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     for _ in range(_MAX_STAND_INS):
-        stand_ins = [(type(n.rsplit(".", 1)[-1], (Opaque,), {}), n) for n in names]
         try:
+            if not names and zipfile.is_zipfile(path):  # a zip file lists them up front
+                names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            stand_ins = [(type(n.rsplit(".", 1)[-1], (Opaque,), {}), n) for n in names]
             with torch.serialization.safe_globals(stand_ins):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:  # a legacy (non-zip) file names them one at a time
@@ -125,9 +125,11 @@ def read_untrusted(path: str | Path) -> Any:
                 raise CheckpointError(f"{path}: refused to load: {refusal[0]}") from None
             raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {_first_line(exc)}") \
                 from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): {_first_line(exc)}") \
-                from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - torch.load's parsers raise ~10 types on bad bytes
+            raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt): "
+                                  f"{type(exc).__name__}: {_first_line(exc)}") from None
     raise CheckpointError(f"{path}: refused to load: more than {_MAX_STAND_INS} non-tensor classes")
 
 
@@ -191,12 +193,19 @@ def infer_config(weights: dict[str, torch.Tensor], path: str | Path) -> Config:
                    "bbox_head.cls_convs.0.conv.weight"):
         if needed not in weights:
             raise CheckpointError(f"{path}: not an mmdetection VFNet checkpoint (no {needed})")
+        if weights[needed].ndim != 4:
+            raise CheckpointError(f"{path}: tensor {needed} has shape {tuple(weights[needed].shape)}, "
+                                  "expected a conv weight [out, in, kh, kw]")
     cfg = Config()
     cfg.model.depth = depth
     cfg.model.num_classes = int(weights["bbox_head.vfnet_cls.weight"].shape[0])
     cfg.model.fpn_channels = int(weights["neck.lateral_convs.0.conv.weight"].shape[0])
     cfg.model.head_channels = int(weights["bbox_head.cls_convs.0.conv.weight"].shape[0])
     cfg.model.stacked_convs = len({k.split(".")[2] for k in weights if k.startswith("bbox_head.cls_convs.")})
+    try:
+        validate(cfg, source=f"{path} (inferred config)")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
     return cfg
 
 

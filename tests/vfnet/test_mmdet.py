@@ -135,6 +135,8 @@ def bad_weights(weights, case):
         del w["bbox_head.vfnet_reg_refine.bias"]
     elif case == "shape":
         w["neck.fpn_convs.4.conv.weight"] = torch.zeros(32, 32, 1, 1)
+    elif case == "width":  # a head width GroupNorm 32 cannot split
+        w["bbox_head.cls_convs.0.conv.weight"] = torch.zeros(48, 32, 3, 3)
     return w
 
 
@@ -145,6 +147,7 @@ def bad_weights(weights, case):
     ("unknown", "tensor bbox_head.centerness.weight has no counterpart"),
     ("missing", "tensor bbox_head.vfnet_reg_refine.bias is missing"),
     ("shape", "tensor neck.fpn_convs.4.conv.weight has shape (32, 32, 1, 1), expected (32, 32, 3, 3)"),
+    ("width", "model.head_channels = 48 is invalid"),
 ])
 def test_bad_mmdet_checkpoints_give_one_line(source, tmp_path, capsys, case, message):
     src = write_mmdet(tmp_path / "bad.pth", bad_weights(source[1], case))
@@ -160,13 +163,18 @@ class _RunsCode:
         return (os.system, ("echo pwned > pwned.txt",))
 
 
-def test_files_that_are_not_checkpoints_or_run_code_are_refused(tmp_path, capsys, monkeypatch):
+def test_files_that_are_not_checkpoints_or_run_code_are_refused(source, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
+    for version in (2, 3):  # cut in half: a legacy pickle stream and a zip without its end
+        data = write_mmdet(tmp_path / "whole.pth", source[1], version).read_bytes()
+        (tmp_path / f"truncated{version}.pth").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": {"w": torch.ones(1)}, "x": _RunsCode()}, tmp_path / "evil.pth")
     torch.save({"nothing": 1}, tmp_path / "empty.pth")
     for name, message in (("missing.pth", "checkpoint not found"), ("garbage.pth", "not a readable checkpoint"),
+                          ("truncated2.pth", "not a readable checkpoint"),
+                          ("truncated3.pth", "not a readable checkpoint"),
                           ("evil.pth", "refused to load"), ("empty.pth", "not an mmdetection checkpoint")):
         assert main(["convert", "mmdet", str(tmp_path / name), str(tmp_path / "out.pt")]) == 2
         err = capsys.readouterr().err.strip()
