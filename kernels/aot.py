@@ -311,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                         choices=[c.name for c in STAR_CLASSES + VFL_CLASSES])
     parser.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
+    from kernels.dispatch import interpreter_enabled
+
+    if interpreter_enabled():
+        parser.error("TRITON_INTERPRET=1 replaces the kernels by the interpreter's: run with TRITON_INTERPRET=0")
     keep = (lambda c: c.name in args.shape) if args.shape else (lambda c: True)
     todo = variants(tuple(args.kernel), tuple(args.dtype), tuple(args.arch),
                     tuple(filter(keep, STAR_CLASSES)), tuple(filter(keep, VFL_CLASSES)))

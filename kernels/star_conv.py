@@ -93,8 +93,8 @@ def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Con
 # respectively sm_80, without register spills (tests/kernels/test_aot_compile.py checks them all
 # with Triton's ptxas, no GPU needed). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _FP32 = {  # the fp32 and fp64 lists serve both architectures
-    "star_fwd": {4: [(64, 64, 32, 8, 2), (32, 128, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 3)],
-                 8: [(32, 32, 32, 8, 2), (32, 32, 16, 8, 2), (16, 64, 16, 4, 2)]},
+    "star_fwd": {4: [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 3)],
+                 8: [(16, 64, 16, 4, 2)]},  # the one fp64 tile clean on every arch and class
     "star_bwd_data": {4: [(32, 64, 16, 8, 2), (32, 64, 16, 4, 2), (16, 64, 32, 4, 2)],
                       8: [(32, 64, 16, 8, 2), (16, 64, 16, 4, 2)]},
     "star_bwd_weight": {4: [(32, 64, 32, 8, 2), (32, 64, 16, 4, 2), (16, 128, 32, 4, 2)],
