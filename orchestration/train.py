@@ -281,15 +281,23 @@ def _rank0_starts(storage: RunStorage, name: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `orchestration.train` besides `common.add_common_arguments`."""
     parser.add_argument("--num-workers", type=int, required=True, help="training workers (DDP ranks)")
-    parser.add_argument("--name", default=None, help="run name (default: vfnet-<time>-<pid>); "
+    parser.add_argument("--name", default=None, help="run name (default: the config file's stem); "
                         "re-using a name resumes that run")
+
+
+def command_run_name(config: str | Path | None) -> str:
+    """The run name of a command line without `--name`: the config file's stem (`shapes_tiny`
+    without `--config`), as `vfnet train`'s default work dir, so that the same command run again
+    (after a killed driver, say) resumes the run instead of starting a new one."""
+    return Path(config).stem if config else "shapes_tiny"
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.train") -> int:
     """Entry point; returns the exit status (see the module docstring)."""
     return common.command_main(
         argv, prog=prog, description="Train VFNet on a Ray cluster (Ray Train).", add_arguments=add_arguments,
-        plan=lambda args, cfg, workers: plan_training(cfg, workers, args.storage, args.name,
+        plan=lambda args, cfg, workers: plan_training(cfg, workers, args.storage,
+                                                      args.name or command_run_name(args.config),
                                                       common.mlflow_target(args)),
         run=execute_training,
     )

@@ -250,10 +250,11 @@ def _faulty_run_config(tiny_config, tmp_path: Path) -> Path:
                                                   "train.keep_checkpoints": 20}), tmp_path)
 
 
-def _driver(cluster: Cluster, config: Path, storage: Path, name: str, *flags: str) -> subprocess.Popen:
+def _driver(cluster: Cluster, config: Path, storage: Path, name: str | None, *flags: str) -> subprocess.Popen:
+    named = ["--name", name] if name else []
     return subprocess.Popen(
         [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
-         "--name", name, "--address", cluster.address, *flags],
+         *named, "--address", cluster.address, *flags],
         cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -332,12 +333,13 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
 def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_config, tmp_path: Path,
                                                      capsys) -> None:
     """SIGKILL the driver (its Ray Train controller and workers go with it) after a checkpoint
-    was registered; the same command run again resumes that run from it, not a new run."""
+    was registered; the same command (no --name: the run is named after the config file) run
+    again resumes that run from it, not a new run."""
     config = _faulty_run_config(tiny_config, tmp_path)
-    storage, name = tmp_path / "runs", "driver"
-    run_dir = storage / name
+    storage = tmp_path / "runs"
+    run_dir = storage / config.stem
     flags = ("--num-workers", "1", "--cpus-per-worker", "1")
-    proc = _driver(cluster, config, storage, name, *flags)
+    proc = _driver(cluster, config, storage, None, *flags)
     try:
         _wait_until(proc, lambda: bool(_records(run_dir)) and bool(_registered_checkpoints(run_dir)))
         at_kill = _trained_iterations(run_dir)
@@ -347,7 +349,7 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
         if proc.poll() is None:
             proc.kill()
     first = {r["pid"] for r in _records(run_dir)}
-    again = _driver(cluster, config, storage, name, *flags)
+    again = _driver(cluster, config, storage, None, *flags)
     output = _finish(again)
     assert again.returncode == 0, output[-6000:]
     result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
