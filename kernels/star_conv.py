@@ -55,14 +55,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.dispatch import (
-    check_float,
-    check_same_device,
-    check_tensor,
-    compute_dtype,
-    interpreter_enabled,
-    use_triton,
-)
+from kernels.checks import check_float, check_same_device, check_tensor, compute_dtype
+from kernels.dispatch import interpreter_enabled, use_triton
 
 __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
 

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from kernels import checks, dispatch
 from kernels.reference import varifocal_loss_dense_reference, varifocal_loss_reference
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -195,7 +195,7 @@ def _launch(
     multiplied elementwise by grad_out when given.
     """
     n, c = logits.shape
-    compute = dispatch.compute_dtype(logits.dtype)
+    compute = checks.compute_dtype(logits.dtype)
     loss = torch.empty_like(logits) if store_loss else None
     grad = torch.empty_like(logits) if store_grad else None
     block_n, block_c, num_warps = _launch_config(c, compute)
@@ -306,13 +306,13 @@ def varifocal_loss(
     the logits only.
     """
     _check_common(logits, alpha, gamma, iou_weighted, reduction, avg_factor)
-    labels = dispatch.check_tensor("labels", labels)
-    scores = dispatch.check_tensor("scores", scores)
+    labels = checks.check_tensor("labels", labels)
+    scores = checks.check_tensor("scores", scores)
     if labels.dtype not in _INT_DTYPES:
         raise TypeError(f"labels must have an integer dtype, got {labels.dtype}")
     if labels.dim() != 1:
         raise ValueError(f"labels must be 1-D [N], got shape {tuple(labels.shape)}")
-    dispatch.check_float("scores", scores)
+    checks.check_float("scores", scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [N], got shape {tuple(scores.shape)}")
     n = logits.shape[0]
@@ -348,8 +348,8 @@ def varifocal_loss_dense(
     Other arguments and the result as in `varifocal_loss`.
     """
     _check_common(logits, alpha, gamma, iou_weighted, reduction, avg_factor)
-    targets = dispatch.check_tensor("targets", targets)
-    dispatch.check_float("targets", targets)
+    targets = checks.check_tensor("targets", targets)
+    checks.check_float("targets", targets)
     if targets.shape != logits.shape:
         raise ValueError(
             f"targets shape {tuple(targets.shape)} must equal logits shape {tuple(logits.shape)}"
@@ -378,7 +378,7 @@ def _apply(
 ) -> torch.Tensor:
     """Build the reduction's denominator on the logits' device (no host sync) and run the op."""
     n, c = logits.shape
-    compute = dispatch.compute_dtype(logits.dtype)
+    compute = checks.compute_dtype(logits.dtype)
     if isinstance(avg_factor, torch.Tensor):
         denom = avg_factor.detach().to(compute).reshape(())
     else:
@@ -398,8 +398,8 @@ def _check_common(
     reduction: object,
     avg_factor: object,
 ) -> None:
-    logits = dispatch.check_tensor("logits", logits)
-    dispatch.check_float("logits", logits)
+    logits = checks.check_tensor("logits", logits)
+    checks.check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
     for name, value in (("alpha", alpha), ("gamma", gamma)):
@@ -432,7 +432,7 @@ def _check_devices_and_targets(
 ) -> None:
     """Same device for every tensor; targets are constants (no gradient flows to them)."""
     factor = avg_factor if isinstance(avg_factor, torch.Tensor) else None
-    dispatch.check_same_device(logits=logits, **targets, avg_factor=factor)
+    checks.check_same_device(logits=logits, **targets, avg_factor=factor)
     for name, tensor in targets.items():
         if tensor.requires_grad and torch.is_grad_enabled():
             raise ValueError(f"{name} must not require grad (targets are constants): detach it")
