@@ -27,8 +27,10 @@ import pytest
 
 from orchestration import common
 from orchestration import train as otrain
+from orchestration.storage import RunStorage
 from vfnet.checkpoint import load_checkpoint
 from vfnet.config import Config, save_config
+from vfnet.errors import EnvError
 
 pytestmark = pytest.mark.ray
 
@@ -159,17 +161,35 @@ def _config_file(cfg: Config, directory: Path) -> Path:
     return path
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((run_dir / otrain.WORKERS_DIR).glob("*.json"))]
+def _run(run: Path | RunStorage) -> RunStorage:
+    """A run directory as a storage: a local path, or a RunStorage (e.g. on the S3 server)."""
+    return run if isinstance(run, RunStorage) else RunStorage.parse(run)
 
 
-def _registered_checkpoints(run_dir: Path) -> list[dict]:
+def _records(run_dir: Path | RunStorage) -> list[dict]:
+    run = _run(run_dir)
+    return [run.read_json(run.path(otrain.WORKERS_DIR, n)) for n in run.list(run.path(otrain.WORKERS_DIR))]
+
+
+def _registered_checkpoints(run_dir: Path | RunStorage) -> list[dict]:
     """The checkpoints Ray Train's controller has registered (its snapshot file), or []."""
+    run = _run(run_dir)
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):  # not written yet, or caught mid-write
+        snapshot = run.read_json(run.path("checkpoint_manager_snapshot.json"))
+    except (EnvError, ValueError):  # not written yet, or caught mid-write
         return []
     return snapshot.get("checkpoint_results", [])
+
+
+def _load_checkpoint(run_dir: Path | RunStorage, checkpoint_dir: str) -> dict:
+    """The engine checkpoint in a Ray checkpoint directory of the run's storage (a local path,
+    or a URI of the object store as worker records and result.json name it)."""
+    run = _run(run_dir)
+    with tempfile.TemporaryDirectory() as tmp, \
+            run.fs.open_input_stream(f"{checkpoint_dir.split('://', 1)[-1]}/{common.CHECKPOINT_NAME}") as src:
+        local = Path(tmp) / common.CHECKPOINT_NAME
+        local.write_bytes(src.read())
+        return load_checkpoint(local)
 
 
 def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
@@ -192,29 +212,31 @@ def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_
     assert {r["node_ip"] for r in records} == {HEAD_IP, NODE_IP}
 
 
-def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
-    """SIGKILL the worker after Ray registered a checkpoint: the run resumes from it and ends."""
+def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
+                                                  s3_storage: str) -> None:
+    """SIGKILL the worker after Ray registered a checkpoint: the run resumes from it and ends.
+    The run storage is on the S3 server (no shared disk): checkpoints, worker records, result
+    and the work dir, which the restarted worker fetches back and continues."""
     from vfnet.data.synth import synthesize
 
     data_dir = tmp_path / "shapes"
     synthesize(data_dir, images=96, size=64, seed=1)  # 48 iterations an epoch: one epoch
     config = _config_file(tiny_config(data_dir, **{"train.max_iters": 48, "train.checkpoint_interval": 4,
                                                     "train.keep_checkpoints": 20}), tmp_path)
-    storage = tmp_path / "runs"
-    run_dir = storage / "ft"
+    run_dir = RunStorage.parse(s3_storage).child("ft")
     proc = subprocess.Popen(
         [sys.executable, "-m", "orchestration.train", "--config", str(config), "--num-workers", "1",
-         "--cpus-per-worker", "1", "--storage", str(storage), "--name", "ft",
+         "--cpus-per-worker", "1", "--storage", s3_storage, "--name", "ft",
          "--address", cluster.address],
         cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         victim = None
         deadline = time.monotonic() + 240
         while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            records = _records(run_dir) if (run_dir / otrain.WORKERS_DIR).is_dir() else []
-            if _registered_checkpoints(run_dir) and records:
+            records = _records(run_dir)
+            if records and _registered_checkpoints(run_dir):
                 victim = records[0]["pid"]
-                assert not (run_dir / otrain.RESULT_NAME).exists(), "the run ended before the kill"
+                assert not run_dir.exists(run_dir.path(otrain.RESULT_NAME)), "the run ended before the kill"
                 os.kill(victim, signal.SIGKILL)
             time.sleep(0.1)
         assert victim is not None, "no checkpoint registered in time"
@@ -224,16 +246,21 @@ def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, output[-6000:]
-    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["restarts"] >= 1 and result["iterations"] == 48
+    assert result["checkpoint"].startswith(f"{s3_storage}/ft/checkpoint_")
     records = _records(run_dir)
     assert victim in {r["pid"] for r in records}
     resumed = [r for r in records if r["resumed_from"] is not None]
     assert resumed and all(r["pid"] != victim for r in resumed)
     # the restarted worker resumed mid-run from a registered checkpoint, not from scratch
-    state = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)
+    state = _load_checkpoint(run_dir, resumed[0]["resumed_from"])
     assert 4 <= int(state["iteration"]) < 48
     _assert_registered_checkpoints_verify(run_dir)  # also the one being written at the kill, if any
+    # the work dir came back from S3: every iteration's record once, the redone ones replaced
+    with run_dir.fs.open_input_stream(run_dir.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
+        lines = [json.loads(line) for line in src.read().decode().splitlines()]
+    assert [r["iter"] for r in lines if r["mode"] == "train"] == list(range(1, 49))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,12 +303,12 @@ def _trained_iterations(run_dir: Path) -> int:
     return max(iters, default=0)
 
 
-def _assert_registered_checkpoints_verify(run_dir: Path) -> list[int]:
+def _assert_registered_checkpoints_verify(run_dir: Path | RunStorage) -> list[int]:
     """Every checkpoint Ray registered loads and verifies (content hash): never a partial one.
     Returns their iterations."""
     iterations = []
     for entry in _registered_checkpoints(run_dir):
-        state = load_checkpoint(run_dir / entry["checkpoint_dir_name"] / common.CHECKPOINT_NAME)
+        state = _load_checkpoint(run_dir, _run(run_dir).path(entry["checkpoint_dir_name"]))
         iterations.append(state["iteration"])
     assert iterations
     return iterations
@@ -322,7 +349,7 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     assert result["restarts"] >= 1 and result["iterations"] == 16
     resumed = [r for r in _records(run_dir) if r["resumed_from"] is not None]
     assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
-    resumed_at = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)["iteration"]
+    resumed_at = _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
     assert 4 <= resumed_at <= at_kill or at_kill < 4
     _assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():
@@ -356,7 +383,7 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
     assert result["iterations"] == 16 and result["restarts"] == 0  # a re-run, not a restart
     resumed = [r for r in _records(run_dir) if r["pid"] not in first]
     assert resumed and resumed[0]["resumed_from"] is not None
-    resumed_at = load_checkpoint(Path(resumed[0]["resumed_from"]) / common.CHECKPOINT_NAME)["iteration"]
+    resumed_at = _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
     assert 4 <= resumed_at
     _assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():

@@ -1,6 +1,6 @@
 """Run storage on an object store: `RunStorage` against moto's S3 server on loopback, and a
 2-worker Ray Train run (packed shards, checkpoints, worker records, work dir, result.json) stored
-there and resumed by name."""
+there."""
 from __future__ import annotations
 
 import json
@@ -60,7 +60,7 @@ def load_remote_checkpoint(storage: RunStorage, uri: str) -> dict:
 
 
 @pytest.mark.ray
-def test_two_workers_on_s3_and_resume(tiny_config, s3_storage: str, ray_session) -> None:
+def test_two_workers_on_s3(tiny_config, s3_storage: str, ray_session) -> None:
     summary = otrain.run_training(tiny_config(), num_workers=2, storage=s3_storage, name="pair")
     storage = RunStorage.parse(s3_storage)
     assert summary == storage.read_json(storage.path("pair", otrain.RESULT_NAME))
@@ -73,13 +73,7 @@ def test_two_workers_on_s3_and_resume(tiny_config, s3_storage: str, ray_session)
     (key,) = [i.base_name for i in storage.fs.get_file_info(FileSelector(storage.path(common.PACKED_DIR)))]
     assert storage.exists(storage.path(common.PACKED_DIR, key, "_COMPLETE"))
     assert storage.list(storage.path("pair", otrain.WORKDIR_NAME, "tensorboard"))
-    # resumed by name on the same storage: the work dir comes back from S3 and grows
-    more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2, storage=s3_storage,
-                               name="pair")
-    assert more["iterations"] == 6 and more["restarts"] == 0
     with storage.fs.open_input_stream(storage.path("pair", otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
         lines = [json.loads(line) for line in src.read().decode().splitlines()]
-    assert [r["iter"] for r in lines if r["mode"] == "train"] == [1, 2, 3, 4, 5, 6]
-    resumed = [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, n))
-               for n in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
-    assert sum(r["resumed_from"] is not None and r["resumed_from"].startswith(s3_storage) for r in resumed) == 2
+    assert [r["iter"] for r in lines if r["mode"] == "train"] == [1, 2, 3, 4]
+    # restarting from S3 (work dir fetched back, checkpoint restored) is test_cluster's SIGKILL test
