@@ -84,8 +84,10 @@ def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Con
 # (bytes: 2 = bf16/fp16 on tensor cores, 4 = fp32, 8 = fp64) and the architecture (Hopper,
 # compute capability >= 9, or older), minus those whose shared-memory estimate exceeds the
 # device's limit (pruned before anything is compiled). Every config compiles for sm_90,
-# respectively sm_80, without register spills (tests/kernels/test_aot_compile.py checks them all
-# with Triton's ptxas, no GPU needed). (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# respectively sm_80, without register spills at channel counts that are multiples of 16 on
+# triton 3.9 (`python -m kernels.aot`, no GPU needed; CI checks bf16, fp32 and fp64 on the head's
+# shapes in tests/kernels/test_aot_compile.py; those also on triton 3.6, benchmarks/NOTES.md §4).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _FP32 = {  # the fp32 and fp64 lists serve both architectures
     "star_fwd": {4: [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 3)],
                  8: [(16, 64, 16, 4, 2)]},  # the one fp64 tile clean on every arch and class
