@@ -11,8 +11,10 @@ operator: `import vfnet.export` before `torch.export.load`.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -84,10 +86,24 @@ def export_onnx(model: VFNet, path: str | Path, *, program: torch.export.Exporte
     require_onnx()
     program = program if program is not None else export_program(model)
     names = OUTPUT_NAMES + (HEAD_OUTPUT_NAMES if len(program.graph_signature.user_outputs) > 4 else [])
-    onnx_program = torch.onnx.export(
-        program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=onnx_translation(),
-        input_names=INPUT_NAMES, output_names=names, verbose=False)
+    with _quiet("onnxscript", "onnx_ir"):  # INFO lists every rewrite (thousands of lines)
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=onnx_translation(),
+            input_names=INPUT_NAMES, output_names=names, verbose=False)
     with atomic_write(path) as fh:
         fh.write(onnx_program.model_proto.SerializeToString())
     log.info("wrote %s", path)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the block (their warnings concern the exporter itself)."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
