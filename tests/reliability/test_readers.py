@@ -9,6 +9,7 @@ Case counts are per test (`CASES`); `HYPOTHESIS_PROFILE=deep` runs ten times as 
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -223,11 +224,15 @@ def _paths(value, prefix=()):
 _COCO_PATHS = list(_paths(_valid_coco()))[1:]
 
 
+_ONE_DICT: dict = {}  # hypothesis hands out one shared object for sampled {} / []
+
+
 @cases(1200)
 @given(edits=st.lists(st.tuples(st.sampled_from(_COCO_PATHS), json_values | st.sampled_from(
     [0, -1, 1 << 64, 10 ** 400, 1e308, float("nan"), float("inf"), "", [], {}, None, True])), min_size=1, max_size=3))
 @example(edits=[(("annotations", 0, "bbox", 0), 10 ** 400)])  # int too large for a float: OverflowError
 @example(edits=[(("images", 0, "width"), 0)])
+@example(edits=[(("images",), _ONE_DICT), (("images", 0), _ONE_DICT)])  # one object put inside itself
 def test_coco_wrong_types_and_values_anywhere(work, edits):
     data = _valid_coco()
     for path, value in edits:
@@ -235,7 +240,7 @@ def test_coco_wrong_types_and_values_anywhere(work, edits):
         try:
             for key in path[:-1]:
                 node = node[key]
-            node[path[-1]] = value
+            node[path[-1]] = copy.deepcopy(value)  # hypothesis may share one object between edits
         except (KeyError, IndexError, TypeError):
             continue  # an earlier edit removed this place
     _check_coco(work / "edited.json", json.dumps(data))
