@@ -77,3 +77,19 @@ def test_two_workers_on_s3(tiny_config, s3_storage: str, ray_session) -> None:
         lines = [json.loads(line) for line in src.read().decode().splitlines()]
     assert [r["iter"] for r in lines if r["mode"] == "train"] == [1, 2, 3, 4]
     # restarting from S3 (work dir fetched back, checkpoint restored) is test_cluster's SIGKILL test
+
+
+@pytest.mark.ray
+def test_sweep_on_s3(tiny_config, s3_storage: str, tmp_path: Path, ray_session) -> None:
+    """Tune's experiment state and results, and each trial's engine files, reach the store."""
+    from orchestration import tune as otune
+
+    cfg = tiny_config(**{"train.eval_interval": 2})
+    cfg.tune.space = {"loss.alpha": {"type": "uniform", "low": 0.25, "high": 1.0}}
+    rows = otune.run_sweep(cfg, num_samples=1, out=tmp_path / "out", storage=s3_storage, name="sweep")
+    assert [r["status"] for r in rows] == ["completed"]
+    storage = RunStorage.parse(s3_storage)
+    files = [i.path for i in storage.fs.get_file_info(FileSelector(storage.path("sweep"), recursive=True))]
+    assert any(p.endswith("/result.json") for p in files)  # Tune's per-trial results
+    assert any(p.endswith("/workdir/metrics.jsonl") for p in files)  # the engine's files, synced
+    assert any("/checkpoint_" in p and p.endswith("/checkpoint.pt") for p in files)
