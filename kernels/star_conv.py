@@ -210,6 +210,15 @@ def _tap_point(yf, xf, left, top, right, bottom, tap):
 
 
 @triton.jit
+def _k_step(i, num_kc, CIN, BLOCK_K: tl.constexpr):
+    """Step i of the flattened K loop over (tap, channel chunk), num_kc = cdiv(CIN, BLOCK_K)
+    chunks per tap: the tap (0..8), the chunk's BLOCK_K channel offsets and their mask."""
+    tap = i // num_kc
+    offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return tap, offs_c, offs_c < CIN
+
+
+@triton.jit
 def _axis(coord, size):
     """Along one axis: clamped floor/ceil indices, fractional part, and whether each of the two
     neighbours may be read (torchvision: point in (-1, size), neighbour in [0, size - 1])."""
@@ -317,9 +326,7 @@ def _star_fwd_kernel(
     # corner offsets and weights of a tap serve both inputs of the pair
     num_kc = tl.cdiv(CIN, BLOCK_K)
     for i in range(0, 9 * num_kc):
-        tap = i // num_kc
-        offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_c = offs_c < CIN
+        tap, offs_c, mask_c = _k_step(i, num_kc, CIN, BLOCK_K)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
         o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
@@ -442,9 +449,7 @@ def _star_bwd_data_kernel(
     g_bottom = tl.zeros((BLOCK_M,), dtype=ct)
     num_kc = tl.cdiv(CIN, BLOCK_K)
     for i in range(0, 9 * num_kc):
-        tap = i // num_kc
-        offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_c = offs_c < CIN
+        tap, offs_c, mask_c = _k_step(i, num_kc, CIN, BLOCK_K)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
         o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
