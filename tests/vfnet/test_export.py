@@ -179,3 +179,29 @@ def test_small_images_run_in_onnxruntime(exported):
     _, _, session, _ = exported
     boxes, scores, labels, num, *_ = session.run(None, {"images": crowded_batch(1, (MIN_SIDE - 40, 64)).numpy()})
     assert boxes.shape == (1, 100, 4) and num.shape == (1,) and 0 <= num[0] <= 100
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torch"])
+def test_vfnet_export_command_writes_the_same_model(fmt, tmp_path, capsys, one_thread):
+    """`vfnet export` of a checkpoint: the file it writes gives the PyTorch model's detections."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    from vfnet.checkpoint import save_checkpoint
+    from vfnet.cli import main
+
+    model = tiny_model()
+    checkpoint = save_checkpoint(tmp_path, model=model, optimizer=None, iteration=0, epoch=0, config=model.cfg)
+    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    images = crowded_batch(1, (256, 224))
+    head, detections = reference(model, images)
+    if fmt == "onnx":
+        outputs = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+            None, {"images": images.numpy()})
+    else:
+        with torch.no_grad():
+            outputs = torch.export.load(out).module()(images)
+    assert len(outputs) == 4  # boxes, scores, labels, num_detections: no head outputs in a user's export
+    assert check(outputs, head, detections, f"vfnet export --format {fmt}") > 0
