@@ -2,7 +2,9 @@
 
 The data go to a temporary file with a process-unique name next to the target
 (`.<name>.<random>.tmp`, made by `tempfile.mkstemp`), which is flushed and fsynced, renamed over
-the target, and the directory fsynced. A reader, or the next run after a crash or a full disk,
+the target, and the directory fsynced. The file gets the permissions a plain `open(path, "w")`
+would leave: the target's own when it exists, else 0o666 less the process umask (mkstemp's
+0o600 would hide checkpoints and results from the group, e.g. a TensorBoard server). A reader, or the next run after a crash or a full disk,
 sees the old file or the complete new one, never a partial one; a failed write removes its
 temporary file. Any OSError on the way (no space left, read-only file system, permission
 denied) becomes an `EnvError` naming the target file.
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +36,13 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def _new_file_mode() -> int:
+    """0o666 less the process umask (read by setting it and putting it back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _write_failed(path: Path, exc: OSError) -> EnvError:
     reason = exc.strerror or str(exc) or type(exc).__name__
     return EnvError(f"{path}: cannot write: {reason}")
@@ -49,6 +59,11 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else _new_file_mode())
+        except BaseException:
+            os.close(fd)
+            raise
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
             yield fh
             fh.flush()

@@ -33,6 +33,26 @@ def test_failure_inside_the_block_keeps_the_old_file(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_permissions_are_those_of_a_plain_write(tmp_path, umask):
+    """A new file gets 0o666 less the umask (not mkstemp's 0o600); a replaced file keeps its mode."""
+    old = os.umask(umask)
+    try:
+        atomic.write_text(tmp_path / "new.txt", "x")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        kept = tmp_path / "kept.txt"
+        kept.write_text("x")
+        kept.chmod(0o640)
+        atomic.write_bytes(kept, b"y")
+        atomic.copy_file(tmp_path / "new.txt", tmp_path / "copy.txt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.txt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_bytes() == b"y"
+    assert (tmp_path / "copy.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_temp_names_are_unique_per_writer(tmp_path):
     target = tmp_path / "a.txt"
     with atomic.atomic_write(target, "w") as one, atomic.atomic_write(target, "w") as two:
