@@ -18,10 +18,11 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -78,8 +79,13 @@ class RunStorage:
         return "/".join([self.root, *parts])
 
     def child(self, *parts: str) -> RunStorage:
-        """The storage at `root/part/...`, same file system."""
-        location = self.path(*parts) if self.is_local else "/".join([self.location.rstrip("/"), *parts])
+        """The storage at `root/part/...`, same file system (a URI keeps its query, e.g.
+        `?endpoint_override=...`)."""
+        if self.is_local:
+            location = self.path(*parts)
+        else:
+            uri = urlsplit(self.location)
+            location = urlunsplit(uri._replace(path="/".join([uri.path.rstrip("/"), *parts])))
         return RunStorage(location, self.fs, self.path(*parts))
 
     def display(self, path: str) -> str:
@@ -149,10 +155,14 @@ class RunStorage:
 
 
 class WorkdirSync:
-    """Rank 0's work dir on an object store: the engine writes into a local directory, which is
-    filled from `<run>/workdir` when a worker (re)starts (`pull`, so a resumed run keeps its
-    `metrics.jsonl` and TensorBoard events) and copied back after every report (`push`).
-    `checkpoints/` stays local: Ray stores the registered checkpoints itself."""
+    """The engine's work dir kept beside a Ray run's checkpoints: the engine writes into a
+    node-local directory, which is filled from `remote` when a worker or trial (re)starts
+    (`pull`, so a resumed run keeps its `metrics.jsonl` and TensorBoard events) and copied back
+    before every report (`push`, `pushing`). `checkpoints/` stays local: Ray stores the registered
+    checkpoints itself. Used for rank 0 of a Ray Train run on an object store (remote:
+    `<run>/workdir`) and for every Tune trial (remote: `<trial dir>/workdir`, which Tune copies to
+    the sweep's storage; copies never delete, so the engine's pruned per-epoch checkpoints would
+    pile up there)."""
 
     SKIP = ("checkpoints",)
 
@@ -176,6 +186,16 @@ class WorkdirSync:
                     shutil.copy2(entry, staged / entry.name)
             if any(staged.iterdir()):
                 self.storage.upload(staged, self.remote)
+
+    def pushing(self, report: Callable[[dict[str, float], Path | None], None]) -> Callable[..., None]:
+        """`report` (a `TrainHooks.report`) preceded by a push, so that the work dir is in
+        storage once Ray registers the report's checkpoint."""
+
+        def push_then_report(metrics: dict[str, float], checkpoint_file: Path | None) -> None:
+            self.push()
+            report(metrics, checkpoint_file)
+
+        return push_then_report
 
 
 def local_workdir(name: str) -> Path:

@@ -24,6 +24,10 @@ def test_local_path_and_uri_parsing(tmp_path: Path) -> None:
     with pytest.raises(ArgumentError, match="--storage nosuch://bucket/x: not a usable file system URI"):
         RunStorage.parse("nosuch://bucket/x")
     assert redact("s3://KEY:SECRET@bucket/runs?secret_key=SECRET") == "s3://bucket/runs"
+    # a child of a URI with a query keeps the query (the file system's options) at the end
+    proxied = RunStorage.parse("s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http").child("a", "b")
+    assert proxied.location == "s3://bucket/runs/a/b?endpoint_override=127.0.0.1:9&scheme=http"
+    assert proxied.root == "bucket/runs/a/b" and proxied.display(proxied.path("c")) == "s3://bucket/runs/a/b/c"
 
 
 def test_files_on_s3(s3_storage: str, tmp_path: Path) -> None:
