@@ -41,7 +41,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
         if rank == 0:
             sync = WorkdirSync(storage, storage.path(spec.name, WORKDIR_NAME), workdir)
             sync.pull()
-            report = _pushing(sync, report)
+            report = sync.pushing(report)
     with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
         restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
         write_worker_record(storage, spec.name, storage.display(restored.source) if restored is not None else None)
@@ -147,17 +147,6 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     if sync is not None:
         sync.push()
     return final
-
-
-def _pushing(sync: WorkdirSync, report: Callable[[dict[str, float], Path | None], None]) -> Callable[..., None]:
-    """`report` preceded by a push of the work dir (so it is in storage once Ray registers the
-    checkpoint)."""
-
-    def push_then_report(metrics: dict[str, float], checkpoint_file: Path | None) -> None:
-        sync.push()
-        report(metrics, checkpoint_file)
-
-    return push_then_report
 
 
 # ---------------------------------------------------------------------------------------------

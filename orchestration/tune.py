@@ -27,6 +27,7 @@ import copy
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ from orchestration import common
 from orchestration.common import Workers
 from orchestration.data import Shards
 from orchestration.search import build_search, check_search, keep_checkpoints, trial_base
-from orchestration.storage import RunStorage
+from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import build_trainer
 from vfnet.atomic import atomic_write
@@ -149,11 +150,17 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         from vfnet.engine import TrainHooks, train
 
         torch.set_num_threads(setup.workers.torch_threads)
+        # the engine's work dir is node-local; all but its checkpoints/ is kept in the trial dir
+        workdir = local_workdir(f"{context.get_experiment_name()}/{trial_dir.name}")
+        sync = WorkdirSync(RunStorage.parse(trial_dir), str(trial_dir / "workdir"), workdir)
+        sync.pull()
         with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
             restored = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
             resume_from = restored.file if restored is not None else None
-            hooks = TrainHooks(report=common.RayReporter(ray.tune.report), resume_from=resume_from)
-            final = train(cfg, trial_dir / "workdir", resume=resume_from is not None, hooks=hooks)
+            hooks = TrainHooks(report=sync.pushing(common.RayReporter(ray.tune.report)), resume_from=resume_from)
+            final = train(cfg, workdir, resume=resume_from is not None, hooks=hooks)
+        sync.push()
+        shutil.rmtree(workdir, ignore_errors=True)
     ray.tune.report({**final, "iteration": final["iterations"], FINISHED: 1.0})
 
 

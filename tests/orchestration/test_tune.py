@@ -116,6 +116,11 @@ def test_sweep_engine_in_trial(tiny_config, tmp_path: Path, ray_session) -> None
     rows = otune.run_sweep(_sweep_config(tiny_config), num_samples=2, out=out, max_concurrent=2,
                            storage=tmp_path / "runs", name="sweep1", mlflow=mlflow)
     _check_sweep(rows, out, 2)
+    # each trial's work dir reached the sweep's storage, without the engine's checkpoints/
+    workdirs = sorted((tmp_path / "runs" / "sweep1").glob("*/workdir"))
+    assert len(workdirs) == 2
+    for workdir in workdirs:
+        assert (workdir / "metrics.jsonl").is_file() and not (workdir / "checkpoints").exists()
     # Ray's MLflow callback: one MLflow run per trial, its sampled values and reported metrics
     from mlflow import MlflowClient
 
