@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from holding_proxy import HoldingProxy
 
 from orchestration import common
 from orchestration import train as otrain
@@ -212,59 +214,8 @@ def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_
     assert {r["node_ip"] for r in records} == {HEAD_IP, NODE_IP}
 
 
-def test_sigkilled_worker_restarts_from_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
-                                                  s3_storage: str) -> None:
-    """SIGKILL the worker after Ray registered a checkpoint: the run resumes from it and ends.
-    The run storage is on the S3 server (no shared disk): checkpoints, worker records, result
-    and the work dir, which the restarted worker fetches back and continues."""
-    from vfnet.data.synth import synthesize
-
-    data_dir = tmp_path / "shapes"
-    synthesize(data_dir, images=96, size=64, seed=1)  # 48 iterations an epoch: one epoch
-    config = _config_file(tiny_config(data_dir, **{"train.max_iters": 48, "train.checkpoint_interval": 4,
-                                                    "train.keep_checkpoints": 20}), tmp_path)
-    run_dir = RunStorage.parse(s3_storage).child("ft")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--num-workers", "1",
-         "--cpus-per-worker", "1", "--storage", s3_storage, "--name", "ft",
-         "--address", cluster.address],
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        victim = None
-        deadline = time.monotonic() + 240
-        while victim is None and time.monotonic() < deadline and proc.poll() is None:
-            records = _records(run_dir)
-            if records and _registered_checkpoints(run_dir):
-                victim = records[0]["pid"]
-                assert not run_dir.exists(run_dir.path(otrain.RESULT_NAME)), "the run ended before the kill"
-                os.kill(victim, signal.SIGKILL)
-            time.sleep(0.1)
-        assert victim is not None, "no checkpoint registered in time"
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, output[-6000:]
-    result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
-    assert result["restarts"] >= 1 and result["iterations"] == 48
-    assert result["checkpoint"].startswith(f"{s3_storage}/ft/checkpoint_")
-    records = _records(run_dir)
-    assert victim in {r["pid"] for r in records}
-    resumed = [r for r in records if r["resumed_from"] is not None]
-    assert resumed and all(r["pid"] != victim for r in resumed)
-    # the restarted worker resumed mid-run from a registered checkpoint, not from scratch
-    state = _load_checkpoint(run_dir, resumed[0]["resumed_from"])
-    assert 4 <= int(state["iteration"]) < 48
-    _assert_registered_checkpoints_verify(run_dir)  # also the one being written at the kill, if any
-    # the work dir came back from S3: every iteration's record once, the redone ones replaced
-    with run_dir.fs.open_input_stream(run_dir.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
-        lines = [json.loads(line) for line in src.read().decode().splitlines()]
-    assert [r["iter"] for r in lines if r["mode"] == "train"] == list(range(1, 49))
-
-
 # ---------------------------------------------------------------------------------------------
-# Faults: a lost node, a killed driver; registered checkpoints always verify
+# Faults: a worker killed mid-upload, a lost node, a killed driver; registered checkpoints always verify
 
 
 def _faulty_run_config(tiny_config, tmp_path: Path) -> Path:
@@ -322,6 +273,63 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
             proc.kill()
             proc.wait()
     return output
+
+
+def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_path: Path,
+                                             s3_storage: str, capsys) -> None:
+    """SIGKILL the worker while it uploads its second checkpoint: no partial checkpoint is
+    registered, and the run resumes from the first one and ends.
+
+    The run storage is on the S3 server (no shared disk: checkpoints, worker records, result and
+    the work dir), reached through `HoldingProxy`, which freezes the upload of the second
+    checkpoint file with half of its first request sent: the worker is then blocked inside
+    `ray.train.report`, mid-write, when it is killed."""
+    config = _faulty_run_config(tiny_config, tmp_path)
+    run_dir = RunStorage.parse(s3_storage).child("ft")  # the test reads the server directly
+    checkpoint_put = rb"PUT /[^ ]*/checkpoint_[^/ ]*/" + re.escape(common.CHECKPOINT_NAME.encode()) + rb"[ ?]"
+    s3_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])  # the server of s3_storage
+    proxy = HoldingProxy(s3_port, checkpoint_put, skip=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--num-workers", "1",
+         "--cpus-per-worker", "1", "--storage", proxy.uri(s3_storage.removeprefix("s3://")), "--name", "ft",
+         "--address", cluster.address],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_until(proc, lambda: proxy.held.is_set() and bool(_registered_checkpoints(run_dir)))
+        held_dir = proxy.held_path.decode().split("/")[-2]  # the checkpoint being uploaded
+        registered_before = [e["checkpoint_dir_name"] for e in _registered_checkpoints(run_dir)]
+        victim = _records(run_dir)[0]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        proxy.release()
+        output = _finish(proc)
+    finally:
+        proxy.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    assert held_dir not in registered_before and len(registered_before) == 1
+    registered = [e["checkpoint_dir_name"] for e in _registered_checkpoints(run_dir)]
+    assert held_dir not in registered, "the checkpoint killed mid-upload was registered"
+    assert not run_dir.exists(run_dir.path(held_dir, common.CHECKPOINT_NAME))  # never completed
+    result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
+    assert result["restarts"] >= 1 and result["iterations"] == 16
+    assert result["checkpoint"].startswith(f"{s3_storage}/ft/checkpoint_")
+    records = _records(run_dir)
+    assert victim in {r["pid"] for r in records}
+    resumed = [r for r in records if r["resumed_from"] is not None]
+    assert resumed and all(r["pid"] != victim for r in resumed)
+    # resumed from the first checkpoint (iteration 4), the newest registered: one interval redone
+    assert resumed[0]["resumed_from"].endswith(f"/ft/{registered_before[0]}")
+    assert _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
+    _assert_registered_checkpoints_verify(run_dir)
+    # the work dir came back from S3: every iteration's record once, the redone ones replaced
+    with run_dir.fs.open_input_stream(run_dir.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
+        lines = [json.loads(line) for line in src.read().decode().splitlines()]
+    assert [r["iter"] for r in lines if r["mode"] == "train"] == list(range(1, 17))
+    with capsys.disabled():
+        print("\nworker killed mid-upload of the checkpoint of iteration 8: resumed from 4, "
+              "4 iterations redone")
 
 
 def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
