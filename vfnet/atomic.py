@@ -2,11 +2,11 @@
 
 The data go to a temporary file with a process-unique name next to the target
 (`.<name>.<random>.tmp`, made by `tempfile.mkstemp`), which is flushed and fsynced, renamed over
-the target, and the directory fsynced. The file gets the permissions a plain `open(path, "w")`
-would leave: the target's own when it exists, else 0o666 less the process umask (mkstemp's
-0o600 would hide checkpoints and results from the group, e.g. a TensorBoard server). A reader, or the next run after a crash or a full disk,
+the target, and the directory fsynced. A reader, or the next run after a crash or a full disk,
 sees the old file or the complete new one, never a partial one; a failed write removes its
-temporary file. Any OSError on the way (no space left, read-only file system, permission
+temporary file. The file gets the permissions a plain `open(path, "w")` would leave: the
+target's own when it exists, else 0o666 less the process umask (mkstemp's 0o600 would hide
+checkpoints and results from the group, e.g. from a TensorBoard server run by another user). Any OSError on the way (no space left, read-only file system, permission
 denied) becomes an `EnvError` naming the target file.
 """
 from __future__ import annotations
