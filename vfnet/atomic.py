@@ -6,7 +6,8 @@ the target, and the directory fsynced. A reader, or the next run after a crash o
 sees the old file or the complete new one, never a partial one; a failed write removes its
 temporary file. The file gets the permissions a plain `open(path, "w")` would leave: the
 target's own when it exists, else 0o666 less the process umask (mkstemp's 0o600 would hide
-checkpoints and results from the group, e.g. from a TensorBoard server run by another user). Any OSError on the way (no space left, read-only file system, permission
+checkpoints and results from the group, e.g. from a TensorBoard server run by another user).
+Any OSError on the way (no space left, read-only file system, permission
 denied) becomes an `EnvError` naming the target file.
 """
 from __future__ import annotations
