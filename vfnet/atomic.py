@@ -38,9 +38,16 @@ def fsync_dir(directory: str | Path) -> None:
 
 
 def _new_file_mode() -> int:
-    """0o666 less the process umask (read by setting it and putting it back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """0o666 less the process umask: read from /proc/self/status where Linux reports it, else
+    by setting it and putting it back (which other threads could observe for an instant)."""
+    try:
+        with open("/proc/self/status") as fh:
+            umask = next((int(line.split()[1], 8) for line in fh if line.startswith("Umask:")), None)
+    except OSError:
+        umask = None
+    if umask is None:
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 

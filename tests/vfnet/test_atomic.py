@@ -53,6 +53,20 @@ def test_permissions_are_those_of_a_plain_write(tmp_path, umask):
     assert (tmp_path / "copy.txt").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_umask_without_proc(monkeypatch):
+    """Where /proc/self/status is missing the umask is read by setting it and putting it back."""
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/self/status")
+
+    monkeypatch.setattr(atomic, "open", no_proc, raising=False)
+    old = os.umask(0o027)
+    try:
+        assert atomic._new_file_mode() == 0o640
+        assert os.umask(0o027) == 0o027  # put back
+    finally:
+        os.umask(old)
+
+
 def test_temp_names_are_unique_per_writer(tmp_path):
     target = tmp_path / "a.txt"
     with atomic.atomic_write(target, "w") as one, atomic.atomic_write(target, "w") as two:
