@@ -7,8 +7,8 @@ sees the old file or the complete new one, never a partial one; a failed write r
 temporary file. The file gets the permissions a plain `open(path, "w")` would leave: the
 target's own when it exists, else 0o666 less the process umask (mkstemp's 0o600 would hide
 checkpoints and results from the group, e.g. from a TensorBoard server run by another user).
-Any OSError on the way (no space left, read-only file system, permission
-denied) becomes an `EnvError` naming the target file.
+Any OSError on the way (no space left, read-only file system, permission denied) becomes an
+`EnvError` naming the target file.
 """
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def fsync_dir(directory: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _plain_write_mode(path: Path) -> int:
+    """The permission bits `open(path, "w")` would leave: `path`'s own, or a new file's."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return _new_file_mode()
 
 
 def _new_file_mode() -> int:
@@ -67,12 +75,8 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode) if path.exists() else _new_file_mode())
-        except BaseException:
-            os.close(fd)
-            raise
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as fh:
+            os.fchmod(fh.fileno(), _plain_write_mode(path))
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
