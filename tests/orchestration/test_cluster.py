@@ -228,7 +228,7 @@ def _faulty_run_config(tiny_config, tmp_path: Path) -> Path:
                                                   "train.keep_checkpoints": 20}), tmp_path)
 
 
-def _driver(cluster: Cluster, config: Path, storage: Path, name: str | None, *flags: str) -> subprocess.Popen:
+def _driver(cluster: Cluster, config: Path, storage: Path | str, name: str | None, *flags: str) -> subprocess.Popen:
     named = ["--name", name] if name else []
     return subprocess.Popen(
         [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
@@ -289,11 +289,8 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     checkpoint_put = rb"PUT /[^ ]*/checkpoint_[^/ ]*/" + re.escape(common.CHECKPOINT_NAME.encode()) + rb"[ ?]"
     s3_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])  # the server of s3_storage
     proxy = HoldingProxy(s3_port, checkpoint_put, skip=1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--num-workers", "1",
-         "--cpus-per-worker", "1", "--storage", proxy.uri(s3_storage.removeprefix("s3://")), "--name", "ft",
-         "--address", cluster.address],
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "ft",
+                   "--num-workers", "1", "--cpus-per-worker", "1")
     try:
         _wait_until(proc, lambda: proxy.held.is_set() and bool(_registered_checkpoints(run_dir)))
         held_dir = proxy.held_path.decode().split("/")[-2]  # the checkpoint being uploaded
