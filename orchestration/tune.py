@@ -41,7 +41,7 @@ from orchestration.data import Shards
 from orchestration.search import build_search, check_search, keep_checkpoints, trial_base
 from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowTarget, tune_callback
-from orchestration.train import build_trainer
+from orchestration.train import WORKDIR_NAME, build_trainer
 from vfnet.atomic import atomic_write
 from vfnet.config import Config, config_from_dict, set_value, validate
 from vfnet.errors import ArgumentError, ConfigError
@@ -152,7 +152,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         torch.set_num_threads(setup.workers.torch_threads)
         # the engine's work dir is node-local; all but its checkpoints/ is kept in the trial dir
         workdir = local_workdir(f"{context.get_experiment_name()}/{trial_dir.name}")
-        sync = WorkdirSync(RunStorage.parse(trial_dir), str(trial_dir / "workdir"), workdir)
+        trial = RunStorage.parse(trial_dir)
+        sync = WorkdirSync(trial, trial.path(WORKDIR_NAME), workdir)
         sync.pull()
         with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
             restored = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
