@@ -101,10 +101,13 @@ class RunStorage:
         return self._call(path, lambda: self.fs.get_file_info(path).type != pafs.FileType.NotFound)
 
     def list(self, directory: str) -> list[str]:
-        """Names of the files directly in `directory` (none when it does not exist)."""
+        """Names of the files directly in `directory` (none when it does not exist), without
+        hidden ones: on a local disk an atomic write's temporary file (`.<name>.<random>.tmp`,
+        `vfnet.atomic`) is not a file of the run until it is renamed."""
         selector = pafs.FileSelector(directory, allow_not_found=True)
         infos = self._call(directory, lambda: self.fs.get_file_info(selector))
-        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+        return sorted(i.base_name for i in infos
+                      if i.type == pafs.FileType.File and not i.base_name.startswith("."))
 
     def write_json(self, path: str, data: Any) -> None:
         """Write `data` as indented json: atomically on a local disk (`vfnet.atomic`), as one

@@ -13,6 +13,7 @@ from pyarrow.fs import FileSelector
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.storage import RunStorage, WorkdirSync, redact
+from vfnet.atomic import atomic_write
 from vfnet.checkpoint import load_checkpoint
 from vfnet.errors import ArgumentError
 
@@ -28,6 +29,16 @@ def test_local_path_and_uri_parsing(tmp_path: Path) -> None:
     proxied = RunStorage.parse("s3://bucket/runs?endpoint_override=127.0.0.1:9&scheme=http").child("a", "b")
     assert proxied.location == "s3://bucket/runs/a/b?endpoint_override=127.0.0.1:9&scheme=http"
     assert proxied.root == "bucket/runs/a/b" and proxied.display(proxied.path("c")) == "s3://bucket/runs/a/b/c"
+
+
+def test_list_skips_atomic_write_temporaries(tmp_path: Path) -> None:
+    """A record being written (its temporary file, still empty) is not listed, so a reader of
+    the listed files never reads a partial one."""
+    storage = RunStorage.parse(tmp_path)
+    storage.write_json(storage.path("workers", "rank0-1.json"), {"rank": 0})
+    with atomic_write(tmp_path / "workers" / "rank1-2.json"):
+        assert storage.list(storage.path("workers")) == ["rank0-1.json"]
+    assert storage.list(storage.path("workers")) == ["rank0-1.json", "rank1-2.json"]
 
 
 def test_files_on_s3(s3_storage: str, tmp_path: Path) -> None:
