@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness
-from vfnet.config import CONFIG_DIR, Config, load_config
+from vfnet.core.config import CONFIG_DIR, Config, load_config
 from vfnet.data import build_train_loader
 from vfnet.data.synth import synthesize
 

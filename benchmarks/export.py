@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from benchmarks import harness, workload
-from vfnet.config import load_config
-from vfnet.export import export_onnx, require_onnx
-from vfnet.inference import load_model
+from vfnet.api import load_model
+from vfnet.core.config import load_config
+from vfnet.interop.export import export_onnx, require_onnx
 from vfnet.model import VFNet
 
 log = logging.getLogger("benchmarks.export")

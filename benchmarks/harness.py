@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vfnet.atomic import atomic_write
+from vfnet.core.atomic import atomic_write
 
 if TYPE_CHECKING:  # importing kernels here would load them before a script sets TRITON_INTERPRET
     from kernels.ops import StarPairOp

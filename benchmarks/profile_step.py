@@ -4,7 +4,7 @@ Runs the training step of benchmarks.workload (forward, ATSS assignment, loss, b
 step; bf16 autocast on CUDA) under `torch.profiler` and groups the time by the model's
 `record_function` ranges: backbone (`vfnet.backbone`), FPN (`vfnet.fpn`), head convs
 (`vfnet.head` outside the star conv), star conv (`vfnet.star_conv`), ATSS assignment
-(`vfnet.assign`), losses (`vfnet.loss`) and optimiser (`vfnet.optimizer`), forward and backward
+(`vfnet.model.assign`), losses (`vfnet.loss`) and optimiser (`vfnet.optimizer`), forward and backward
 separately: a backward op is charged to the part whose forward op has its autograd sequence
 number. The rest is "other" (e.g. gradient accumulation, the loss sum).
 
@@ -40,7 +40,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import harness, workload
-from vfnet.atomic import write_text
+from vfnet.core.atomic import write_text
 
 log = logging.getLogger("benchmarks.profile_step")
 
@@ -50,7 +50,7 @@ PARTS = {  # record_function range -> part; the order of the table
     "vfnet.fpn": "FPN",
     "vfnet.head": "head convs",
     "vfnet.star_conv": "star conv",
-    "vfnet.assign": "ATSS assignment",
+    "vfnet.model.assign": "ATSS assignment",
     "vfnet.loss": "losses",
     "vfnet.optimizer": "optimiser",
 }

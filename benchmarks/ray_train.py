@@ -2,7 +2,7 @@
 
 Trains the same small fixed config (configs/shapes_tiny.toml's model on 128 px shapes images,
 batch 4 per worker, `--iters` iterations, log every iteration) with the plain engine
-(`vfnet.engine.train` in this process: provider `engine`) and with Ray Train
+(`vfnet.train.engine.train` in this process: provider `engine`) and with Ray Train
 (`orchestration.train.run_training` on a local Ray: provider `ray`) on 1, 2, ... workers, each
 worker (and the plain run) holding `--cpus-per-worker` CPUs (torch threads) or one GPU
 (`--use-gpu`). Throughput is read from the rank-0 `metrics.jsonl`: images/s of one step =
@@ -25,7 +25,7 @@ import torch
 from benchmarks import harness
 from orchestration.common import Workers
 from orchestration.train import WORKDIR_NAME, run_training
-from vfnet.config import CONFIG_DIR, Config, load_config
+from vfnet.core.config import CONFIG_DIR, Config, load_config
 
 log = logging.getLogger("benchmarks.ray_train")
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     import ray
 
     from vfnet.data.synth import ensure_synth
-    from vfnet.engine import train
+    from vfnet.train.engine import train
 
     device = "cuda" if args.use_gpu else "cpu"
     results = harness.start(SCRIPT, args, torch.device(device))

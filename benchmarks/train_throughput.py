@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 
 from benchmarks import harness, workload
-from vfnet.config import Config
+from vfnet.core.config import Config
 
 log = logging.getLogger("benchmarks.train_throughput")
 

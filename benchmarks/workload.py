@@ -26,9 +26,9 @@ from torch.profiler import record_function
 from benchmarks import harness
 from kernels import Ops
 from kernels.dispatch import interpreter_enabled
-from vfnet.config import Config
+from vfnet.core.config import Config
 from vfnet.model import VFNet
-from vfnet.optim import build_optimizer
+from vfnet.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@
   flags, checked once, when a `Workers` is built.
 - Config resolution: `absolute_paths` (a Ray worker's current directory is not the driver's).
 - Running: `run_command` (plan without Ray, then connect and run), `run_on_ray`, `connect`.
-- Exit statuses and the error line: `vfnet.errors.run_main` (0 done; 2 and one line
+- Exit statuses and the error line: `vfnet.core.errors.run_main` (0 done; 2 and one line
   `vfnet: error: ...` for a `UserError`: bad flags, configs, data, checkpoints, an unreachable
   cluster, also when a worker raised it; 1 with a traceback otherwise). Bad flags and configs are
   reported by the plan, before Ray is touched.
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from orchestration.tracking import MlflowTarget
-from vfnet.checkpoint import load_checkpoint
-from vfnet.config import Config, config_from_dict, load_config
-from vfnet.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
+from vfnet.core.checkpoint import load_checkpoint
+from vfnet.core.config import Config, config_from_dict, load_config
+from vfnet.core.errors import ArgumentError, CheckpointError, EnvError, UserError, one_line, run_main
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from orchestration.storage import RunStorage
-from vfnet.atomic import write_text
-from vfnet.config import Config, DataConfig
+from vfnet.core.atomic import write_text
+from vfnet.core.config import Config, DataConfig
+from vfnet.core.errors import DatasetError, one_line
 from vfnet.data.coco import Batch, collate, set_max_image_pixels
 from vfnet.data.parquet import decode_row, pack, read_categories
 from vfnet.data.transforms import build_transform
-from vfnet.errors import DatasetError, one_line
 
 log = logging.getLogger(__name__)
 

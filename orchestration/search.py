@@ -21,9 +21,9 @@ import copy
 import logging
 from typing import Any
 
-from vfnet.config import Config
-from vfnet.errors import ArgumentError, ConfigError
-from vfnet.optional import require
+from vfnet.core.config import Config
+from vfnet.core.errors import ArgumentError, ConfigError
+from vfnet.core.optional import require
 
 log = logging.getLogger(__name__)
 

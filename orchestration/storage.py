@@ -27,8 +27,8 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from vfnet.atomic import write_json, write_text
-from vfnet.errors import ArgumentError, EnvError, one_line
+from vfnet.core.atomic import write_json, write_text
+from vfnet.core.errors import ArgumentError, EnvError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,14 @@ class RunStorage:
     def list(self, directory: str) -> list[str]:
         """Names of the files directly in `directory` (none when it does not exist), without
         hidden ones: on a local disk an atomic write's temporary file (`.<name>.<random>.tmp`,
-        `vfnet.atomic`) is not a file of the run until it is renamed."""
+        `vfnet.core.atomic`) is not a file of the run until it is renamed."""
         selector = pafs.FileSelector(directory, allow_not_found=True)
         infos = self._call(directory, lambda: self.fs.get_file_info(selector))
         return sorted(i.base_name for i in infos
                       if i.type == pafs.FileType.File and not i.base_name.startswith("."))
 
     def write_json(self, path: str, data: Any) -> None:
-        """Write `data` as indented json: atomically on a local disk (`vfnet.atomic`), as one
+        """Write `data` as indented json: atomically on a local disk (`vfnet.core.atomic`), as one
         object upload (which object stores make visible all at once) elsewhere."""
         if self.is_local:
             write_json(path, data, indent=2, sort_keys=True)

@@ -3,7 +3,7 @@
 - Ray Train: the driver creates (or, for a run resumed by name, finds again by its tag
   `vfnet.run_dir`) one MLflow run named after the Ray run, with the resolved config as
   parameters (dotted keys); rank 0 logs the engine's records into it with MLflow's client (the
-  scalars of `vfnet.tracking`: `train/loss`, `train/lr`, `train/images_per_s`, `eval/bbox_mAP`,
+  scalars of `vfnet.train.tracking`: `train/loss`, `train/lr`, `train/images_per_s`, `eval/bbox_mAP`,
   ..., step = iteration); the driver marks it FINISHED or FAILED. Work redone after a worker
   failure is logged again at the same steps.
 - Ray Tune: Ray's `MLflowLoggerCallback` on the driver, one MLflow run per trial with the trial's
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from vfnet.config import Config
-from vfnet.optional import require
-from vfnet.tracking import scalars
+from vfnet.core.config import Config
+from vfnet.core.optional import require
+from vfnet.train.tracking import scalars
 
 log = logging.getLogger(__name__)
 

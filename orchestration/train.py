@@ -4,7 +4,7 @@
         [--use-gpu] [--cpus-per-worker C] [--placement-strategy S] [--storage DIR|URI] [--name NAME]
         [--address ADDR]
 
-A `TorchTrainer` runs `vfnet.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
+A `TorchTrainer` runs `vfnet.train.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
 Ray sets up the process group, the engine wraps the model). Each worker trains on its share of
 the Ray Data stream of the packed Parquet shards (`orchestration.data`); the engine's report hook
 forwards metrics and rank 0's checkpoints to `ray.train.report`, and a restarted worker group
@@ -26,7 +26,7 @@ interrupted run under the same name resumes it and is not counted as a restart.
 or a `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`; `orchestration.storage`): then the
 packed shards, worker records, checkpoints and `result.json` live there, and rank 0 writes its
 work dir locally and copies it to `<run>/workdir` before every report (and fetches it back when
-it restarts). Exit status (`vfnet.errors.run_main`): 0 on success; 2 with one line
+it restarts). Exit status (`vfnet.core.errors.run_main`): 0 on success; 2 with one line
 `vfnet: error: ...` on stderr for what the user can fix (bad arguments, configs, data files or
 checkpoints, also when a worker raised it; an unreachable cluster); 1 with a traceback otherwise
 (training failed for good, or a bug).
@@ -51,7 +51,7 @@ from orchestration.common import CHECKPOINT_NAME, Workers
 from orchestration.data import Shards
 from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
-from vfnet.config import Config, config_from_dict
+from vfnet.core.config import Config, config_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     import torch
 
     from orchestration.data import ShardBatches
-    from vfnet.engine import TrainHooks, train
+    from vfnet.train.engine import TrainHooks, train
 
     torch.set_num_threads(spec.torch_threads)
     cfg = config_from_dict(spec.config, source="ray worker config")

@@ -6,7 +6,7 @@
 
 The search space is the config's `[tune.space]` table: a dotted config key -> {type = "uniform" |
 "loguniform", low, high} or {type = "choice", values = [...]}; each sampled value is set with
-`vfnet.config.set_value`. Every trial is one training run of the engine: with `--num-workers` 1
+`vfnet.core.config.set_value`. Every trial is one training run of the engine: with `--num-workers` 1
 the engine runs inside the trial itself (its own data loader), with more a `TorchTrainer`
 (`orchestration.train.build_trainer`, Ray Data shards) whose reports reach Tune through
 `TuneReportCallback`. ASHA (`tune.grace_period`, `tune.reduction_factor`) stops trials whose
@@ -42,9 +42,9 @@ from orchestration.search import build_search, check_search, keep_checkpoints, t
 from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import WORKDIR_NAME, build_trainer
-from vfnet.atomic import atomic_write
-from vfnet.config import Config, config_from_dict, set_value, validate
-from vfnet.errors import ArgumentError, ConfigError
+from vfnet.core.atomic import atomic_write
+from vfnet.core.config import Config, config_from_dict, set_value, validate
+from vfnet.core.errors import ArgumentError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     else:
         import torch
 
-        from vfnet.engine import TrainHooks, train
+        from vfnet.train.engine import TrainHooks, train
 
         torch.set_num_threads(setup.workers.torch_threads)
         # the engine's work dir is node-local; all but its checkpoints/ is kept in the trial dir
@@ -285,7 +285,7 @@ def write_outputs(rows: list[dict[str, Any]], base: Config, keys: list[str], met
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vfnet.config import save_config
+    from vfnet.core.config import save_config
 
     with atomic_write(out / "results.parquet") as fh:
         pq.write_table(pa.Table.from_pylist(rows), fh)

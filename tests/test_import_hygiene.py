@@ -20,8 +20,8 @@ sys.meta_path.insert(0, Absent())
 """
 
 MODULES = [
-    "kernels", "kernels.reference", "vfnet.config", "vfnet.model", "vfnet.data", "vfnet.evaluate",
-    "vfnet.checkpoint", "vfnet.engine", "vfnet.cli", "benchmarks.harness", "benchmarks.workload",
+    "kernels", "kernels.reference", "vfnet.core.config", "vfnet.model", "vfnet.data", "vfnet.evaluate",
+    "vfnet.core.checkpoint", "vfnet.train.engine", "vfnet.cli", "benchmarks.harness", "benchmarks.workload",
     "benchmarks.vfl", "benchmarks.star_conv", "benchmarks.train_throughput", "benchmarks.inference",
     "benchmarks.dataloader", "benchmarks.profile_step", "benchmarks.suite", "kernels.aot",
 ]
@@ -55,8 +55,8 @@ sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "tests"]
 
 def test_missing_package_fails_with_one_line_naming_it():
     code = """
-from vfnet.config import Config
-from vfnet.optional import require
+from vfnet.core.config import Config
+from vfnet.core.optional import require
 for call in (lambda: Config().to_toml(), lambda: require("pycocotools.cocoeval", "COCO evaluation")):
     try:
         call()
@@ -69,3 +69,17 @@ for call in (lambda: Config().to_toml(), lambda: require("pycocotools.cocoeval",
         "writing a config as TOML needs tomli-w: pip install tomli-w",
         "COCO evaluation needs pycocotools: pip install pycocotools",
     ]
+
+
+def test_public_api_does_not_import_the_trainer():
+    """`from vfnet import Detector, load_model` loads the model and data code only: no
+    `vfnet.train` (engine, optimiser, tracking), no `vfnet.interop`, no CLI."""
+    code = """
+import sys
+from vfnet import Detector, load_model
+loaded = sorted(m for m in sys.modules if m.startswith(("vfnet.train", "vfnet.interop", "vfnet.cli")))
+print(loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

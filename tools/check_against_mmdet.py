@@ -9,7 +9,7 @@ root:
 1. Targets: random batches of 2-4 images of different sizes (boxes touching the borders, images
    without boxes, half the images with whole-pixel boxes, so centre distances tie), the labels
    and (l, t, r, b) box targets of mmdetection's `VFNetHead.get_targets` (with each image's
-   `pad_shape`) against `vfnet.assign.atss_assign`.
+   `pad_shape`) against `vfnet.model.assign.atss_assign`.
 2. Inference: random head outputs (half with integer logits, so scores tie) through
    `VFNetHead.predict_by_feat(rescale=True, with_nms=False)` against `VFNet.detections` with NMS
    replaced by "keep everything": the candidates after the threshold, the per-level top-k,
@@ -69,7 +69,7 @@ def random_boxes(h: int, w: int, gen: torch.Generator) -> tuple[torch.Tensor, to
 def check_targets(batches: int, gen: torch.Generator) -> int:
     from mmengine.structures import InstanceData
 
-    from vfnet.assign import atss_assign, pad_gts
+    from vfnet.model.assign import atss_assign, pad_gts
     from vfnet.model.detector import level_points
 
     head = mmdet_head(7)
@@ -104,7 +104,7 @@ def check_targets(batches: int, gen: torch.Generator) -> int:
 
 def check_inference(batches: int, gen: torch.Generator) -> int:
     import vfnet.model.detector as detector
-    from vfnet.config import Config
+    from vfnet.core.config import Config
     from vfnet.model import VFNet
     from vfnet.model.head import HeadOutputs
 

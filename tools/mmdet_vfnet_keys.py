@@ -8,7 +8,7 @@ Run outside CI, in an environment with mmdetection 3.3.0, mmengine and mmcv (lit
 It builds the models from mmdetection's shipped configs (`vfnet_r50_fpn_1x_coco.py`,
 `vfnet_r101_fpn_1x_coco.py`, backbone init disabled: nothing is downloaded) and writes
 `mmdet_vfnet_r50_keys.tsv` and `mmdet_vfnet_r101_keys.tsv` (one `name<TAB>shape` line a tensor,
-shape as comma-separated ints, empty for a scalar), which the tests check `vfnet.mmdet` against.
+shape as comma-separated ints, empty for a scalar), which the tests check `vfnet.interop.mmdet` against.
 
 Shim: mmcv-lite has no compiled ops, and `import mmcv.ops` fails. Building a VFNet needs only
 `mmcv.ops.DeformConv2d` (the star conv) to exist as a module holding the same parameters; the

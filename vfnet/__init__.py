@@ -1,11 +1,16 @@
 """VarifocalNet: the detector, its data, training engine and inference API.
 
-`from vfnet import Detector` (see `vfnet.api`) is imported lazily, so that `import vfnet.config`
-stays light.
+The package is cut into areas: `core/` (config, errors, atomic writes, optional imports, the
+checkpoint format), `model/` (the detector and its parts), `data/` (data sets, transforms,
+loaders), `train/` (the engine), `interop/` (mmdetection conversion, export), `evaluate`
+(COCO evaluation), `api` (the public API) and `cli` (the `vfnet` command).
+
+`from vfnet import Detector, load_model` (see `vfnet.api`) is imported lazily, so that
+`import vfnet.core.config` stays light; it never imports the trainer.
 """
 from __future__ import annotations
 
-__all__ = ["Detections", "Detector"]
+__all__ = ["Detections", "Detector", "LoadedModel", "load_model"]
 
 
 def __getattr__(name: str):

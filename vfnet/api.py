@@ -1,4 +1,8 @@
-"""The Python inference API: `Detector`.
+"""The public API: `load_model` (a checkpoint's model, config and device) and `Detector` (images
+in, boxes out). Importing it loads the model and data code, never the trainer.
+
+    model, cfg, device = load_model("work_dirs/shapes_tiny/checkpoints/last.pt")
+    (pred,) = model.predict(images, image_sizes, scales)   # see VFNet.predict
 
     from vfnet import Detector
     detector = Detector.from_checkpoint("work_dirs/shapes_tiny/checkpoints/last.pt", device="cpu")
@@ -13,22 +17,76 @@ evaluation (`data.img_scale`, `data.mean`, `data.std`); boxes come back in its o
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vfnet.config import Config
+from vfnet.core.checkpoint import checkpoint_config, load_checkpoint, restore_into
+from vfnet.core.config import Config, apply_overrides
+from vfnet.core.device import resolve_device
+from vfnet.core.errors import ArgumentError, DatasetError
 from vfnet.data import Sample, build_transform, collate
-from vfnet.data.coco import decode_image, set_max_image_pixels
-from vfnet.errors import ArgumentError
-from vfnet.inference import class_info, load_model
+from vfnet.data.coco import decode_image, parse_coco, read_json, set_max_image_pixels
 from vfnet.model import VFNet
 
+log = logging.getLogger(__name__)
+
 ImageInput = str | Path | Image.Image | np.ndarray | torch.Tensor
+
+
+class LoadedModel(NamedTuple):
+    """What `load_model` returns (unpacks as `model, cfg, device`)."""
+
+    model: VFNet  # in eval mode, on `device`
+    cfg: Config  # the checkpoint's resolved config with the overrides applied
+    device: torch.device
+
+
+def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
+               device: torch.device | None = None) -> LoadedModel:
+    """The model of a training checkpoint in eval mode, its config and the device it is on.
+
+    `overrides` are `--set` strings (`"infer.score_thr=0.1"`) applied to the stored config; the
+    device is `device`, else the config's `train.device` ("auto": CUDA when available). Raises
+    CheckpointError (a `vfnet.core.errors.UserError`) naming the file when it is missing, corrupt,
+    not a vfnet checkpoint or does not fit its config, ConfigError for a bad override.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = apply_overrides(checkpoint_config(state, checkpoint), overrides or [])
+    cfg.model.pretrained = ""  # the checkpoint holds every weight
+    device = device or resolve_device(cfg.train.device)
+    model = VFNet(cfg)
+    restore_into(checkpoint, state, model)
+    return LoadedModel(model.to(device).eval(), cfg, device)
+
+
+def class_info(cfg: Config) -> tuple[list[int], list[str]]:
+    """COCO category ids and names of the model's classes.
+
+    Names: the config's `model.class_names` (stored with every checkpoint), else those of its val
+    (else train) annotation file; ids: from that annotation file when it has one per class, else
+    `1..C`. Without either, names are `class_i`.
+    """
+    stored = list(cfg.model.class_names)
+    for ann in (cfg.data.val_ann, cfg.data.train_ann):
+        try:
+            _, cat_ids, names = parse_coco(read_json(ann), ann)
+        except DatasetError:
+            continue
+        if len(cat_ids) == cfg.model.num_classes:
+            return cat_ids, stored or names
+    ids = list(range(1, cfg.model.num_classes + 1))
+    if stored:
+        return ids, stored
+    log.warning("class names unknown (not in the checkpoint, annotation files of its config not readable): "
+                "using category ids 1..%d", cfg.model.num_classes)
+    return ids, [f"class_{i}" for i in range(cfg.model.num_classes)]
 
 
 @dataclass
@@ -74,7 +132,7 @@ class Detector:
         """Load a `vfnet train` (or `vfnet convert`) checkpoint onto `device` (default: the
         config's `train.device`, "auto" = CUDA when available). `overrides` are `key=value`
         config overrides (e.g. "infer.score_thr=0.3"). CheckpointError / ConfigError (both
-        `vfnet.errors.UserError`) name the file or key at fault."""
+        `vfnet.core.errors.UserError`) name the file or key at fault."""
         model, cfg, _ = load_model(path, list(overrides), torch.device(device) if device is not None else None)
         set_max_image_pixels(cfg.data.max_image_pixels)
         category_ids, names = class_info(cfg)
@@ -111,14 +169,14 @@ class Detector:
                       orig_size=(pil.height, pil.width), scale=t.scale)
 
     def to_onnx(self, path: str | Path) -> Path:
-        """Write the ONNX model (see `vfnet.export.model` for its inputs and outputs)."""
-        from vfnet.export import export_onnx
+        """Write the ONNX model (see `vfnet.interop.export.model` for its inputs and outputs)."""
+        from vfnet.interop.export import export_onnx
 
         return export_onnx(self.model, path)
 
     def to_torch_export(self, path: str | Path) -> Path:
-        """Write the `torch.export` program (.pt2; see `vfnet.export`)."""
-        from vfnet.export import export_torch
+        """Write the `torch.export` program (.pt2; see `vfnet.interop.export`)."""
+        from vfnet.interop.export import export_torch
 
         return export_torch(self.model, path)
 

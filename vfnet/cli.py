@@ -18,7 +18,7 @@ unchanged and return their exit status (0 done, 2 bad input or cluster unreachab
 Ray is imported only when they run.
 
 Bad input (a missing or corrupt file, an unknown config key, a wrong value type, a missing or
-corrupt checkpoint, a non-finite loss: any `vfnet.errors.UserError`) prints one line
+corrupt checkpoint, a non-finite loss: any `vfnet.core.errors.UserError`) prints one line
 `vfnet: error: ...` naming the file, key or value on stderr and exits with status 2, without a
 traceback (`-v` logs it). Anything else is a bug: traceback, exit status 1.
 """
@@ -31,9 +31,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from vfnet.atomic import atomic_write
-from vfnet.config import load_config
-from vfnet.errors import ArgumentError, DatasetError, run_main
+from vfnet.core.atomic import atomic_write
+from vfnet.core.config import load_config
+from vfnet.core.errors import ArgumentError, DatasetError, run_main
 
 log = logging.getLogger("vfnet")
 
@@ -45,8 +45,8 @@ log = logging.getLogger("vfnet")
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from vfnet.engine import train
     from vfnet.evaluate import format_table
+    from vfnet.train.engine import train
 
     cfg = load_config(args.config, args.set)
     stem = Path(args.config).stem if args.config else "shapes_tiny"
@@ -64,10 +64,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from torch.utils.data import DataLoader
 
+    from vfnet.api import load_model
     from vfnet.data import CocoDetection, build_transform, build_val_loader, collate
     from vfnet.data.coco import set_max_image_pixels
     from vfnet.evaluate import evaluate, format_table, write_json
-    from vfnet.inference import load_model
 
     if (args.ann is None) != (args.images is None):
         raise ArgumentError("--ann and --images go together: give both or neither")
@@ -157,7 +157,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from vfnet.api import Detector
-    from vfnet.export import require_onnx
+    from vfnet.interop.export import require_onnx
 
     if args.format == "onnx":
         require_onnx()  # before loading anything
@@ -168,7 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from vfnet.mmdet import convert, describe
+    from vfnet.interop.mmdet import convert, describe
 
     cfg = convert(args.input, args.output)
     print(f"{args.output}: {describe(cfg)} (from {args.input})")

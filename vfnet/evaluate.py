@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from vfnet import atomic
-from vfnet.optional import require
+from vfnet.core import atomic
+from vfnet.core.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -132,5 +132,5 @@ def evaluate(model: torch.nn.Module, loader: Iterable[Any], dataset: Any,
 
 
 def write_json(path: str | Path, payload: Any) -> Path:
-    """Write `payload` as indented JSON atomically (`vfnet.atomic`); the path."""
+    """Write `payload` as indented JSON atomically (`vfnet.core.atomic`); the path."""
     return atomic.write_json(path, payload, indent=2)

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("ray", reason="the orchestration tests need Ray")
 
-from vfnet.config import Config, config_from_dict  # noqa: E402
+from vfnet.core.config import Config, config_from_dict  # noqa: E402
 
 # Token authentication (Ray's default since 2.59) with a fresh token of this test session: the
 # tests neither read nor write ~/.ray/auth_token, and every cluster they start, in process or by

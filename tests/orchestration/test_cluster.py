@@ -30,9 +30,9 @@ from holding_proxy import HoldingProxy
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.storage import RunStorage
-from vfnet.checkpoint import load_checkpoint
-from vfnet.config import Config, save_config
-from vfnet.errors import EnvError
+from vfnet.core.checkpoint import load_checkpoint
+from vfnet.core.config import Config, save_config
+from vfnet.core.errors import EnvError
 
 pytestmark = pytest.mark.ray
 

@@ -13,9 +13,9 @@ from pyarrow.fs import FileSelector
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.storage import RunStorage, WorkdirSync, redact
-from vfnet.atomic import atomic_write
-from vfnet.checkpoint import load_checkpoint
-from vfnet.errors import ArgumentError
+from vfnet.core.atomic import atomic_write
+from vfnet.core.checkpoint import load_checkpoint
+from vfnet.core.errors import ArgumentError
 
 
 def test_local_path_and_uri_parsing(tmp_path: Path) -> None:

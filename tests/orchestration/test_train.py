@@ -11,8 +11,8 @@ from corrupt import flip_tensor_bit
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
-from vfnet.checkpoint import load_checkpoint, save_checkpoint
-from vfnet.errors import ArgumentError, CheckpointError
+from vfnet.core.checkpoint import load_checkpoint, save_checkpoint
+from vfnet.core.errors import ArgumentError, CheckpointError
 
 pytestmark = pytest.mark.ray
 
@@ -65,7 +65,7 @@ def test_restore_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path: Pat
     from ray.train import Checkpoint
     from torch import nn
 
-    from vfnet.config import Config
+    from vfnet.core.config import Config
 
     assert common.restore_checkpoint(None, tmp_path) is None
     run = tmp_path / "run"

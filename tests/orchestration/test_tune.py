@@ -14,8 +14,8 @@ from orchestration.common import Workers
 from orchestration.search import build_search, pbt_keys
 from orchestration.tracking import MlflowTarget
 from vfnet.cli import main
-from vfnet.config import Config, load_config
-from vfnet.errors import ArgumentError, ConfigError
+from vfnet.core.config import Config, load_config
+from vfnet.core.errors import ArgumentError, ConfigError
 
 pytestmark = pytest.mark.ray
 

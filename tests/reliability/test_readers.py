@@ -30,12 +30,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from vfnet.checkpoint import load_checkpoint, save_checkpoint, state_digest
-from vfnet.config import Config, _all_keys, apply_overrides, load_config
+from vfnet.core.checkpoint import load_checkpoint, save_checkpoint, state_digest
+from vfnet.core.config import Config, _all_keys, apply_overrides, load_config
+from vfnet.core.errors import CheckpointError, ConfigError, DatasetError
 from vfnet.data.coco import CocoDetection, decode_image, set_max_image_pixels
 from vfnet.data.parquet import ParquetDetection, pack
 from vfnet.data.voc import convert_voc
-from vfnet.errors import CheckpointError, ConfigError, DatasetError
 
 if sys.version_info >= (3, 11):
     import tomllib

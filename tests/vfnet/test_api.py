@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from vfnet import Detections, Detector
-from vfnet.checkpoint import save_checkpoint
 from vfnet.cli import main
-from vfnet.config import Config
+from vfnet.core.checkpoint import save_checkpoint
+from vfnet.core.config import Config
+from vfnet.core.errors import ArgumentError, DatasetError
 from vfnet.data import Sample, build_transform, collate
 from vfnet.data.synth import synthesize
-from vfnet.errors import ArgumentError, DatasetError
 from vfnet.model import VFNet
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vfnet.assign import atss_assign, pad_gts
-from vfnet.boxes import iou_aligned
+from vfnet.model.assign import atss_assign, pad_gts
+from vfnet.model.boxes import iou_aligned
 from vfnet.model.detector import level_points
 
 C = 4  # classes; background label = C
@@ -191,7 +191,7 @@ def test_each_image_of_a_mixed_batch_gets_its_targets_when_alone(seeded):
 
 
 def test_loss_takes_image_sizes_for_the_valid_extent():
-    from vfnet.config import Config
+    from vfnet.core.config import Config
     from vfnet.model import VFNet
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""vfnet.atomic: all-or-nothing writes, and a full disk during a checkpoint write."""
+"""vfnet.core.atomic: all-or-nothing writes, and a full disk during a checkpoint write."""
 import contextlib
 import os
 import subprocess
@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from vfnet import atomic
-from vfnet.checkpoint import load_checkpoint, save_checkpoint
-from vfnet.config import Config
-from vfnet.errors import EnvError
+from vfnet.core import atomic
+from vfnet.core.checkpoint import load_checkpoint, save_checkpoint
+from vfnet.core.config import Config
+from vfnet.core.errors import EnvError
 
 
 def test_writes_replace_whole_files(tmp_path):

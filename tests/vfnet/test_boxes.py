@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import vfnet.boxes as B
+import vfnet.model.boxes as B
 
 
 def random_boxes(n: int, gen: torch.Generator, size: float = 100.0) -> torch.Tensor:

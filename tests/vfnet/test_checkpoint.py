@@ -7,7 +7,7 @@ import torch
 from corrupt import flip_tensor_bit
 from torch import nn
 
-from vfnet.checkpoint import (
+from vfnet.core.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     checkpoint_candidates,
@@ -19,8 +19,8 @@ from vfnet.checkpoint import (
     set_rng_state,
     state_digest,
 )
-from vfnet.config import Config
-from vfnet.errors import EnvError, UserError
+from vfnet.core.config import Config
+from vfnet.core.errors import EnvError, UserError
 
 
 def _model_and_opt():

@@ -11,13 +11,13 @@ import torch
 from corrupt import flip_tensor_bit
 
 from tiny_run import make_data, records, tiny_config, vfnet_command, write_config
-from vfnet.checkpoint import checkpoint_config, load_checkpoint
-from vfnet.config import load_config
+from vfnet.core.checkpoint import checkpoint_config, load_checkpoint
+from vfnet.core.config import load_config
 from vfnet.data.loader import train_dataset
-from vfnet.engine import NonFiniteLossError, TrainHooks, train
 from vfnet.evaluate import AP_NAMES
 from vfnet.model import VFNet
-from vfnet.optim import LrSchedule
+from vfnet.train.engine import NonFiniteLossError, TrainHooks, train
+from vfnet.train.optim import LrSchedule
 
 
 @pytest.fixture(scope="module")

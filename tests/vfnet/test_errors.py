@@ -2,7 +2,7 @@
 import pytest
 
 from vfnet import cli
-from vfnet.errors import (
+from vfnet.core.errors import (
     BUG_HINT,
     ArgumentError,
     CheckpointError,

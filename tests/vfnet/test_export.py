@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from vfnet.config import Config, apply_overrides
-from vfnet.export import MIN_SIDE, export_onnx, export_program, export_torch
+from vfnet.core.config import Config, apply_overrides
+from vfnet.interop.export import MIN_SIDE, export_onnx, export_program, export_torch
 from vfnet.model import VFNet
 
 BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
@@ -76,7 +76,7 @@ def crowded_batch(count: int, size: tuple[int, int], seed: int = 0) -> torch.Ten
 
 def reference(model: VFNet, images: torch.Tensor):
     """The PyTorch model on the same input: head outputs [B, P, .] and per-image detections."""
-    from vfnet.losses import flatten_levels
+    from vfnet.model.losses import flatten_levels
 
     cfg = model.cfg
     mean = torch.tensor(cfg.data.mean).view(1, 3, 1, 1)
@@ -120,7 +120,7 @@ def exported(tmp_path_factory):
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    import vfnet.export  # noqa: F401  (registers vfnet::non_max_suppression before the load)
+    import vfnet.interop.export  # noqa: F401  (registers vfnet::non_max_suppression before the load)
 
     model = tiny_model()
     out = tmp_path_factory.mktemp("export")
@@ -187,8 +187,8 @@ def test_vfnet_export_command_writes_the_same_model(fmt, tmp_path, capsys, one_t
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
-    from vfnet.checkpoint import save_checkpoint
     from vfnet.cli import main
+    from vfnet.core.checkpoint import save_checkpoint
 
     model = tiny_model()
     checkpoint = save_checkpoint(tmp_path, model=model, optimizer=None, iteration=0, epoch=0, config=model.cfg)

@@ -26,10 +26,10 @@ import pytest
 import torch
 
 import kernels.dispatch
-from vfnet.config import Config
+from vfnet.core.config import Config
 from vfnet.data import Batch
-from vfnet.engine import LOSS_NAMES, NonFiniteLossError, _Meter, _step
 from vfnet.model import VFNet
+from vfnet.train.engine import LOSS_NAMES, NonFiniteLossError, _Meter, _step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -180,7 +180,7 @@ def test_forward_and_loss_do_not_sync(device_checks_off):
 
 
 def engine_run(model: VFNet, device: str = "cpu", grad_clip: float = 35.0) -> SimpleNamespace:
-    """What `vfnet.engine._step` reads of a run: the model, its optimiser, config and device."""
+    """What `vfnet.train.engine._step` reads of a run: the model, its optimiser, config and device."""
     cfg = Config()
     cfg.train.grad_clip = grad_clip
     cfg.train.amp = device == "cuda"

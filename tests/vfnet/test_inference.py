@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from vfnet.checkpoint import CheckpointError, save_checkpoint
-from vfnet.config import Config, ConfigError
-from vfnet.inference import class_info, load_model
+from vfnet.api import class_info, load_model
+from vfnet.core.checkpoint import CheckpointError, save_checkpoint
+from vfnet.core.config import Config, ConfigError
 from vfnet.model import VFNet
 
 

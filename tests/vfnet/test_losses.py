@@ -3,9 +3,9 @@ import torch
 
 from kernels import Ops
 from kernels.reference import varifocal_loss_dense_reference
-from vfnet.assign import Targets
-from vfnet.config import LossConfig
-from vfnet.losses import VFNetLoss, flatten_levels, reduce_mean
+from vfnet.core.config import LossConfig
+from vfnet.model.assign import Targets
+from vfnet.model.losses import VFNetLoss, flatten_levels, reduce_mean
 
 TORCH, TRITON = Ops.from_name("torch"), Ops.from_name("triton")
 

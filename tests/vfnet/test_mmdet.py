@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from vfnet.checkpoint import CheckpointError, load_checkpoint
+from vfnet.api import class_info, load_model
 from vfnet.cli import main
-from vfnet.config import Config
-from vfnet.engine import train
-from vfnet.inference import class_info, load_model
-from vfnet.mmdet import from_mmdet_name, read_untrusted, to_mmdet_name
+from vfnet.core.checkpoint import CheckpointError, load_checkpoint
+from vfnet.core.config import Config
+from vfnet.interop.mmdet import from_mmdet_name, read_untrusted, to_mmdet_name
 from vfnet.model import VFNet
-from vfnet.transfer import init_from
+from vfnet.train.engine import train
+from vfnet.train.transfer import init_from
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -199,7 +199,7 @@ def test_init_from_keeps_mismatched_tensors_and_logs_them(source, tmp_path, capl
     torch.manual_seed(1)
     target = VFNet(model_cfg(num_classes=3))
     fresh_cls = target.head.cls.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="vfnet.transfer"):
+    with caplog.at_level(logging.INFO, logger="vfnet.train.transfer"):
         skipped = init_from(target, src)
     assert sorted(s.split(":")[0] for s in skipped) == ["head.cls.bias", "head.cls.weight"]
     assert all("keeps its initialisation" in s for s in skipped)
@@ -208,7 +208,7 @@ def test_init_from_keeps_mismatched_tensors_and_logs_them(source, tmp_path, capl
     for name, value in target.state_dict().items():
         if not name.startswith("head.cls."):
             assert torch.equal(value, model.state_dict()[name]), name
-    with caplog.at_level(logging.INFO, logger="vfnet.transfer"):
+    with caplog.at_level(logging.INFO, logger="vfnet.train.transfer"):
         init_from(VFNet(model_cfg(depth=50, num_classes=3, channels=64)), src)
     assert any(r.levelname == "WARNING" and "match the checkpoint" in r.message for r in caplog.records)
     with pytest.raises(CheckpointError, match="neither a vfnet nor"):
@@ -239,7 +239,7 @@ def test_bccd_fine_tune_from_a_converted_checkpoint(source, tmp_path, caplog):
     cfg.data.img_scale, cfg.data.num_workers = [160, 120], 0
     cfg.train.device, cfg.train.amp = "cpu", False
     cfg.train.batch_size, cfg.train.max_iters, cfg.train.warmup_iters, cfg.train.log_interval = 2, 2, 1, 1
-    with caplog.at_level(logging.INFO, logger="vfnet.transfer"):
+    with caplog.at_level(logging.INFO, logger="vfnet.train.transfer"):
         metrics = train(cfg, tmp_path / "run")
     assert metrics["iterations"] == 2
     assert any("init_from" in r.message and "2 skipped" in r.message for r in caplog.records)

@@ -7,8 +7,8 @@ from torch import nn
 
 import kernels.reference
 from kernels import Ops
-from vfnet.config import Config
-from vfnet.errors import CheckpointError
+from vfnet.core.config import Config
+from vfnet.core.errors import CheckpointError
 from vfnet.model import VFNet
 from vfnet.model.backbone import ResNet
 from vfnet.model.head import HeadOutputs

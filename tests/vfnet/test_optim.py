@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from vfnet.config import TrainConfig
-from vfnet.optim import LrSchedule, build_optimizer, param_groups, scaled_lr
+from vfnet.core.config import TrainConfig
+from vfnet.train.optim import LrSchedule, build_optimizer, param_groups, scaled_lr
 
 
 class _Net(nn.Module):

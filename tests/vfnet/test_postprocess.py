@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from vfnet.boxes import batched_nms
-from vfnet.config import Config
+from vfnet.core.config import Config
 from vfnet.model import VFNet
+from vfnet.model.boxes import batched_nms
 from vfnet.model.head import HeadOutputs
-from vfnet.postprocess import large_enough, top_pairs
+from vfnet.model.postprocess import large_enough, top_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

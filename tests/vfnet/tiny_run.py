@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vfnet.config import Config, config_from_dict
+from vfnet.core.config import Config, config_from_dict
 from vfnet.data.synth import synthesize
 
 

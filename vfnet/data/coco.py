@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vfnet.core.errors import DatasetError, one_line
+from vfnet.core.optional import require
 from vfnet.data.transforms import Transform
-from vfnet.errors import DatasetError, one_line
-from vfnet.optional import require
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vfnet.config import Config, DataConfig
+from vfnet.core.config import Config, DataConfig
+from vfnet.core.errors import DatasetError
 from vfnet.data.coco import CocoDetection, Sample, collate, set_max_image_pixels
 from vfnet.data.parquet import ParquetDetection
 from vfnet.data.synth import ensure_synth
 from vfnet.data.transforms import Transform, build_transform
-from vfnet.errors import DatasetError
 
 _SEED_MASK = (1 << 64) - 1  # SeedSequence wants non-negative entropy
 

@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from vfnet.atomic import atomic_write
+from vfnet.core.atomic import atomic_write
+from vfnet.core.errors import ArgumentError, DatasetError, one_line
 from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample, read_image_size
 from vfnet.data.transforms import Transform
-from vfnet.errors import ArgumentError, DatasetError, one_line
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from vfnet.atomic import atomic_write, write_text
-from vfnet.config import DataConfig
-from vfnet.errors import ArgumentError
+from vfnet.core.atomic import atomic_write, write_text
+from vfnet.core.config import DataConfig
+from vfnet.core.errors import ArgumentError
 
 log = logging.getLogger(__name__)
 

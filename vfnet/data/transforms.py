@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vfnet.config import DataConfig
+from vfnet.core.config import DataConfig
 
 
 @dataclass

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 from xml.parsers import expat
 
-from vfnet.atomic import write_json
+from vfnet.core.atomic import write_json
+from vfnet.core.errors import DatasetError, one_line
 from vfnet.data.coco import read_image_size
-from vfnet.errors import DatasetError, one_line
 
 log = logging.getLogger(__name__)
 

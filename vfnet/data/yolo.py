@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from vfnet.atomic import write_json
+from vfnet.core.atomic import write_json
 from vfnet.data import DatasetError
 from vfnet.data.coco import open_image, read_image_size
 

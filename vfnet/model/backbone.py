@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vfnet.errors import CheckpointError
+from vfnet.core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

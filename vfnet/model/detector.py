@@ -6,14 +6,14 @@ from torch import nn
 from torch.profiler import record_function
 
 from kernels.ops import Ops
-from vfnet.assign import atss_assign, pad_gts
-from vfnet.boxes import batched_nms, distance_to_box
-from vfnet.config import Config
-from vfnet.losses import VFNetLoss, flatten_levels
+from vfnet.core.config import Config
+from vfnet.model.assign import atss_assign, pad_gts
 from vfnet.model.backbone import ResNet
+from vfnet.model.boxes import batched_nms, distance_to_box
 from vfnet.model.fpn import FPN
 from vfnet.model.head import HeadOutputs, VFNetHead
-from vfnet.postprocess import large_enough, top_pairs
+from vfnet.model.losses import VFNetLoss, flatten_levels
+from vfnet.model.postprocess import large_enough, top_pairs
 
 
 def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
@@ -103,7 +103,7 @@ class VFNet(nn.Module):
                 raise ValueError(f"image_sizes must be [{batch}, 2], got {sizes}")
             divisor = self.cfg.data.size_divisor
             padded = [(-(-h // divisor) * divisor, -(-w // divisor) * divisor) for h, w in sizes]
-        with record_function("vfnet.assign"):
+        with record_function("vfnet.model.assign"):
             points = self.points(outputs)
             boxes, labels, valid = pad_gts(gt_boxes, gt_labels, points[0].device)
             targets = atss_assign(
@@ -141,7 +141,7 @@ class VFNet(nn.Module):
         self, outputs: HeadOutputs, image_sizes: torch.Tensor, scales: torch.Tensor
     ) -> list[dict[str, torch.Tensor]]:
         """Post-process head outputs into per-image detections (see `predict`; the rules are in
-        `vfnet.postprocess`). Image by image, as the reference: its scores are computed on the
+        `vfnet.model.postprocess`). Image by image, as the reference: its scores are computed on the
         image's own [P_l, C] layout, so they equal the reference's bit for bit."""
         infer = self.cfg.infer
         device = outputs.cls_scores[0].device

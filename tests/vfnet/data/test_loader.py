@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from vfnet.config import Config
+from vfnet.core.config import Config
+from vfnet.core.errors import DatasetError
 from vfnet.data import build_train_loader, build_val_loader
 from vfnet.data.loader import train_indices
-from vfnet.errors import DatasetError
 
 
 def shapes_config(root, **train):

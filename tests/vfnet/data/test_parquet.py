@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vfnet.config import Config
+from vfnet.core.config import Config
 from vfnet.data import CocoDetection, DatasetError, ParquetDetection, build_train_loader, decode_row, pack
 from vfnet.data.parquet import SCHEMA
 from vfnet.data.transforms import Transform

@@ -4,10 +4,10 @@ import logging
 import numpy as np
 import pytest
 
-from vfnet.config import DataConfig
+from vfnet.core.config import DataConfig
+from vfnet.core.errors import ArgumentError
 from vfnet.data import CocoDetection
 from vfnet.data.synth import CLASSES, _shape_mask, ensure_synth, synthesize
-from vfnet.errors import ArgumentError
 
 
 def files(root):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vfnet.config import DataConfig
+from vfnet.core.config import DataConfig
 from vfnet.data.transforms import Transform, build_transform, flip_boxes, rescale_size
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vfnet.boxes import box_centers, iou_pairwise
+from vfnet.model.boxes import box_centers, iou_pairwise
 
 INSIDE_MARGIN = 0.01  # px a positive point must lie inside its gt
 

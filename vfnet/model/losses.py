@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from kernels.ops import VarifocalLossOp
-from vfnet.assign import Targets
-from vfnet.boxes import IOU_EPS, distance_to_box, giou_aligned, iou_aligned
-from vfnet.config import LossConfig
+from vfnet.core.config import LossConfig
+from vfnet.model.assign import Targets
+from vfnet.model.boxes import IOU_EPS, distance_to_box, giou_aligned, iou_aligned
 
 
 def reduce_mean(value: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class VFNetLoss:
         """Compute the weighted loss terms.
 
         cls_logits [B, P, C]; bbox_init, bbox_refine [B, P, 4] (l, t, r, b) pixels; points [P, 2]
-        (x, y) pixels; targets from `vfnet.assign.atss_assign`.
+        (x, y) pixels; targets from `vfnet.model.assign.atss_assign`.
         Returns `loss_cls`, `loss_bbox_init`, `loss_bbox_refine` (weighted; the total is their sum)
         and `num_pos` (this worker's positives, detached float).
         """

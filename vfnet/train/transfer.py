@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vfnet.checkpoint import load_checkpoint
-from vfnet.errors import CheckpointError
-from vfnet.mmdet import from_mmdet_name, is_mmdet_checkpoint, mmdet_weights, read_untrusted, refuse_unsupported
+from vfnet.core.checkpoint import load_checkpoint
+from vfnet.core.errors import CheckpointError
+from vfnet.interop.mmdet import from_mmdet_name, is_mmdet_checkpoint, mmdet_weights, read_untrusted, refuse_unsupported
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@
 Rows at or beyond num_detections[b] are padding: boxes 0, scores 0, labels -1. Detections are
 sorted by decreasing score. Inside the graph: normalisation with `data.mean` / `data.std`,
 zero padding (in the normalised domain, as the data pipeline pads) bottom/right to a multiple of
-`data.size_divisor`, the network with the star conv of `vfnet.export.star_conv`, then the
-post-processing of `VFNet.detections` (the rules of `vfnet.postprocess`), written with TopK,
+`data.size_divisor`, the network with the star conv of `vfnet.interop.export.star_conv`, then the
+post-processing of `VFNet.detections` (the rules of `vfnet.model.postprocess`), written with TopK,
 Gather, Where and NonMaxSuppression: per level the top `infer.nms_pre` (point, class) pairs whose
 score (sigmoid) is above `infer.score_thr` (ties: lower point * C + class first), decoded against
 the level's points and clipped to the H x W image, boxes whose width or height is not above
@@ -34,14 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ops import Ops
-from vfnet.boxes import distance_to_box
-from vfnet.errors import ArgumentError
-from vfnet.export.nms import non_max_suppression
-from vfnet.export.star_conv import star_deform_conv2d_pair_export
-from vfnet.losses import flatten_levels
+from vfnet.core.errors import ArgumentError
+from vfnet.interop.export.nms import non_max_suppression
+from vfnet.interop.export.star_conv import star_deform_conv2d_pair_export
 from vfnet.model import VFNet
+from vfnet.model.boxes import distance_to_box
 from vfnet.model.detector import level_points
-from vfnet.postprocess import large_enough
+from vfnet.model.losses import flatten_levels
+from vfnet.model.postprocess import large_enough
 
 
 class ExportableVFNet(nn.Module):
@@ -86,7 +86,7 @@ class ExportableVFNet(nn.Module):
 
     def _level_candidates(self, logits: torch.Tensor, refine: torch.Tensor, stride: int, h, w
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One level's candidates, the rule of `vfnet.postprocess.top_pairs` with a fixed count
+        """One level's candidates, the rule of `vfnet.model.postprocess.top_pairs` with a fixed count
         k = nms_pre: boxes [B, k, 4] clipped to h x w, scores [B, k] (0 where the pair fails the
         score or the size test, or the level has fewer than k pairs), labels [B, k]."""
         batch, classes, height, width = logits.shape

@@ -2,14 +2,14 @@
 
 `torch.export` records it as one node (the way it records `torchvision::nms`), the ONNX export
 translates it to the standard `NonMaxSuppression` operator, and in eager PyTorch (and when a
-loaded `torch.export` program runs) it runs `vfnet.boxes.batched_nms`. A saved `torch.export`
-program that contains it needs `import vfnet.export` before `torch.export.load`.
+loaded `torch.export` program runs) it runs `vfnet.model.boxes.batched_nms`. A saved `torch.export`
+program that contains it needs `import vfnet.interop.export` before `torch.export.load`.
 """
 from __future__ import annotations
 
 import torch
 
-from vfnet.boxes import batched_nms
+from vfnet.model.boxes import batched_nms
 
 NO_LIMIT = 2**31 - 1  # ONNX's max_output_boxes_per_class when every box may be kept
 

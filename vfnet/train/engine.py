@@ -2,7 +2,7 @@
 
 A run writes into its work dir (rank 0 only): `config.toml` (the resolved config),
 `metrics.jsonl` (one JSON object per log interval and per evaluation), `tensorboard/` (the same
-records as TensorBoard scalars, `vfnet.tracking`; `train.tensorboard = false` turns it off),
+records as TensorBoard scalars, `vfnet.train.tracking`; `train.tensorboard = false` turns it off),
 `checkpoints/last.pt` plus `checkpoints/epoch_N.pt` (the newest `train.keep_checkpoints`), and
 `eval.json` (the final COCO metrics). Iterations count optimiser steps; `iter` in the records is
 the number of steps done.
@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -33,8 +32,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vfnet.atomic import write_text
-from vfnet.checkpoint import (
+from vfnet.core.atomic import write_text
+from vfnet.core.checkpoint import (
     checkpoint_candidates,
     checkpoint_config,
     load_checkpoint,
@@ -42,15 +41,16 @@ from vfnet.checkpoint import (
     restore_into,
     save_checkpoint,
 )
-from vfnet.config import Config, save_config
+from vfnet.core.config import Config, save_config
+from vfnet.core.device import resolve_device
+from vfnet.core.errors import NonFiniteLossError
 from vfnet.data import Batch, build_train_loader, build_val_loader
 from vfnet.data.loader import train_dataset
-from vfnet.errors import ConfigError, NonFiniteLossError
 from vfnet.evaluate import STAT_NAMES, evaluate, write_json
 from vfnet.model import VFNet
-from vfnet.optim import LrSchedule, build_optimizer
-from vfnet.tracking import TensorBoardRecorder
-from vfnet.transfer import init_from
+from vfnet.train.optim import LrSchedule, build_optimizer
+from vfnet.train.tracking import TensorBoardRecorder
+from vfnet.train.transfer import init_from
 
 log = logging.getLogger(__name__)
 
@@ -70,20 +70,6 @@ class TrainHooks:
     resume_from: Path | None = None  # resume from this checkpoint instead of workdir/checkpoints/last.pt
     # called on rank 0 only with every metrics.jsonl record (e.g. an experiment tracker)
     record: Callable[[dict[str, Any]], None] | None = None
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`train.device` -> a torch device: "auto" = CUDA when available (the LOCAL_RANK-th GPU under
-    a launcher that sets it, else the current one), otherwise the CPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device = 'cuda' but no CUDA device is available")
-        local = os.environ.get("LOCAL_RANK")
-        index = int(local) % torch.cuda.device_count() if local else torch.cuda.current_device()
-        return torch.device("cuda", index)
-    return torch.device(spec)
 
 
 def _dist_info() -> tuple[int, int]:

@@ -5,7 +5,7 @@ reference VFNet R-50 1x COCO settings (docs/design.md §3). Relative paths are r
 current working directory. `vfnet train` with no `--config` uses `configs/shapes_tiny.toml`.
 
 Errors (unknown section or key, wrong value type, out-of-range value, unreadable file) raise
-`vfnet.errors.ConfigError` (a `UserError`), whose message names the file and the key at fault.
+`vfnet.core.errors.ConfigError` (a `UserError`), whose message names the file and the key at fault.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from vfnet.errors import ConfigError
-from vfnet.optional import require
+from vfnet.core.errors import ConfigError
+from vfnet.core.optional import require
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"
 
 
@@ -241,7 +241,7 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as TOML (atomically)."""
-    from vfnet.atomic import write_text
+    from vfnet.core.atomic import write_text
 
     write_text(path, cfg.to_toml())
 

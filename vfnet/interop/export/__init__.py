@@ -3,11 +3,11 @@
     export_onnx(model, "model.onnx")    # needs the `export` extra: pip install -e ".[export]"
     export_torch(model, "model.pt2")    # torch.export + torch.export.save
 
-Both trace `ExportableVFNet` (see `vfnet.export.model` for the inputs and outputs) with a dynamic
+Both trace `ExportableVFNet` (see `vfnet.interop.export.model` for the inputs and outputs) with a dynamic
 batch, height and width. `torch.export` programs need every side to be at least
 `MIN_SIDE` pixels (with fewer, P7 has one cell and torch.export's shape guards differ); the ONNX
 graph has no such limit. A saved `torch.export` program holds the `vfnet::non_max_suppression`
-operator: `import vfnet.export` before `torch.export.load`.
+operator: `import vfnet.interop.export` before `torch.export.load`.
 """
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from vfnet.atomic import atomic_write
-from vfnet.errors import MissingPackageError
-from vfnet.export.model import ExportableVFNet
-from vfnet.export.nms import onnx_translation
+from vfnet.core.atomic import atomic_write
+from vfnet.core.errors import MissingPackageError
+from vfnet.interop.export.model import ExportableVFNet
+from vfnet.interop.export.nms import onnx_translation
 from vfnet.model import VFNet
 
 __all__ = [
@@ -71,7 +71,7 @@ def export_program(model: VFNet, *, with_head: bool = False) -> torch.export.Exp
 def export_torch(model: VFNet, path: str | Path, *, program: torch.export.ExportedProgram | None = None
                  ) -> Path:
     """Save the `torch.export` program of `model` (or the given `program`) to `path` (.pt2),
-    atomically. Load with `import vfnet.export; torch.export.load(path).module()`."""
+    atomically. Load with `import vfnet.interop.export; torch.export.load(path).module()`."""
     program = program if program is not None else export_program(model)
     with atomic_write(path) as fh:
         torch.export.save(program, fh)

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from vfnet.checkpoint import FORMAT, atomic_torch_save, state_digest
-from vfnet.config import Config, validate
-from vfnet.errors import CheckpointError, ConfigError
+from vfnet.core.checkpoint import FORMAT, atomic_torch_save, state_digest
+from vfnet.core.config import Config, validate
+from vfnet.core.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 

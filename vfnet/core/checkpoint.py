@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vfnet.atomic import atomic_write, copy_file
-from vfnet.config import Config, config_from_dict
-from vfnet.errors import CheckpointError, ConfigError
+from vfnet.core.atomic import atomic_write, copy_file
+from vfnet.core.config import Config, config_from_dict
+from vfnet.core.errors import CheckpointError, ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -110,7 +110,7 @@ def _feed(digest: Any, value: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """`torch.save` through `vfnet.atomic.atomic_write`: a reader sees the old file or the
+    """`torch.save` through `vfnet.core.atomic.atomic_write`: a reader sees the old file or the
     complete new one, never a partial write; EnvError naming the file when it cannot be written
     (a full disk: torch reports the failed write as a RuntimeError, raised here as the OSError)."""
     with atomic_write(path) as fh:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from vfnet.errors import EnvError
+from vfnet.core.errors import EnvError
 
 
 def fsync_dir(directory: str | Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vfnet.optional import require
+from vfnet.core.optional import require
 
 _TRAIN_KEYS = ("loss", "loss_cls", "loss_bbox_init", "loss_bbox_refine", "num_pos", "grad_norm", "lr",
                "time_per_iter", "data_time")

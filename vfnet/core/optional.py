@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from vfnet.errors import MissingPackageError
+from vfnet.core.errors import MissingPackageError
 
 # import name -> pip distribution name, where they differ
 _DISTRIBUTIONS = {"tomli_w": "tomli-w", "mlflow": "mlflow-skinny"}
