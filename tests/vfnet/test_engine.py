@@ -16,7 +16,8 @@ from vfnet.core.config import load_config
 from vfnet.data.loader import train_dataset
 from vfnet.evaluate import AP_NAMES
 from vfnet.model import VFNet
-from vfnet.train.engine import NonFiniteLossError, TrainHooks, train
+from vfnet.train.engine import NonFiniteLossError, Observers, TrainData, train
+from vfnet.train.metrics_log import read_records
 from vfnet.train.optim import LrSchedule
 
 
@@ -37,7 +38,7 @@ def reference(data, tmp_path_factory):
 def test_smoke_run_writes_everything(data, tmp_path):
     cfg = tiny_config(data, max_iters=6, eval_interval=3, keep_checkpoints=1)
     reports = []
-    metrics = train(cfg, tmp_path, hooks=TrainHooks(report=lambda m, c: reports.append((m, c))))
+    metrics = train(cfg, tmp_path, observers=Observers(report=lambda m, c: reports.append((m, c))))
     assert metrics["iterations"] == 6
     assert all(0.0 <= metrics[k] <= 1.0 or metrics[k] == -1.0 for k in AP_NAMES)
 
@@ -176,7 +177,7 @@ def test_no_resume_keeps_old_files_until_replaced(data, tmp_path, monkeypatch):
     assert [r["iter"] for r in records(tmp_path)] == [1]
 
 
-def test_hooks_batches_and_resume_from(data, reference, tmp_path):
+def test_data_source_and_resume_from(data, reference, tmp_path):
     from vfnet.data import build_train_loader
 
     cfg = tiny_config(data, max_iters=5, checkpoint_interval=0)
@@ -187,17 +188,61 @@ def test_hooks_batches_and_resume_from(data, reference, tmp_path):
         return build_train_loader(cfg, epoch, start_batch=start)
 
     ref_ckpt = reference[0] / "checkpoints" / "epoch_1.pt"  # iteration 4 of the reference run
-    hooks = TrainHooks(train_batches=batches, iters_per_epoch=4, resume_from=ref_ckpt)
-    metrics = train(cfg, tmp_path, hooks=hooks)
+    names = ["w", "x", "y", "z"]  # not the data set's: they must come from the data source
+    metrics = train(cfg, tmp_path, data=TrainData(batches, 4, names), resume_from=ref_ckpt)
     assert seen == [(1, 0)] and metrics["iterations"] == 5
     (rec,) = records(tmp_path)
     assert rec["iter"] == 5 and rec["loss"] == pytest.approx(records(reference[0])[4]["loss"], rel=1e-4)
+    # the data source's class names are stored with the config in every checkpoint
+    assert checkpoint_config(load_checkpoint(tmp_path / "checkpoints" / "last.pt")).model.class_names == names
+    assert load_config(tmp_path / "config.toml").model.class_names == names
 
     with pytest.raises(ValueError, match="iters_per_epoch"):
-        train(cfg, tmp_path, hooks=TrainHooks(train_batches=batches))
-    short = TrainHooks(train_batches=lambda e, s: list(build_train_loader(cfg, e))[:2], iters_per_epoch=4)
+        TrainData(batches, 0, names)
+    short = TrainData(lambda e, s: list(build_train_loader(cfg, e))[:2], 4, names)
     with pytest.raises(RuntimeError, match="ran out after 2 of 4"):
-        train(cfg, tmp_path / "short", hooks=short)
+        train(cfg, tmp_path / "short", data=short)
+
+
+def test_resumed_finished_run_reports_a_checkpoint_that_exists(data, reference, tmp_path):
+    """A finished run resumed from a checkpoint outside its work dir (a Ray trial restored at its
+    last iteration into a fresh node-local work dir) evaluates again and reports the checkpoint it
+    resumed from: its work dir has no checkpoints/ (issue #19, defect 1)."""
+    ref_dir, ref_metrics = reference
+    source = tmp_path / "restored" / "checkpoint.pt"
+    source.parent.mkdir()
+    shutil.copyfile(ref_dir / "checkpoints" / "last.pt", source)
+    reports = []
+
+    def report(metrics, checkpoint):
+        assert checkpoint is not None and checkpoint.is_file(), checkpoint
+        reports.append((metrics, checkpoint))
+
+    workdir = tmp_path / "fresh"
+    metrics = train(tiny_config(data, max_iters=12), workdir, observers=Observers(report=report),
+                    resume_from=source)
+    assert metrics["iterations"] == 12 and metrics["bbox_mAP"] == pytest.approx(ref_metrics["bbox_mAP"], abs=1e-3)
+    assert [(int(m["iteration"]), c) for m, c in reports] == [(12, source)]
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_metrics_log_skips_a_torn_last_line(data, reference, tmp_path):
+    """metrics.jsonl is appended to, not replaced atomically (vfnet.core.atomic): a run killed
+    mid-append leaves a torn last line, which read_records and the resumed run drop."""
+    ref_dir, _ = reference
+    shutil.copytree(ref_dir / "checkpoints", tmp_path / "checkpoints")
+    for name in ("last.pt", "epoch_3.pt"):  # resume from epoch_2.pt (iteration 8)
+        (tmp_path / "checkpoints" / name).unlink()
+    lines = (ref_dir / "metrics.jsonl").read_text().splitlines()
+    upto_9 = [line for line in lines if json.loads(line)["iter"] <= 9]
+    torn = "".join(line + "\n" for line in upto_9) + lines[len(upto_9)][:17]
+    (tmp_path / "metrics.jsonl").write_text(torn)
+    assert [r["iter"] for r in read_records(tmp_path / "metrics.jsonl")] == [json.loads(x)["iter"] for x in upto_9]
+
+    train(tiny_config(data, max_iters=12), tmp_path)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert [json.loads(line) for line in text.splitlines()] == read_records(tmp_path / "metrics.jsonl")
+    assert [r["iter"] for r in records(tmp_path)] == list(range(1, 13))
 
 
 def scalar_events(logdir):
@@ -213,10 +258,10 @@ def scalar_events(logdir):
 def test_tensorboard_events_match_metrics_and_resume(data, tmp_path):
     cfg = tiny_config(data, max_iters=6, checkpoint_interval=0, eval_interval=3)  # checkpoints at 4 and 6
     seen = []
-    train(cfg, tmp_path, hooks=TrainHooks(record=seen.append))
+    train(cfg, tmp_path, observers=Observers(record=seen.append))
     assert seen == [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # redo iterations 5 and 6 from the epoch-1 checkpoint: TensorBoard keeps one value per step
-    train(cfg, tmp_path, hooks=TrainHooks(resume_from=tmp_path / "checkpoints" / "epoch_1.pt"))
+    train(cfg, tmp_path, resume_from=tmp_path / "checkpoints" / "epoch_1.pt")
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
     events = scalar_events(tmp_path / "tensorboard")
     train_recs, eval_recs = records(tmp_path), records(tmp_path, "eval")

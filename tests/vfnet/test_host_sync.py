@@ -29,7 +29,8 @@ import kernels.dispatch
 from vfnet.core.config import Config
 from vfnet.data import Batch
 from vfnet.model import VFNet
-from vfnet.train.engine import LOSS_NAMES, NonFiniteLossError, _Meter, _step
+from vfnet.train.engine import LOSS_NAMES, NonFiniteLossError, _Meter
+from vfnet.train.step import train_step
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +117,7 @@ def tiny_model(kernel_choice: str, device: str = "cpu") -> VFNet:
     cfg.model.stacked_convs = 1
     cfg.model.kernels = kernel_choice
     torch.manual_seed(0)
-    return VFNet(cfg).to(device).train()
+    return VFNet.from_config(cfg).to(device).train()
 
 
 def batch(device: str = "cpu"):
@@ -180,13 +181,18 @@ def test_forward_and_loss_do_not_sync(device_checks_off):
 
 
 def engine_run(model: VFNet, device: str = "cpu", grad_clip: float = 35.0) -> SimpleNamespace:
-    """What `vfnet.train.engine._step` reads of a run: the model, its optimiser, config and device."""
+    """What the engine's step reads of a run: the model, its optimiser, config and device."""
     cfg = Config()
     cfg.train.grad_clip = grad_clip
     cfg.train.amp = device == "cuda"
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     return SimpleNamespace(cfg=cfg, device=torch.device(device), model=model, core=model,
                            optimizer=optimizer, world_size=1)
+
+
+def _step(run: SimpleNamespace, data: Batch):
+    """`vfnet.train.step.train_step` as the engine calls it."""
+    return train_step(run.model, data, run.optimizer, amp=run.cfg.train.amp, grad_clip=run.cfg.train.grad_clip)
 
 
 def engine_batch(device: str = "cpu") -> Batch:

@@ -11,18 +11,21 @@ Checkpoints are written after every `train.checkpoint_interval` iterations, at t
 epoch (also kept as `epoch_N.pt`) and at the end of training. Re-running on a work dir that holds
 `checkpoints/last.pt` resumes from it: model, optimiser, iteration, RNG states; the lr is a pure
 function of the iteration and the data order of (seed, epoch, batch), so the resumed run continues
-as the uninterrupted one would have. The engine never imports Ray: a caller plugs in through
-`TrainHooks`.
+as the uninterrupted one would have. The step itself is `vfnet.train.step.train_step`.
+
+The engine never imports Ray: a caller plugs in a data source (`TrainData`: its batches, their
+number per epoch and the class names) in place of `build_train_loader`, `Observers` of the run
+(`report` after each checkpoint and evaluation, `record` for each metrics record) and
+`resume_from`, a checkpoint outside the work dir.
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vfnet.core.atomic import write_text
 from vfnet.core.checkpoint import (
     checkpoint_candidates,
     checkpoint_config,
@@ -48,27 +50,46 @@ from vfnet.data import Batch, build_train_loader, build_val_loader
 from vfnet.data.loader import train_dataset
 from vfnet.evaluate import STAT_NAMES, evaluate, write_json
 from vfnet.model import VFNet
+from vfnet.train.metrics_log import MetricsLog
 from vfnet.train.optim import LrSchedule, build_optimizer
+from vfnet.train.step import LOSS_NAMES, train_step
 from vfnet.train.tracking import TensorBoardRecorder
 from vfnet.train.transfer import init_from
 
 log = logging.getLogger(__name__)
 
-LOSS_NAMES = ("loss_cls", "loss_bbox_init", "loss_bbox_refine")
+
+@dataclass(frozen=True)
+class TrainData:
+    """A training data source in place of `build_train_loader` (e.g. a Ray Data shard).
+
+    batches(epoch, start_batch): this rank's batches of `epoch` (0-based) from batch
+    `start_batch` on (a resumed epoch), at least `iters_per_epoch - start_batch` of them.
+    class_names: the names of labels 0..C-1; they fill `model.class_names` of the run's config
+    (stored with every checkpoint) when the config has none. Empty: the checkpoints carry no
+    names (predictions then name classes `class_i`).
+    """
+
+    batches: Callable[[int, int], Iterable[Batch]]
+    iters_per_epoch: int
+    class_names: Sequence[str]
+
+    def __post_init__(self) -> None:
+        if self.iters_per_epoch < 1:
+            raise ValueError(f"TrainData.iters_per_epoch must be >= 1, got {self.iters_per_epoch}")
 
 
-@dataclass
-class TrainHooks:
-    """How a caller (e.g. a Ray Train worker) plugs into the engine; the engine never imports Ray."""
+@dataclass(frozen=True)
+class Observers:
+    """Callbacks that watch a run (a Ray reporter, an experiment tracker); none changes it.
 
-    # (epoch, start_batch) -> this worker's batches for that epoch; replaces build_train_loader
-    train_batches: Callable[[int, int], Iterable[Batch]] | None = None
-    iters_per_epoch: int | None = None  # required with train_batches
-    # called on EVERY rank after each checkpoint save and evaluation:
-    # (metrics, checkpoint file on rank 0 / None on other ranks)
+    report(metrics, checkpoint): on EVERY rank after each checkpoint save and evaluation, equally
+    often on all; `checkpoint` is, on rank 0, a checkpoint file that exists and holds the
+    reported iteration (None on other ranks and after an evaluation without a save).
+    record(record): on rank 0 only, with every metrics.jsonl record.
+    """
+
     report: Callable[[dict[str, float], Path | None], None] | None = None
-    resume_from: Path | None = None  # resume from this checkpoint instead of workdir/checkpoints/last.pt
-    # called on rank 0 only with every metrics.jsonl record (e.g. an experiment tracker)
     record: Callable[[dict[str, Any]], None] | None = None
 
 
@@ -88,42 +109,6 @@ def _config_diff(a: Config, b: Config) -> list[str]:
     """Dotted keys whose values differ between two configs."""
     da, db = a.to_dict(), b.to_dict()
     return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s].get(k)]
-
-
-class MetricsLog:
-    """`metrics.jsonl`: one JSON object a line; rank 0 only.
-
-    A fresh run replaces an old file with its first record (the old one stays until then); a
-    resumed run first drops the records past the iteration it resumes from (they will be
-    redone), atomically.
-    """
-
-    def __init__(self, path: Path, *, resume_iter: int | None) -> None:
-        self.path = path
-        self._fresh = resume_iter is None
-        if resume_iter is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and _record_iter(line) <= resume_iter]
-            self._replace("".join(line + "\n" for line in kept))
-
-    def _replace(self, text: str) -> None:
-        write_text(self.path, text)
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
-        if self._fresh:
-            self._replace(line)
-            self._fresh = False
-            return
-        with self.path.open("a") as fh:
-            fh.write(line)
-
-
-def _record_iter(line: str) -> int:
-    try:
-        return int(json.loads(line).get("iter", 0))
-    except (ValueError, AttributeError):
-        return 0  # a torn last line of a killed run: keep nothing past what is known
 
 
 class _Meter:
@@ -190,8 +175,9 @@ class _Run:
     schedule: LrSchedule
     iters_per_epoch: int
     total_iters: int
-    hooks: TrainHooks
-    recorders: list[Callable[[dict[str, Any]], None]]  # rank 0 only: metrics.jsonl, TensorBoard, hooks.record
+    data: TrainData | None
+    observers: Observers
+    recorders: list[Callable[[dict[str, Any]], None]]  # rank 0 only: metrics.jsonl, TensorBoard, observers.record
 
     @property
     def is_main(self) -> bool:
@@ -208,35 +194,36 @@ class _Run:
 
 
 def train(
-    cfg: Config, workdir: str | Path, *, resume: bool = True, hooks: TrainHooks | None = None
+    cfg: Config, workdir: str | Path, *, resume: bool = True, data: TrainData | None = None,
+    observers: Observers | None = None, resume_from: str | Path | None = None,
 ) -> dict[str, float]:
     """Train `cfg` in `workdir`; return the final COCO metrics by name plus `iterations`.
 
-    resume: continue from `hooks.resume_from` or `workdir/checkpoints/last.pt` when present;
-    False starts over (old files are replaced as new ones are written). Under an initialised
-    torch.distributed group the model is wrapped in DDP, data is sharded by rank, and only rank 0
-    writes files and evaluates (its metrics are broadcast so every rank returns them).
-    Raises NonFiniteLossError (the last good checkpoint is kept) when the loss is NaN/inf.
+    resume: continue from `resume_from` (a checkpoint file anywhere, which must verify) or the
+    newest checkpoint of `workdir/checkpoints` that verifies; False starts over (old files are
+    replaced as new ones are written). data: the training batches (default the loader of
+    `cfg.data`). Under an initialised torch.distributed group the model is wrapped in DDP, data
+    is sharded by rank, and only rank 0 writes files and evaluates (its metrics are broadcast so
+    every rank returns them). Raises NonFiniteLossError (the last good checkpoint is kept) when
+    the loss is NaN/inf.
     """
-    hooks = hooks or TrainHooks()
-    if hooks.train_batches is not None and not hooks.iters_per_epoch:
-        raise ValueError("TrainHooks.iters_per_epoch is required with TrainHooks.train_batches")
+    observers = observers or Observers()
     workdir = Path(workdir)
     rank, world_size = _dist_info()
     device = resolve_device(cfg.train.device)
 
-    if cfg.data.synth and hooks.train_batches is None:
+    if cfg.data.synth and data is None:
         _prepare_synth(cfg, rank, world_size)
 
-    if not cfg.model.class_names and hooks.train_batches is None:
-        names = train_dataset(cfg.data).class_names
+    if not cfg.model.class_names:
+        names = list(data.class_names) if data is not None else train_dataset(cfg.data).class_names
         if len(names) == cfg.model.num_classes:  # stored with the config in every checkpoint
             cfg = copy.deepcopy(cfg)
             cfg.model.class_names = list(names)
 
-    state, source = _find_checkpoint(workdir, resume, hooks, device)
+    state, source = _find_checkpoint(workdir, resume, resume_from, device)
     _seed_everything(cfg.train.seed)
-    core = VFNet(cfg).to(device)
+    core = VFNet.from_config(cfg).to(device)
     if state is None and cfg.model.init_from:
         init_from(core, cfg.model.init_from)
     optimizer = build_optimizer(core, cfg.train, world_size)
@@ -253,7 +240,8 @@ def train(
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(core, device_ids=ids)
 
-    ipe = hooks.iters_per_epoch or len(build_train_loader(cfg, 0, rank=rank, world_size=world_size))
+    ipe = data.iters_per_epoch if data is not None else len(
+        build_train_loader(cfg, 0, rank=rank, world_size=world_size))
     total = cfg.train.max_iters if cfg.train.max_iters > 0 else cfg.train.epochs * ipe
     schedule = LrSchedule.from_config(cfg.train, iters_per_epoch=ipe, total_iters=total,
                                       world_size=world_size)
@@ -268,14 +256,14 @@ def train(
             tensorboard = TensorBoardRecorder(workdir / "tensorboard", cfg.train.batch_size * world_size,
                                               resume_iter=resume_iter)
             recorders.append(tensorboard)
-        if hooks.record is not None:
-            recorders.append(hooks.record)
+        if observers.record is not None:
+            recorders.append(observers.record)
     run = _Run(cfg, workdir, rank, world_size, device, model, core, optimizer, schedule, ipe, total,
-               hooks, recorders)
+               data, observers, recorders)
     log.info("training %d iterations (%d per epoch, global batch %d) on %s", total, ipe,
              cfg.train.batch_size * world_size, device)
     try:
-        return _loop(run, start_iter)
+        return _loop(run, start_iter, source if rank == 0 else None)
     finally:
         if tensorboard is not None:
             tensorboard.close()
@@ -291,13 +279,13 @@ def _prepare_synth(cfg: Config, rank: int, world_size: int) -> None:
         dist.barrier()
 
 
-def _find_checkpoint(workdir: Path, resume: bool, hooks: TrainHooks,
+def _find_checkpoint(workdir: Path, resume: bool, resume_from: str | Path | None,
                      device: torch.device) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from: `hooks.resume_from` (must verify), else with `resume` the
+    """The checkpoint to resume from: `resume_from` (must verify), else with `resume` the
     newest of `workdir/checkpoints` that verifies (newer corrupt ones are skipped, with a
     warning), else none."""
-    if hooks.resume_from is not None:
-        path = Path(hooks.resume_from)
+    if resume_from is not None:
+        path = Path(resume_from)
         return load_checkpoint(path, map_location=device), path
     if not resume:
         return None, None
@@ -306,13 +294,15 @@ def _find_checkpoint(workdir: Path, resume: bool, hooks: TrainHooks,
 
 
 def _batches(run: _Run, epoch: int, start_batch: int) -> Iterable[Batch]:
-    if run.hooks.train_batches is not None:
-        return run.hooks.train_batches(epoch, start_batch)
+    if run.data is not None:
+        return run.data.batches(epoch, start_batch)
     return build_train_loader(run.cfg, epoch, rank=run.rank, world_size=run.world_size,
                               start_batch=start_batch)
 
 
-def _loop(run: _Run, start_iter: int) -> dict[str, float]:
+def _loop(run: _Run, start_iter: int, resumed_from: Path | None) -> dict[str, float]:
+    """Train from iteration `start_iter` to the end. `resumed_from`: the checkpoint file the run
+    resumed from (rank 0; None elsewhere or for a fresh run), the one a finished run reports."""
     cfg = run.cfg
     it = start_iter
     meter = _Meter()
@@ -330,7 +320,8 @@ def _loop(run: _Run, start_iter: int) -> dict[str, float]:
             for batch in _batches(run, epoch, start_batch):
                 data_time = time.perf_counter() - tic
                 lr = run.schedule.apply(run.optimizer, it)
-                names, stats = _step(run, batch)
+                names, stats = train_step(run.model, batch.to(run.device, non_blocking=True), run.optimizer,
+                                          amp=cfg.train.amp, grad_clip=cfg.train.grad_clip)
                 it += 1
                 meter.add(names, stats, it, data_time, time.perf_counter() - tic - data_time)
                 bar.update(1)
@@ -359,35 +350,11 @@ def _loop(run: _Run, start_iter: int) -> dict[str, float]:
                                    f"of {expected} iterations (iters_per_epoch is wrong)")
     finally:
         bar.close()
-    if not eval_metrics:  # resumed a finished run: evaluate again
+    if not eval_metrics:  # resumed a finished run: evaluate again, report the checkpoint resumed from
+        # (the work dir may have no checkpoints/: a run resumed from `resume_from`)
         eval_metrics = _evaluate(run, it)
-        _report(run, it, lr, eval_metrics, run.checkpoint_dir / "last.pt" if run.is_main else None)
+        _report(run, it, lr, eval_metrics, resumed_from)
     return {**{k: eval_metrics[k] for k in STAT_NAMES}, "iterations": float(it)}
-
-
-def _step(run: _Run, batch: Batch) -> tuple[tuple[str, ...], torch.Tensor]:
-    """One optimiser step without reading anything back to the host; returns the names and a
-    float32 device tensor of the (all-rank mean) losses, num_pos and, with clipping, grad_norm."""
-    batch = batch.to(run.device, non_blocking=True)
-    amp = run.cfg.train.amp and run.device.type == "cuda"
-    with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=amp):
-        outputs = run.model(batch.images)
-        losses = run.core.loss(outputs, batch.boxes, batch.labels, batch.host_sizes or batch.image_sizes)
-    loss = sum(losses[k] for k in LOSS_NAMES)
-    stats = torch.stack([loss.detach().float(), *(losses[k].detach().float() for k in LOSS_NAMES),
-                         losses["num_pos"].detach().float().reshape(())])
-    if run.world_size > 1:
-        dist.all_reduce(stats)
-        stats /= run.world_size
-    names: tuple[str, ...] = ("loss", *LOSS_NAMES, "num_pos")
-    run.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if run.cfg.train.grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(run.core.parameters(), run.cfg.train.grad_clip)
-        names += ("grad_norm",)
-        stats = torch.cat([stats, norm.detach().float().reshape(1)])
-    run.optimizer.step()
-    return names, stats
 
 
 def _epoch_of(run: _Run, it: int) -> int:
@@ -442,6 +409,6 @@ def _evaluate(run: _Run, it: int) -> dict[str, float]:
 
 
 def _report(run: _Run, it: int, lr: float, metrics: dict[str, float], ckpt: Path | None) -> None:
-    if run.hooks.report is None:
+    if run.observers.report is None:
         return
-    run.hooks.report({**metrics, "iteration": float(it), "lr": lr}, ckpt)
+    run.observers.report({**metrics, "iteration": float(it), "lr": lr}, ckpt)
