@@ -30,7 +30,7 @@ from orchestration.storage import RunStorage
 from vfnet.core.atomic import write_text
 from vfnet.core.config import Config, DataConfig
 from vfnet.core.errors import DatasetError, one_line
-from vfnet.data.coco import Batch, collate, set_max_image_pixels
+from vfnet.data.coco import Batch, collate
 from vfnet.data.parquet import decode_row, pack, read_categories
 from vfnet.data.transforms import build_transform
 
@@ -109,7 +109,7 @@ def prepare_train_shards(data_cfg: DataConfig, cache: RunStorage | str | Path) -
         _pack_local(data_cfg, Path(cache.root), key, marker)
     else:
         with tempfile.TemporaryDirectory(prefix="vfnet-pack-") as tmp:
-            pack(data_cfg.train_ann, data_cfg.train_images, Path(tmp))
+            pack(data_cfg.train_ann, data_cfg.train_images, Path(tmp), max_image_pixels=data_cfg.max_image_pixels)
             cache.upload(Path(tmp), entry)
         cache.write_text(f"{entry}/{_COMPLETE}", marker)
     log.info("packed %s into %s", data_cfg.train_ann, cache.display(entry))
@@ -121,7 +121,7 @@ def _pack_local(data_cfg: DataConfig, cache_dir: Path, key: str, marker: str) ->
     tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pack(data_cfg.train_ann, data_cfg.train_images, tmp)
+        pack(data_cfg.train_ann, data_cfg.train_images, tmp, max_image_pixels=data_cfg.max_image_pixels)
         write_text(tmp / _COMPLETE, marker)
         shutil.rmtree(entry, ignore_errors=True)  # a leftover without _COMPLETE
         try:
@@ -145,9 +145,10 @@ def count_rows(shards: Shards) -> int:
     return total
 
 
-def shard_cat_ids(shards: Shards) -> list[int]:
-    """Contiguous label -> COCO category id, from the first shard's schema metadata."""
-    return read_categories(shards.files()[0], shards.fs)[0]
+def shard_categories(shards: Shards) -> tuple[list[int], list[str]]:
+    """(cat_ids, class_names) by contiguous label (cat_ids[label] the COCO category id), from the
+    first shard's schema metadata."""
+    return read_categories(shards.files()[0], shards.fs)
 
 
 def iters_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
@@ -171,7 +172,7 @@ def read_train_dataset(shards: Shards) -> Any:
 
 
 class ShardBatches:
-    """`TrainHooks.train_batches` for one Ray Train worker: `(epoch, start_batch) -> Batch`es.
+    """`TrainData.batches` for one Ray Train worker: `(epoch, start_batch) -> Batch`es.
 
     `shard` is the worker's `ray.train.get_dataset_shard(...)` iterator. Each call starts a new
     pass over the shard (all workers start their passes together, as the engine's lock-step
@@ -184,7 +185,6 @@ class ShardBatches:
     def __init__(self, shard: Any, cfg: Config, cat_ids: list[int], rank: int) -> None:
         self.shard = shard
         self.cfg = cfg
-        set_max_image_pixels(cfg.data.max_image_pixels)
         self.cat_ids = list(cat_ids)
         self.rank = rank
         self.transform = build_transform(cfg.data, train=True)
@@ -203,5 +203,6 @@ class ShardBatches:
             if index < start_batch:
                 continue
             rng = np.random.default_rng((seed, epoch, self.rank, index))
-            samples = [decode_row(row, self.transform, self.cat_ids, rng) for row in table.to_pylist()]
+            samples = [decode_row(row, self.transform, self.cat_ids, rng,
+                                  max_image_pixels=self.cfg.data.max_image_pixels) for row in table.to_pylist()]
             yield collate(samples, size_divisor=self.cfg.data.size_divisor)

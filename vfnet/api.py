@@ -32,7 +32,7 @@ from vfnet.core.config import Config, apply_overrides
 from vfnet.core.device import resolve_device
 from vfnet.core.errors import ArgumentError, DatasetError
 from vfnet.data import Sample, build_transform, collate
-from vfnet.data.coco import decode_image, parse_coco, read_json, set_max_image_pixels
+from vfnet.data.coco import DEFAULT_MAX_IMAGE_PIXELS, decode_image, parse_coco, read_json
 from vfnet.model import VFNet
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None,
     cfg = apply_overrides(checkpoint_config(state, checkpoint), overrides or [])
     cfg.model.pretrained = ""  # the checkpoint holds every weight
     device = device or resolve_device(cfg.train.device)
-    model = VFNet(cfg)
+    model = VFNet.from_config(cfg)
     restore_into(checkpoint, state, model)
     return LoadedModel(model.to(device).eval(), cfg, device)
 
@@ -134,7 +134,6 @@ class Detector:
         config overrides (e.g. "infer.score_thr=0.3"). CheckpointError / ConfigError (both
         `vfnet.core.errors.UserError`) name the file or key at fault."""
         model, cfg, _ = load_model(path, list(overrides), torch.device(device) if device is not None else None)
-        set_max_image_pixels(cfg.data.max_image_pixels)
         category_ids, names = class_info(cfg)
         return cls(model, names, category_ids)
 
@@ -163,7 +162,7 @@ class Detector:
         return results[0] if single else results
 
     def _sample(self, image: ImageInput) -> Sample:
-        pil = to_pil(image)
+        pil = to_pil(image, self.cfg.data.max_image_pixels)
         t = self._transform(pil, np.zeros((0, 4), np.float32))
         return Sample(image=t.image, boxes=t.boxes, labels=torch.zeros(0, dtype=torch.int64), image_id=0,
                       orig_size=(pil.height, pil.width), scale=t.scale)
@@ -192,11 +191,11 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> tuple[bool, list[Imag
     return True, [images]
 
 
-def to_pil(image: ImageInput) -> Image.Image:
+def to_pil(image: ImageInput, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB PIL image from a path, a PIL image, a uint8 array [H, W, 3] or a uint8 tensor
     [3, H, W]; ArgumentError naming what is wrong otherwise, DatasetError for a bad file."""
     if isinstance(image, (str, Path)):
-        return decode_image(Path(image), image)
+        return decode_image(Path(image), image, max_pixels)
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, torch.Tensor):

@@ -33,7 +33,7 @@ from torch import nn
 from vfnet.core.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from vfnet.core.config import Config, _all_keys, apply_overrides, load_config
 from vfnet.core.errors import CheckpointError, ConfigError, DatasetError
-from vfnet.data.coco import CocoDetection, decode_image, set_max_image_pixels
+from vfnet.data.coco import CocoDetection, decode_image
 from vfnet.data.parquet import ParquetDetection, pack
 from vfnet.data.voc import convert_voc
 
@@ -404,15 +404,17 @@ def test_image_huge_dimensions_are_refused(width, height, colour, depth):
 
 def test_pixel_limit_is_configurable():
     data = _encoded("RGB", "PNG", (40, 30), 0)
-    try:
-        set_max_image_pixels(1000)
-        too_large = r"img.bin: image too large \(1200 pixels; data.max_image_pixels = 1000\)"
-        with pytest.raises(DatasetError, match=too_large):
-            decode_image(data, "img.bin")
-        set_max_image_pixels(1200)
-        assert decode_image(data, "img.bin").size == (40, 30)
-    finally:
-        set_max_image_pixels(Config().data.max_image_pixels)
+    too_large = r"img.bin: image too large \(1200 pixels; data.max_image_pixels = 1000\)"
+    with pytest.raises(DatasetError, match=too_large):
+        decode_image(data, "img.bin", max_pixels=1000)
+    assert decode_image(data, "img.bin", max_pixels=1200).size == (40, 30)
+
+
+def test_pixel_limit_above_pils_own_is_not_refused_by_pil(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    data = _png_header(20000, 10000)  # 2e8 pixels: over twice PIL's default limit, no pixel data
+    with pytest.raises(DatasetError, match="img.bin: cannot read image"):
+        decode_image(data, "img.bin", max_pixels=1 << 28)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vfnet.core.config import DataConfig
 from vfnet.core.errors import DatasetError, one_line
 from vfnet.core.optional import require
 from vfnet.data.transforms import Transform
@@ -55,9 +56,10 @@ class Batch:
     scales: torch.Tensor  # float32 [B, 2] (sx, sy)
     orig_sizes: torch.Tensor  # int64 [B, 2] (H0, W0)
     image_ids: list[int]
-    # image_sizes as Python ints, for what reads them on the host (the ATSS assignment) without
-    # a device synchronisation; empty in a Batch built without them
-    host_sizes: list[tuple[int, int]] = field(default_factory=list)
+    # B x (h, w) Python ints: each image's own padded extent (image_sizes rounded up to the size
+    # divisor), for the ATSS assignment (`VFNet.loss`), read on the host without a device
+    # synchronisation; empty in a Batch built without them
+    padded_sizes: list[tuple[int, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -103,7 +105,7 @@ def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
         scales=torch.tensor([s.scale for s in samples], dtype=torch.float32),
         orig_sizes=torch.tensor([s.orig_size for s in samples], dtype=torch.int64),
         image_ids=[int(s.image_id) for s in samples],
-        host_sizes=[(int(h), int(w)) for h, w in sizes],
+        padded_sizes=[(-(-h // size_divisor) * size_divisor, -(-w // size_divisor) * size_divisor) for h, w in sizes],
     )
 
 
@@ -257,24 +259,19 @@ def parse_coco(data: dict[str, Any], source: str | Path) -> tuple[list[ImageReco
     return records, cat_ids, [cats[c] for c in cat_ids]
 
 
-DEFAULT_MAX_IMAGE_PIXELS = 1 << 27  # 134 MP (e.g. 11585 x 11585): `data.max_image_pixels`
-_max_image_pixels = DEFAULT_MAX_IMAGE_PIXELS
-
-
-def set_max_image_pixels(limit: int) -> None:
-    """Refuse images of more than `limit` pixels (width x height, from the header, before any
-    pixel is decoded) in this process; PIL's own decompression-bomb limit is set to match."""
-    global _max_image_pixels
-    _max_image_pixels = int(limit)
-    Image.MAX_IMAGE_PIXELS = int(limit)  # PIL warns above it and refuses above twice it
+DEFAULT_MAX_IMAGE_PIXELS = DataConfig.max_image_pixels  # 2^27 = 134 MP (e.g. 11585 x 11585)
 
 
 @contextlib.contextmanager
-def open_image(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
-    """`PIL.Image.open` of a file or encoded bytes, its size checked against the pixel limit
-    (`set_max_image_pixels`). Whatever PIL raises on bad bytes (a missing file, an unknown or
-    truncated format, a decompression bomb, an unsupported mode) becomes a DatasetError naming
-    `name`, also when it happens inside the block (e.g. `img.load()`)."""
+def open_image(source: Path | bytes, name: str | Path,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """`PIL.Image.open` of a file or encoded bytes, refused when larger than `max_pixels`
+    (width x height, from the header, before any pixel is decoded; `data.max_image_pixels`).
+    Whatever PIL raises on bad bytes (a missing file, an unknown or truncated format, a
+    decompression bomb, an unsupported mode) becomes a DatasetError naming `name`, also when it
+    happens inside the block (e.g. `img.load()`)."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses above twice its own limit: never below ours
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
@@ -283,37 +280,37 @@ def open_image(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
             width, height = img.size
             if width < 1 or height < 1:
                 raise DatasetError(f"{name}: image has no pixels ({width}x{height})")
-            if width * height > _max_image_pixels:
-                raise DatasetError(_too_large(name, width * height))
+            if width * height > max_pixels:
+                raise DatasetError(_too_large(name, max_pixels, width * height))
             yield img
     except (FileNotFoundError, IsADirectoryError):
         raise DatasetError(f"{name}: image file not found") from None
     except Image.DecompressionBombError as exc:
-        raise DatasetError(_too_large(name, None, exc)) from None
+        raise DatasetError(_too_large(name, max_pixels, None, exc)) from None
     except (DatasetError, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - PIL's decoders raise ~10 exception types on bad bytes
         raise DatasetError(f"{name}: cannot read image: {type(exc).__name__}: {one_line(exc)}") from None
 
 
-def _too_large(name: str | Path, pixels: int | None, exc: Exception | None = None) -> str:
+def _too_large(name: str | Path, max_pixels: int, pixels: int | None, exc: Exception | None = None) -> str:
     size = f"{pixels} pixels" if pixels is not None else one_line(exc)
-    return (f"{name}: image too large ({size}; data.max_image_pixels = {_max_image_pixels}): "
+    return (f"{name}: image too large ({size}; data.max_image_pixels = {max_pixels}): "
             "raise data.max_image_pixels to read it")
 
 
-def read_image_size(path: Path) -> tuple[int, int]:
+def read_image_size(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
     """(width, height) of an image file from its header, without decoding the pixels;
-    DatasetError naming the file when missing, unreadable or above the pixel limit."""
-    with open_image(path, path) as img:
+    DatasetError naming the file when missing, unreadable or above `max_pixels`."""
+    with open_image(path, path, max_pixels) as img:
         return img.size
 
 
-def decode_image(source: Path | bytes, name: str | Path) -> Image.Image:
+def decode_image(source: Path | bytes, name: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open an image file or encoded bytes as RGB (grayscale, palette, RGBA, CMYK converted;
     16-bit grayscale mapped 0..65535 -> 0..255, 32-bit int or float grayscale by its own
-    min..max); DatasetError naming `name` when missing, unreadable or above the pixel limit."""
-    with open_image(source, name) as img:
+    min..max); DatasetError naming `name` when missing, unreadable or above `max_pixels`."""
+    with open_image(source, name, max_pixels) as img:
         img.load()
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")
@@ -373,11 +370,14 @@ class CocoDetection(Dataset):
     """A COCO json annotation file plus its image directory; items are `Sample`s.
 
     `check_files` stats every image at construction so a wrong directory fails at once; a
-    missing or unreadable image otherwise raises DatasetError when its item is loaded."""
+    missing or unreadable image otherwise raises DatasetError when its item is loaded, as does
+    an image of more than `max_image_pixels` pixels (an attribute, so the limit goes with the
+    dataset into loader worker processes however they are started)."""
 
-    def __init__(self, ann_file: str | Path, images_dir: str | Path,
-                 transform: Transform | None = None, *, check_files: bool = True) -> None:
+    def __init__(self, ann_file: str | Path, images_dir: str | Path, transform: Transform | None = None, *,
+                 check_files: bool = True, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.ann_file = Path(ann_file)
+        self.max_image_pixels = max_image_pixels
         self.images_dir = Path(images_dir)
         self.transform = transform if transform is not None else Transform()
         data = read_json(self.ann_file)
@@ -413,4 +413,4 @@ class CocoDetection(Dataset):
         """Item `index` through `transform` with random choices drawn from `rng`."""
         record = self.records[index]
         path = self.images_dir / record.file_name
-        return make_sample(decode_image(path, path), record, transform, rng, path)
+        return make_sample(decode_image(path, path, self.max_image_pixels), record, transform, rng, path)

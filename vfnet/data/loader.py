@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vfnet.core.config import Config, DataConfig
 from vfnet.core.errors import DatasetError
-from vfnet.data.coco import CocoDetection, Sample, collate, set_max_image_pixels
+from vfnet.data.coco import CocoDetection, Sample, collate
 from vfnet.data.parquet import ParquetDetection
 from vfnet.data.synth import ensure_synth
 from vfnet.data.transforms import Transform, build_transform
@@ -60,20 +60,24 @@ def train_indices(num_images: int, batch_size: int, seed: int, epoch: int, *,
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_train_base(parquet: str, ann: str, images: str, stamp: float) -> CocoDetection | ParquetDetection:
+def _cached_train_base(parquet: str, ann: str, images: str, max_pixels: int,
+                       stamp: float) -> CocoDetection | ParquetDetection:
     del stamp  # part of the cache key only: a rewritten file is read again
-    return ParquetDetection(parquet) if parquet else CocoDetection(ann, images)
+    if parquet:
+        return ParquetDetection(parquet, max_image_pixels=max_pixels)
+    return CocoDetection(ann, images, max_image_pixels=max_pixels)
 
 
 def train_dataset(data_cfg: DataConfig) -> CocoDetection | ParquetDetection:
     """The training set without transform (from `data.train_parquet` when set, else json +
-    images); cached per process, so building a loader per epoch reads the annotations once."""
-    set_max_image_pixels(data_cfg.max_image_pixels)
+    images; `data.max_image_pixels` its pixel limit); cached per process, so building a loader
+    per epoch reads the annotations once."""
     if data_cfg.synth:
         ensure_synth(data_cfg)
     source = Path(data_cfg.train_parquet or data_cfg.train_ann)
     stamp = source.stat().st_mtime if source.exists() else 0.0
-    return _cached_train_base(data_cfg.train_parquet, data_cfg.train_ann, data_cfg.train_images, stamp)
+    return _cached_train_base(data_cfg.train_parquet, data_cfg.train_ann, data_cfg.train_images,
+                              data_cfg.max_image_pixels, stamp)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -104,13 +108,20 @@ def build_train_loader(cfg: Config, epoch: int, *, rank: int = 0, world_size: in
     )
 
 
-def build_val_loader(cfg: Config) -> tuple[DataLoader, CocoDetection]:
+def build_val_loader(cfg: Config, ann_file: str | Path | None = None,
+                     images_dir: str | Path | None = None) -> tuple[DataLoader, CocoDetection]:
     """Validation batches in file order (no flip, `data.img_scale`), and the dataset (its
-    `.coco` and `.cat_ids` are what evaluation needs)."""
-    set_max_image_pixels(cfg.data.max_image_pixels)
-    if cfg.data.synth:
-        ensure_synth(cfg.data)
-    dataset = CocoDetection(cfg.data.val_ann, cfg.data.val_images, build_transform(cfg.data, train=False))
+    `.coco` and `.cat_ids` are what evaluation needs): `data.val_ann` and `data.val_images`
+    (the synthetic set generated first when `data.synth`), or `ann_file` and `images_dir` when
+    given (both or neither)."""
+    if (ann_file is None) != (images_dir is None):
+        raise ValueError("build_val_loader: ann_file and images_dir go together")
+    if ann_file is None:
+        if cfg.data.synth:
+            ensure_synth(cfg.data)
+        ann_file, images_dir = cfg.data.val_ann, cfg.data.val_images
+    dataset = CocoDetection(ann_file, images_dir, build_transform(cfg.data, train=False),
+                            max_image_pixels=cfg.data.max_image_pixels)
     loader = DataLoader(
         dataset,
         batch_size=cfg.train.batch_size,

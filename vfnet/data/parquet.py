@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from vfnet.core.atomic import atomic_write
 from vfnet.core.errors import ArgumentError, DatasetError, one_line
-from vfnet.data.coco import CocoDetection, ImageRecord, Sample, decode_image, make_sample, read_image_size
+from vfnet.data.coco import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    CocoDetection,
+    ImageRecord,
+    Sample,
+    decode_image,
+    make_sample,
+    read_image_size,
+)
 from vfnet.data.transforms import Transform
 
 log = logging.getLogger(__name__)
@@ -43,14 +51,16 @@ _META_COLUMNS = [name for name in SCHEMA.names if name != "image"]
 
 
 def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
-         rows_per_shard: int = 256, row_group_size: int = 16) -> list[Path]:
+         rows_per_shard: int = 256, row_group_size: int = 16,
+         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Path]:
     """Write a COCO json dataset as Parquet shards of `rows_per_shard` images into `out_dir`
     (earlier `part-*.parquet` there are replaced). Small row groups keep random access cheap.
-    Returns the shard paths. DatasetError for bad annotations or unreadable images."""
+    Returns the shard paths. DatasetError for bad annotations or unreadable images, or images of
+    more than `max_image_pixels` pixels."""
     if rows_per_shard < 1 or row_group_size < 1:
         raise ArgumentError(f"rows_per_shard and row_group_size must be >= 1, got "
                          f"{rows_per_shard}, {row_group_size}")
-    dataset = CocoDetection(ann_file, images_dir)
+    dataset = CocoDetection(ann_file, images_dir, max_image_pixels=max_image_pixels)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("part-*.parquet"):
@@ -66,7 +76,7 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
             columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
             for r in chunk:
                 path = dataset.images_dir / r.file_name
-                columns["image"].append(_read_checked(path, r))
+                columns["image"].append(_read_checked(path, r, max_image_pixels))
                 columns["image_id"].append(r.image_id)
                 columns["file_name"].append(r.file_name)
                 columns["width"].append(r.width)
@@ -83,9 +93,9 @@ def pack(ann_file: str | Path, images_dir: str | Path, out_dir: str | Path, *,
     return shards
 
 
-def _read_checked(path: Path, record: ImageRecord) -> bytes:
+def _read_checked(path: Path, record: ImageRecord, max_pixels: int) -> bytes:
     """The file's bytes, after checking that its header decodes to the annotated size."""
-    size = read_image_size(path)
+    size = read_image_size(path, max_pixels)
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -125,13 +135,14 @@ def _check_labels(record: ImageRecord, num_classes: int, name: str) -> None:
 
 
 def decode_row(row: dict[str, Any], transform: Transform, cat_ids: list[int],
-               rng: np.random.Generator | None = None) -> Sample:
+               rng: np.random.Generator | None = None, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Sample:
     """A `Sample` from one shard row (e.g. a Ray Data row); a pure function of its arguments
-    (and `rng`). `cat_ids` (label -> COCO id) checks the labels' range."""
+    (and `rng`). `cat_ids` (label -> COCO id) checks the labels' range; an image of more than
+    `max_image_pixels` pixels is a DatasetError."""
     record = record_from_row(row)
     name = f"row image_id={record.image_id} ({record.file_name})"
     _check_labels(record, len(cat_ids), name)
-    return make_sample(decode_image(bytes(row["image"]), name), record, transform, rng, name)
+    return make_sample(decode_image(bytes(row["image"]), name, max_image_pixels), record, transform, rng, name)
 
 
 def read_categories(shard: str | Path, filesystem: Any = None) -> tuple[list[int], list[str]]:
@@ -161,10 +172,13 @@ def read_categories(shard: str | Path, filesystem: Any = None) -> tuple[list[int
 class ParquetDetection(Dataset):
     """The shards written by `pack`, as a dataset of `Sample`s equal to `CocoDetection`'s.
 
-    Targets are read at construction; image bytes are read per item (one small row group)."""
+    Targets are read at construction; image bytes are read per item (one small row group); an
+    image of more than `max_image_pixels` pixels is a DatasetError when its item is loaded."""
 
-    def __init__(self, shard_dir: str | Path, transform: Transform | None = None) -> None:
+    def __init__(self, shard_dir: str | Path, transform: Transform | None = None, *,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.shard_dir = Path(shard_dir)
+        self.max_image_pixels = max_image_pixels
         self.transform = transform if transform is not None else Transform()
         self.files = sorted(self.shard_dir.glob("*.parquet"))
         if not self.files:
@@ -215,5 +229,5 @@ class ParquetDetection(Dataset):
             self._cache = ((f_idx, rg), column)
         record = self.records[index]
         name = f"{self.files[f_idx]}: image_id={record.image_id} ({record.file_name})"
-        image = decode_image(self._cache[1][row].as_py(), name)
+        image = decode_image(self._cache[1][row].as_py(), name, self.max_image_pixels)
         return make_sample(image, record, transform, rng, name)

@@ -3,6 +3,7 @@ import logging
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from vfnet.data import Batch, CocoDetection, DatasetError, Sample, collate
 from vfnet.data.transforms import Transform
@@ -55,6 +56,16 @@ def test_non_rgb_images_converted(tmp_path, make_coco, mode):
     s = CocoDetection(ann, images)[0]
     assert s.image.shape == (3, 6, 8)
     assert torch.allclose(s.image, torch.full_like(s.image, 90.0), atol=3)
+
+
+def test_pixel_limit_travels_with_the_dataset_into_spawned_workers(tmp_path, make_coco, make_rgb):
+    """The limit is the dataset's, not a process setting a spawned loader worker would miss."""
+    ann, images = make_coco(tmp_path, [("a.png", make_rgb(40, 30))], [])
+    loader = DataLoader(CocoDetection(ann, images, max_image_pixels=1000), num_workers=1,
+                        multiprocessing_context="spawn", collate_fn=collate)
+    with pytest.raises(DatasetError, match=r"image too large \(1200 pixels; data.max_image_pixels = 1000\)"):
+        next(iter(loader))
+    assert CocoDetection(ann, images, max_image_pixels=1200)[0].orig_size == (30, 40)
 
 
 @pytest.mark.parametrize("content, match", [
@@ -125,9 +136,11 @@ def test_collate_pads_to_divisor():
     assert batch.orig_sizes.tolist() == [[40, 60], [66, 20]]
     assert batch.scales.dtype == torch.float32 and batch.scales.tolist() == [[0.5, 0.5]] * 2
     assert [b.shape for b in batch.boxes] == [(2, 4), (0, 4)] and batch.image_ids == [11, 12]
+    assert batch.padded_sizes == [(32, 32), (64, 32)]  # each image's own extent, rounded up
     assert collate([sample(32, 64, 1)], size_divisor=32).images.shape == (1, 3, 32, 64)
     moved = batch.to("cpu")
     assert torch.equal(moved.images, batch.images) and len(moved.labels) == 2
+    assert moved.padded_sizes == batch.padded_sizes
     with pytest.raises(ValueError, match="samples is empty"):
         collate([])
     with pytest.raises(ValueError, match="size_divisor"):

@@ -87,3 +87,17 @@ def test_loaders_generate_synthetic_data_when_asked(tmp_path):
     loader, dataset = build_val_loader(cfg)
     assert len(dataset) == 1
     assert len(list(build_train_loader(cfg, epoch=0))) == 2
+
+
+def test_loaders_apply_the_configs_pixel_limit(shapes):
+    cfg = shapes_config(shapes)
+    cfg.data.max_image_pixels = 4000  # the images are 64 x 64
+    too_large = r"image too large \(4096 pixels; data.max_image_pixels = 4000\)"
+    with pytest.raises(DatasetError, match=too_large):
+        next(iter(build_train_loader(cfg, epoch=0)))
+    with pytest.raises(DatasetError, match=too_large):
+        next(iter(build_val_loader(cfg)[0]))
+    with pytest.raises(DatasetError, match=too_large):
+        next(iter(build_val_loader(cfg, cfg.data.train_ann, cfg.data.train_images)[0]))
+    with pytest.raises(ValueError, match="go together"):
+        build_val_loader(cfg, cfg.data.val_ann)

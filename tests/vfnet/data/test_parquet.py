@@ -95,3 +95,15 @@ def test_bad_shards_and_rows(tmp_path, packed):
         decode_row({**row, "labels": [3] * len(row["labels"])}, Transform(), [1, 2])
     with pytest.raises(DatasetError, match="cannot read image"):
         decode_row({**row, "image": b"junk"}, Transform(), [1, 2, 3, 4])
+
+
+def test_pixel_limit_of_pack_shards_and_rows(shapes, packed, tmp_path):
+    too_large = r"image too large \(4096 pixels; data.max_image_pixels = 4000\)"  # 64 x 64 images
+    with pytest.raises(DatasetError, match=too_large):
+        pack(shapes / "annotations/train.json", shapes / "images/train", tmp_path, max_image_pixels=4000)
+    dataset = ParquetDetection(packed[0], max_image_pixels=4000)
+    with pytest.raises(DatasetError, match=too_large):
+        dataset[0]
+    row = pq.read_table(packed[1][0]).slice(0, 1).to_pylist()[0]
+    with pytest.raises(DatasetError, match=too_large):
+        decode_row(row, Transform(), dataset.cat_ids, max_image_pixels=4000)
