@@ -60,25 +60,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import functools
-
-    from torch.utils.data import DataLoader
-
     from vfnet.api import load_model
-    from vfnet.data import CocoDetection, build_transform, build_val_loader, collate
-    from vfnet.data.coco import set_max_image_pixels
+    from vfnet.data import build_val_loader
     from vfnet.evaluate import evaluate, format_table, write_json
 
     if (args.ann is None) != (args.images is None):
         raise ArgumentError("--ann and --images go together: give both or neither")
     model, cfg, device = load_model(args.checkpoint, args.set)
-    set_max_image_pixels(cfg.data.max_image_pixels)
-    if args.ann is None:
-        loader, dataset = build_val_loader(cfg)
-    else:
-        dataset = CocoDetection(args.ann, args.images, build_transform(cfg.data, train=False))
-        loader = DataLoader(dataset, batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                            collate_fn=functools.partial(collate, size_divisor=cfg.data.size_divisor))
+    loader, dataset = build_val_loader(cfg, args.ann, args.images)
     metrics = evaluate(model, loader, dataset, device)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent
     path = write_json(out / "eval.json", metrics)
@@ -126,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = []
     progress = tqdm(images, desc="predict", unit="img", disable=not sys.stderr.isatty())
     for image_id, path in enumerate(progress, start=1):
-        image = decode_image(path, path)
+        image = decode_image(path, path, detector.cfg.data.max_image_pixels)
         found = detector(image)
         pred = {"boxes": found.boxes, "scores": found.scores, "labels": found.labels}
         for entry, name in zip(to_coco_results([pred], [image_id], detector.category_ids), found.names):
