@@ -273,7 +273,7 @@ def check_cpu_budget(workers: Workers) -> None:
 
 
 class RayReporter:
-    """`TrainHooks.report` for Ray: forwards the engine's metrics, and rank 0's checkpoint file
+    """`Observers.report` for Ray: forwards the engine's metrics, and rank 0's checkpoint file
     as a one-file `ray.train.Checkpoint`, to `report_fn` (`ray.train.report` or
     `ray.tune.report`); the engine calls it on every rank equally often, as Ray requires."""
 

@@ -191,7 +191,7 @@ class WorkdirSync:
                 self.storage.upload(staged, self.remote)
 
     def pushing(self, report: Callable[[dict[str, float], Path | None], None]) -> Callable[..., None]:
-        """`report` (a `TrainHooks.report`) preceded by a push, so that the work dir is in
+        """`report` (an `Observers.report`) preceded by a push, so that the work dir is in
         storage once Ray registers the report's checkpoint."""
 
         def push_then_report(metrics: dict[str, float], checkpoint_file: Path | None) -> None:

@@ -82,7 +82,7 @@ def end_train_run(target: MlflowTarget, run_id: str, ok: bool) -> None:
 
 
 class MlflowRecorder:
-    """A `TrainHooks.record` for rank 0: logs each engine record's scalars to the run `run_id`."""
+    """An `Observers.record` for rank 0: logs each engine record's scalars to the run `run_id`."""
 
     def __init__(self, uri: str, run_id: str, images_per_iter: int) -> None:
         self.uri, self.run_id, self.images_per_iter = uri, run_id, images_per_iter

@@ -71,6 +71,7 @@ class WorkerSpec:
     name: str  # the run lives in storage.path(name)
     iters_per_epoch: int
     cat_ids: list[int]  # contiguous label -> COCO category id of the training shards
+    class_names: list[str]  # contiguous label -> class name of the training shards
     torch_threads: int  # intra-op threads per worker
     mlflow: tuple[str, str] | None = None  # (tracking URI, run id): rank 0 logs the engine's records
 
@@ -112,7 +113,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     import torch
 
     from orchestration.data import ShardBatches
-    from vfnet.train.engine import TrainHooks, train
+    from vfnet.train.engine import Observers, TrainData, train
 
     torch.set_num_threads(spec.torch_threads)
     cfg = config_from_dict(spec.config, source="ray worker config")
@@ -133,17 +134,17 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
         restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
         write_worker_record(storage, spec.name, storage.display(restored.source) if restored is not None else None)
         resume_from = restored.file if restored is not None else None
-        hooks = TrainHooks(
-            train_batches=ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
-            iters_per_epoch=spec.iters_per_epoch,
+        data = TrainData(ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
+                         spec.iters_per_epoch, spec.class_names)
+        observers = Observers(
             report=report,
-            resume_from=resume_from,
             record=(MlflowRecorder(*spec.mlflow, cfg.train.batch_size * context.get_world_size())
                     if spec.mlflow is not None and rank == 0 else None),
         )
         # Ray's registered checkpoint is the only resume source: a last.pt the failed attempt
         # wrote after it is not used (recovery is at-least-once from what Ray registered).
-        final = train(cfg, workdir, resume=resume_from is not None, hooks=hooks)
+        final = train(cfg, workdir, resume=resume_from is not None, data=data, observers=observers,
+                      resume_from=resume_from)
     if sync is not None:
         sync.push()
     return final
@@ -161,14 +162,16 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestration.data import count_rows, iters_per_epoch, read_train_dataset, shard_cat_ids
+    from orchestration.data import count_rows, iters_per_epoch, read_train_dataset, shard_categories
 
+    cat_ids, class_names = shard_categories(shards)
     spec = WorkerSpec(
         config=cfg.to_dict(),
         storage=storage,
         name=name,
         iters_per_epoch=iters_per_epoch(count_rows(shards), workers.num_workers, cfg.train.batch_size),
-        cat_ids=shard_cat_ids(shards),
+        cat_ids=cat_ids,
+        class_names=class_names,
         torch_threads=workers.torch_threads,
         mlflow=mlflow_run,
     )

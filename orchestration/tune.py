@@ -147,7 +147,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     else:
         import torch
 
-        from vfnet.train.engine import TrainHooks, train
+        from vfnet.train.engine import Observers, train
 
         torch.set_num_threads(setup.workers.torch_threads)
         # the engine's work dir is node-local; all but its checkpoints/ is kept in the trial dir
@@ -158,8 +158,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
             restored = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
             resume_from = restored.file if restored is not None else None
-            hooks = TrainHooks(report=sync.pushing(common.RayReporter(ray.tune.report)), resume_from=resume_from)
-            final = train(cfg, workdir, resume=resume_from is not None, hooks=hooks)
+            observers = Observers(report=sync.pushing(common.RayReporter(ray.tune.report)))
+            final = train(cfg, workdir, resume=resume_from is not None, observers=observers, resume_from=resume_from)
         sync.push()
         shutil.rmtree(workdir, ignore_errors=True)
     ray.tune.report({**final, "iteration": final["iterations"], FINISHED: 1.0})

@@ -9,6 +9,7 @@ import pytest
 
 from orchestration import data as odata
 from vfnet.data import DatasetError
+from vfnet.data.synth import CLASSES
 
 pytestmark = pytest.mark.ray
 
@@ -34,7 +35,7 @@ def test_prepare_train_shards_packs_once(tiny_config, tmp_path: Path, monkeypatc
     cache = tmp_path / "cache"
     entry = odata.prepare_train_shards(cfg.data, cache)
     assert Path(entry.directory).parent == cache and odata.count_rows(entry) == 16
-    assert odata.shard_cat_ids(entry) == [1, 2, 3, 4]
+    assert odata.shard_categories(entry) == ([1, 2, 3, 4], list(CLASSES))
     assert [p.name for p in cache.iterdir()] == [Path(entry.directory).name]  # no temporary left behind
 
     def no_pack(*args, **kwargs):
@@ -64,7 +65,7 @@ def test_shard_batches(tiny_config, tmp_path: Path, ray_session) -> None:
     cfg = tiny_config()
     shards = odata.prepare_train_shards(cfg.data, tmp_path)
     dataset = odata.read_train_dataset(shards)
-    batches = odata.ShardBatches(dataset.iterator(), cfg, odata.shard_cat_ids(shards), rank=0)
+    batches = odata.ShardBatches(dataset.iterator(), cfg, odata.shard_categories(shards)[0], rank=0)
     epoch = list(batches(0, 0))
     assert len(epoch) == odata.iters_per_epoch(16, 1, 2) == 8
     ids = [i for b in epoch for i in b.image_ids]

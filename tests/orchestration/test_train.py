@@ -11,8 +11,9 @@ from corrupt import flip_tensor_bit
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
-from vfnet.core.checkpoint import load_checkpoint, save_checkpoint
+from vfnet.core.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from vfnet.core.errors import ArgumentError, CheckpointError
+from vfnet.data.synth import CLASSES
 
 pytestmark = pytest.mark.ray
 
@@ -133,6 +134,7 @@ def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) 
     assert 0.0 <= summary["bbox_mAP"] <= 1.0 and "bbox_mAP_50" in summary
     state = load_checkpoint(Path(summary["checkpoint"]))
     assert int(state["iteration"]) == 4
+    assert checkpoint_config(state).model.class_names == list(CLASSES)  # from the shards (issue #19, defect 2)
     records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
     assert sorted(r["rank"] for r in records) == [0, 1]
     assert all(r["world_size"] == 2 and r["resumed_from"] is None for r in records)
