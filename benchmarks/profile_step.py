@@ -1,10 +1,11 @@
 """Where one training step's time goes: `python -m benchmarks.profile_step`.
 
-Runs the training step of benchmarks.workload (forward, ATSS assignment, loss, backward, SGD
-step; bf16 autocast on CUDA) under `torch.profiler` and groups the time by the model's
-`record_function` ranges: backbone (`vfnet.backbone`), FPN (`vfnet.fpn`), head convs
-(`vfnet.head` outside the star conv), star conv (`vfnet.star_conv`), ATSS assignment
-(`vfnet.model.assign`), losses (`vfnet.loss`) and optimiser (`vfnet.optimizer`), forward and backward
+Runs the engine's training step (`vfnet.train.step.train_step` through benchmarks.workload:
+forward, ATSS assignment, loss, backward, SGD step; bf16 autocast on CUDA) under
+`torch.profiler` and groups the time by the model's `record_function` ranges: backbone
+(`vfnet.backbone`), FPN (`vfnet.fpn`), head convs (`vfnet.head` outside the star conv), star
+conv (`vfnet.star_conv`), ATSS assignment (`vfnet.model.assign`), losses (`vfnet.loss`) and
+optimiser (`vfnet.optimizer`, with gradient clipping when on), forward and backward
 separately: a backward op is charged to the part whose forward op has its autograd sequence
 number. The rest is "other" (e.g. gradient accumulation, the loss sum).
 
@@ -41,6 +42,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks import harness, workload
 from vfnet.core.atomic import write_text
+from vfnet.train.step import BACKWARD_RANGE, OPTIMIZER_RANGE
 
 log = logging.getLogger("benchmarks.profile_step")
 
@@ -52,10 +54,10 @@ PARTS = {  # record_function range -> part; the order of the table
     "vfnet.star_conv": "star conv",
     "vfnet.model.assign": "ATSS assignment",
     "vfnet.loss": "losses",
-    "vfnet.optimizer": "optimiser",
+    OPTIMIZER_RANGE: "optimiser",
 }
-BACKWARD = "vfnet.backward"
-OPTIMIZER = "vfnet.optimizer"
+BACKWARD = BACKWARD_RANGE
+OPTIMIZER = OPTIMIZER_RANGE
 OTHER = "other"
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> Profile:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"profile_step_{device_slug(device)}"
     trace = out_dir / f"{name}.json" if args.trace else None
-    profile_, table = run_profile(workload.train_step(model, data, device), device,
+    profile_, table = run_profile(workload.train_step(model, data), device,
                                   warmup=args.warmup, steps=args.steps, trace=trace)
     dtype = "bf16 autocast" if workload.use_amp(device) else "fp32"
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

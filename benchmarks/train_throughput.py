@@ -1,9 +1,10 @@
 """Training throughput: `python -m benchmarks.train_throughput`.
 
-One training step = forward (bf16 autocast on CUDA) + ATSS assignment + loss + backward + SGD
-step, on a synthetic batch already in device memory (benchmarks.workload), for the providers
-`triton` (model.kernels = "triton") and `torch` (PyTorch reference ops, torchvision's
-deform_conv2d for the star conv where it loads), with the same weights and the same batch.
+One training step (the engine's `vfnet.train.step.train_step`) = forward (bf16 autocast on
+CUDA) + ATSS assignment + loss + backward + SGD step, on a synthetic batch already in device
+memory (benchmarks.workload), for the providers `triton` (model.kernels = "triton") and
+`torch` (PyTorch reference ops, torchvision's deform_conv2d for the star conv where it loads),
+with the same weights and the same batch.
 Rows (mode `train_step`): `ms` per step, `img_per_s`, and on CUDA `peak_mem_mb`; the device's
 copy/matmul ceilings as `ceiling` rows. Each step is timed on its own after warm-up
 (`benchmarks.harness.time_ms`).
@@ -40,7 +41,7 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
         shape = workload.shape_label(cfg, batch, size)
         for provider, model in models.items():
-            step = workload.train_step(model, data, device)
+            step = workload.train_step(model, data)
             yield from workload.batch_rows(SCRIPT, provider, "train_step", dtype, shape, batch, step,
                                            device, warmup, reps)
             del step

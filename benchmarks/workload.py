@@ -1,6 +1,7 @@
 """The detector workload shared by `benchmarks.train_throughput`, `benchmarks.inference` and
 `benchmarks.profile_step`: the model configs, one model per provider with the same weights, a
-synthetic batch already on the device, and one training step.
+synthetic batch already on the device, and the training step (`vfnet.train.step.train_step`,
+the engine's own).
 
 Providers: `triton` (`model.kernels = "triton"`: the Triton star conv and varifocal loss) and
 `torch` (`model.kernels = "torch"`: the PyTorch reference loss, and for the star conv
@@ -18,16 +19,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
-from torch.profiler import record_function
 
 from benchmarks import harness
 from kernels import Ops
 from kernels.dispatch import interpreter_enabled
 from vfnet.core.config import Config
+from vfnet.data import Batch
 from vfnet.model import VFNet
+from vfnet.train import step as vfnet_step
 from vfnet.train.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def build_models(cfg: Config, providers: list[str], device: torch.device, *,
                 log.warning("the torch provider's star conv is the PyTorch reference")
             else:
                 ops = dataclasses.replace(ops, star_pair=star_pair)
-        model = VFNet(provider_cfg, ops=ops)
+        model = VFNet.from_config(provider_cfg, ops=ops)
         if state is None:
             state = model.state_dict()
         else:
@@ -86,26 +87,17 @@ def build_models(cfg: Config, providers: list[str], device: torch.device, *,
     return models
 
 
-@dataclass
-class SyntheticBatch:
-    """A batch as the engine sees it after `Batch.to(device)`.
+def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, device: torch.device, *,
+                    boxes_per_image: int = BOXES_PER_IMAGE, seed: int = 0) -> Batch:
+    """`batch` random images of `size` (H, W) with `boxes_per_image` random boxes each, built
+    once on `device` (the data pipeline is measured separately by `benchmarks.dataloader`): a
+    `vfnet.data.Batch` as the engine's step sees it after `Batch.to(device)`.
 
     images [B, 3, H, W] ~ N(0, 1) (normalised pixels); boxes[i] [n, 4] xyxy pixels inside the
-    image, sides 16 px to half the image; labels[i] [n] int64; image_sizes [B, 2] (h, w);
-    scales [B, 2] (sx, sy) = 1.
+    image, sides 16 px to half the image; labels[i] [n] int64; image_sizes, orig_sizes [B, 2]
+    (h, w) = `size` and padded_sizes the same on the host; scales [B, 2] (sx, sy) = 1; image ids
+    0..B-1.
     """
-
-    images: torch.Tensor
-    boxes: list[torch.Tensor]
-    labels: list[torch.Tensor]
-    image_sizes: torch.Tensor
-    scales: torch.Tensor
-
-
-def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, device: torch.device, *,
-                    boxes_per_image: int = BOXES_PER_IMAGE, seed: int = 0) -> SyntheticBatch:
-    """`batch` random images of `size` (H, W) with `boxes_per_image` random boxes each, built
-    once on `device` (the data pipeline is measured separately by `benchmarks.dataloader`)."""
     if batch < 1 or boxes_per_image < 1:
         raise ValueError(f"batch and boxes_per_image must be >= 1, got {batch}, {boxes_per_image}")
     h, w = size
@@ -118,12 +110,16 @@ def synthetic_batch(batch: int, size: tuple[int, int], num_classes: int, device:
         corner = torch.rand(boxes_per_image, 2, generator=gen) * (extent - side)
         boxes.append(torch.cat([corner, corner + side], dim=1).to(device))
         labels.append(torch.randint(0, num_classes, (boxes_per_image,), generator=gen).to(device))
-    return SyntheticBatch(
+    sizes = torch.tensor([[h, w]] * batch, dtype=torch.int64, device=device)
+    return Batch(
         images=images.to(device),
         boxes=boxes,
         labels=labels,
-        image_sizes=torch.tensor([[h, w]] * batch, dtype=torch.int64, device=device),
+        image_sizes=sizes,
         scales=torch.ones(batch, 2, device=device),
+        orig_sizes=sizes.clone(),
+        image_ids=list(range(batch)),
+        padded_sizes=[(h, w)] * batch,
     )
 
 
@@ -132,9 +128,10 @@ def use_amp(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Callable[[], None]:
-    """A closure running one training step: forward (bf16 autocast on CUDA), loss, backward and
-    an SGD step over the reference parameter groups.
+def train_step(model: VFNet, data: Batch) -> Callable[[], None]:
+    """A closure running `vfnet.train.step.train_step` on `data` (on the model's device) with `model`'s training config
+    (bf16 autocast on CUDA with `train.amp`, `train.grad_clip`) and an SGD optimiser over the
+    reference parameter groups; it leaves the step statistics on the device, as the engine does.
 
     The optimiser's learning rate is 0: it runs exactly the same kernels (momentum, weight decay,
     update), but the weights stay put, so every timed step does the same data-dependent work and
@@ -146,19 +143,9 @@ def train_step(model: VFNet, data: SyntheticBatch, device: torch.device) -> Call
     optimizer = build_optimizer(model, train_cfg)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
-    amp = use_amp(device)
-    image_sizes = data.image_sizes.tolist()  # read once, on the host
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(data.images)
-            losses = model.loss(outputs, data.boxes, data.labels, image_sizes)
-        total = losses["loss_cls"] + losses["loss_bbox_init"] + losses["loss_bbox_refine"]
-        with record_function("vfnet.backward"):
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-        with record_function("vfnet.optimizer"):
-            optimizer.step()
+        vfnet_step.train_step(model, data, optimizer, amp=train_cfg.amp, grad_clip=train_cfg.grad_clip)
 
     return step
 

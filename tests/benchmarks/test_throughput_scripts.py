@@ -13,6 +13,8 @@ from torch.autograd import DeviceType
 
 from benchmarks import dataloader, harness, inference, profile_step, train_throughput, workload
 from kernels import reference
+from vfnet.train import step as vfnet_step
+from vfnet.train.step import train_step
 
 COMMITTED = ["train_throughput", "inference", "dataloader"]
 
@@ -42,15 +44,24 @@ TINY = ["--small", "--size", "64", "64", "--warmup", "1", "--reps", "2", "--no-c
 # Workload
 
 
-def test_models_share_weights_and_the_step_keeps_them():
+def test_models_share_weights_and_the_step_keeps_them(monkeypatch):
     cfg = workload.bench_config(small=True)
+    cfg.train.grad_clip = 10.0
     models = workload.build_models(cfg, ["triton", "torch"], torch.device("cpu"))
     a, b = models["triton"].state_dict(), models["torch"].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert models["triton"].kernels == "triton" and models["torch"].kernels == "torch"
     data = workload.synthetic_batch(1, (64, 64), cfg.model.num_classes, torch.device("cpu"))
     before = {k: v.clone() for k, v in models["torch"].state_dict().items()}
-    workload.train_step(models["torch"], data, torch.device("cpu"))()
+    calls = []  # the benchmarks time the engine's step, with the model's training config
+
+    def engine_step(*args, **kwargs):
+        calls.append(kwargs)
+        return train_step(*args, **kwargs)
+
+    monkeypatch.setattr(vfnet_step, "train_step", engine_step)
+    workload.train_step(models["torch"], data)()
+    assert calls == [{"amp": True, "grad_clip": 10.0}]
     after = models["torch"].state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: same work, same weights
     grads = [p.grad for p in models["torch"].parameters() if p.requires_grad]
