@@ -1,4 +1,5 @@
-"""Atomic file writes: every file the project writes goes through `atomic_write`.
+"""Atomic file writes: every file the project writes goes through `atomic_write`, except the
+append-only logs named below.
 
 The data go to a temporary file with a process-unique name next to the target
 (`.<name>.<random>.tmp`, made by `tempfile.mkstemp`), which is flushed and fsynced, renamed over
@@ -9,6 +10,13 @@ target's own when it exists, else 0o666 less the process umask (mkstemp's 0o600 
 checkpoints and results from the group, e.g. from a TensorBoard server run by another user).
 Any OSError on the way (no space left, read-only file system, permission denied) becomes an
 `EnvError` naming the target file.
+
+Append-only logs, the exceptions: a training run's `metrics.jsonl` (`vfnet.train.metrics_log`)
+gets one line per record, appended with one write, since rewriting the whole file per record
+would cost time quadratic in the run's length; a crash leaves at most a torn last line, which
+`read_records` and a resumed run skip (every rewrite of the file goes through `write_text`). The
+TensorBoard event files are appended by TensorBoard's own writer, whose readers read files
+still being written and stop at an incomplete last record.
 """
 from __future__ import annotations
 
