@@ -40,7 +40,7 @@ def build_model(checkpoint: str | None) -> VFNet:
         return load_model(checkpoint, device=torch.device("cpu")).model
     cfg = load_config(CONFIG, ["model.kernels='torch'"])
     torch.manual_seed(0)
-    model = VFNet(cfg).eval()
+    model = VFNet.from_config(cfg).eval()
     workload.raise_class_scores(model, 1)
     return model
 

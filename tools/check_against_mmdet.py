@@ -117,7 +117,7 @@ def check_inference(batches: int, gen: torch.Generator) -> int:
         cfg.model.fpn_channels = cfg.model.head_channels = 32
         cfg.infer.nms_pre, cfg.infer.score_thr, cfg.infer.min_bbox_size = nms_pre, score_thr, min_size
         cfg.infer.max_per_img = 1 << 30
-        ours = VFNet(cfg).eval()
+        ours = VFNet.from_config(cfg).eval()
         for trial in range(batches // 4):
             sizes = [tuple(torch.randint(60, 400, (2,), generator=gen).tolist()) for _ in range(3)]
             height = max(ceil_div(h, DIVISOR) * DIVISOR for h, _ in sizes)

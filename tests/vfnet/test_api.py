@@ -33,7 +33,7 @@ def write_checkpoint(directory: Path) -> Path:
     cfg.data.val_ann = cfg.data.train_ann = "absent.json"
     cfg.train.device = "cpu"
     torch.manual_seed(0)
-    model = VFNet(cfg)
+    model = VFNet.from_config(cfg)
     with torch.no_grad():
         torch.nn.init.normal_(model.head.cls.weight, std=0.5)
         model.head.cls.bias.fill_(-2.0)

@@ -190,7 +190,7 @@ def test_each_image_of_a_mixed_batch_gets_its_targets_when_alone(seeded):
     assert changed > 0  # the padding's points do change targets when they compete
 
 
-def test_loss_takes_image_sizes_for_the_valid_extent():
+def test_loss_takes_padded_sizes_for_the_valid_extent():
     from vfnet.core.config import Config
     from vfnet.model import VFNet
 
@@ -200,19 +200,20 @@ def test_loss_takes_image_sizes_for_the_valid_extent():
     cfg.model.fpn_channels = cfg.model.head_channels = 16
     cfg.model.gn_groups = 4
     cfg.model.kernels = "torch"
-    model = VFNet(cfg)
+    model = VFNet.from_config(cfg)
     sizes = [(64, 160), (150, 40)]  # padded 64 x 160 and 160 x 64 in a 160 x 160 batch
+    padded = [(ceil_div(h, DIVISOR) * DIVISOR, ceil_div(w, DIVISOR) * DIVISOR) for h, w in sizes]
     gts = [(torch.tensor([[20.0, 42.0, 113.0, 60.0]]), torch.tensor([1])),  # a case where the
            (torch.tensor([[9.0, 89.0, 20.0, 114.0]]), torch.tensor([2]))]  # padding changes num_pos
     with torch.no_grad():
         outputs = model(torch.randn(2, 3, 160, 160))
-        batch = model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts], torch.tensor(sizes))
+        batch = model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts], torch.tensor(padded))
         alone = 0
-        for (h, w), (boxes, labels) in zip(sizes, gts):
-            out = model(torch.randn(1, 3, ceil_div(h, DIVISOR) * DIVISOR, ceil_div(w, DIVISOR) * DIVISOR))
-            alone += model.loss(out, [boxes], [labels], torch.tensor([[h, w]]))["num_pos"].item()
+        for (h, w), (boxes, labels) in zip(padded, gts):
+            out = model(torch.randn(1, 3, h, w))
+            alone += model.loss(out, [boxes], [labels], [(h, w)])["num_pos"].item()
         unmasked = model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts])
     assert batch["num_pos"].item() == alone > 0
     assert unmasked["num_pos"].item() != alone
-    with pytest.raises(ValueError, match="image_sizes"):
+    with pytest.raises(ValueError, match="padded_sizes"):
         model.loss(outputs, [b for b, _ in gts], [lab for _, lab in gts], torch.tensor([[64, 64]]))

@@ -20,7 +20,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from vfnet.core.config import Config, apply_overrides
-from vfnet.interop.export import MIN_SIDE, export_onnx, export_program, export_torch
+from vfnet.core.errors import ArgumentError
+from vfnet.interop.export import MIN_SIDE, ExportableVFNet, export_onnx, export_program, export_torch
+from vfnet.interop.export.star_conv import star_deform_conv2d_pair_export
 from vfnet.model import VFNet
 
 BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
@@ -41,7 +43,7 @@ def tiny_model() -> VFNet:
         "data.img_scale=[320, 240]",
     ])
     torch.manual_seed(0)
-    model = VFNet(cfg).eval()
+    model = VFNet.from_config(cfg).eval()
     with torch.no_grad():
         torch.nn.init.normal_(model.head.cls.weight, std=0.5)
         model.head.cls.bias.fill_(-2.5)
@@ -111,6 +113,25 @@ def check(outputs, head, detections, what: str) -> int:
         assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all() and (boxes[i, n:] == 0).all()
         total += n
     return total
+
+
+def test_the_wrapper_swaps_the_star_conv_of_a_copy_of_the_model(one_thread):
+    """ExportableVFNet copies the model as built (its parts, weights and infer settings; nothing is
+    rebuilt from a config, which here describes another model and only gives the normalisation and
+    padding) and swaps the copy's star conv; the model keeps its own."""
+    tiny = tiny_model()
+    model = VFNet(tiny.backbone, tiny.neck, tiny.head, tiny.loss_fn, infer=tiny.infer, config=Config()).eval()
+    star_pair = model.head.star_pair
+    wrapper = ExportableVFNet(model, with_head=True)
+    assert wrapper.model.head.star_pair is star_deform_conv2d_pair_export and model.head.star_pair is star_pair
+    assert wrapper.model.head.cls.weight is not model.head.cls.weight
+    assert wrapper.infer.nms_pre == 100  # the model's, not the config's 1000
+    images = crowded_batch(2, (96, 64))
+    head, detections = reference(model, images)
+    with torch.no_grad():
+        assert check(wrapper(images), head, detections, "eager wrapper") > 0
+    with pytest.raises(ArgumentError, match="data config"):
+        ExportableVFNet(VFNet(tiny.backbone, tiny.neck, tiny.head, tiny.loss_fn, infer=tiny.infer))
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ def test_load_model_restores_weights_config_and_overrides(tmp_path):
     torch.manual_seed(0)
     cfg = _tiny_cfg()
     cfg.model.pretrained = ""
-    model = VFNet(cfg)
+    model = VFNet.from_config(cfg)
     cfg.model.pretrained = "absent.pth"
     path = save_checkpoint(tmp_path, model=model, optimizer=None, iteration=3, epoch=1, config=cfg)
 

@@ -51,7 +51,7 @@ def model_cfg(depth=18, num_classes=80, channels=32, stacked_convs=1) -> Config:
 def test_map_covers_every_tensor_of_mmdetections_vfnet(depth):
     theirs = reference_keys(depth)
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in VFNet(model_cfg(depth, 80, 256, 3)).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in VFNet.from_config(model_cfg(depth, 80, 256, 3)).state_dict().items()}
     mapped = {}
     for name, shape in theirs.items():
         our_name = from_mmdet_name(name)
@@ -64,7 +64,7 @@ def test_map_covers_every_tensor_of_mmdetections_vfnet(depth):
 @pytest.mark.parametrize("depth", [18, 50])
 def test_our_names_to_mmdet_and_back_is_the_identity(depth):
     with torch.device("meta"):
-        names = list(VFNet(model_cfg(depth)).state_dict())
+        names = list(VFNet.from_config(model_cfg(depth)).state_dict())
     theirs = [to_mmdet_name(n) for n in names]
     assert len(set(theirs)) == len(names)
     assert [from_mmdet_name(n) for n in theirs] == names
@@ -78,7 +78,7 @@ def test_our_names_to_mmdet_and_back_is_the_identity(depth):
 def source():
     """A 'COCO-trained' mmdetection VFNet R-18 (random weights): model and mmdetection tensors."""
     torch.manual_seed(0)
-    model = VFNet(model_cfg())
+    model = VFNet.from_config(model_cfg())
     return model, {to_mmdet_name(k): v.clone() for k, v in model.state_dict().items()}
 
 
@@ -197,7 +197,7 @@ def test_init_from_keeps_mismatched_tensors_and_logs_them(source, tmp_path, capl
     model, weights = source
     src = write_mmdet(tmp_path / "coco.pth", weights)
     torch.manual_seed(1)
-    target = VFNet(model_cfg(num_classes=3))
+    target = VFNet.from_config(model_cfg(num_classes=3))
     fresh_cls = target.head.cls.weight.detach().clone()
     with caplog.at_level(logging.INFO, logger="vfnet.train.transfer"):
         skipped = init_from(target, src)
@@ -209,7 +209,7 @@ def test_init_from_keeps_mismatched_tensors_and_logs_them(source, tmp_path, capl
         if not name.startswith("head.cls."):
             assert torch.equal(value, model.state_dict()[name]), name
     with caplog.at_level(logging.INFO, logger="vfnet.train.transfer"):
-        init_from(VFNet(model_cfg(depth=50, num_classes=3, channels=64)), src)
+        init_from(VFNet.from_config(model_cfg(depth=50, num_classes=3, channels=64)), src)
     assert any(r.levelname == "WARNING" and "match the checkpoint" in r.message for r in caplog.records)
     with pytest.raises(CheckpointError, match="neither a vfnet nor"):
         torch.save({"a": torch.ones(1)}, tmp_path / "other.pt")

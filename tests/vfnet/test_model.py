@@ -7,11 +7,13 @@ from torch import nn
 
 import kernels.reference
 from kernels import Ops
-from vfnet.core.config import Config
+from vfnet.core.config import AssignConfig, Config, InferConfig, LossConfig
 from vfnet.core.errors import CheckpointError
 from vfnet.model import VFNet
 from vfnet.model.backbone import ResNet
-from vfnet.model.head import HeadOutputs
+from vfnet.model.fpn import FPN
+from vfnet.model.head import HeadOutputs, VFNetHead
+from vfnet.model.losses import VFNetLoss
 
 NUM_CLASSES = 3
 
@@ -52,7 +54,7 @@ def test_head_shapes_init_and_star_conv_wiring():
         calls.append((x_cls, x_reg, bbox, w_cls, w_reg, stride, gradient_mul, result))
         return result
 
-    model = VFNet(small_cfg(), ops=dataclasses.replace(Ops.from_name("torch"), star_pair=spy))
+    model = VFNet.from_config(small_cfg(), ops=dataclasses.replace(Ops.from_name("torch"), star_pair=spy))
     images = torch.randn(2, 3, 96, 64)
     out = model(images)
     assert isinstance(out, HeadOutputs)
@@ -86,7 +88,7 @@ def test_head_shapes_init_and_star_conv_wiring():
 
 def test_refined_box_uses_the_detached_initial_box():
     torch.manual_seed(0)
-    model = VFNet(small_cfg(gradient_mul=0.0))  # no gradient through the star points either
+    model = VFNet.from_config(small_cfg(gradient_mul=0.0))  # no gradient through the star points either
     out = model(torch.randn(1, 3, 64, 64))
     out.bbox_refine[0].sum().backward(retain_graph=True)
     grad = model.head.reg_init.weight.grad
@@ -124,7 +126,7 @@ def test_backbone_channels_frozen_stages_and_norm_eval():
     net = ResNet(18, frozen_stages=0, norm_eval=False).train()
     assert net.bn1.training and all(p.requires_grad for p in net.parameters())
     # the detector's train() keeps the frozen-BN backbone in eval mode
-    model = VFNet(small_cfg()).train()
+    model = VFNet.from_config(small_cfg()).train()
     assert model.training and not model.backbone.layer3[0].bn1.training
 
 
@@ -146,7 +148,7 @@ def test_pretrained_loading(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
     # from the config, through the detector; a dict nested under "state_dict" also loads
     torch.save({"state_dict": state}, tmp_path / "nested.pth")
-    model = VFNet(small_cfg(pretrained=str(tmp_path / "nested.pth")))
+    model = VFNet.from_config(small_cfg(pretrained=str(tmp_path / "nested.pth")))
     assert torch.equal(model.backbone.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
 
 
@@ -186,7 +188,7 @@ def test_pretrained_errors(tmp_path):
 
 def test_loss_keys_and_no_positive_batch():
     torch.manual_seed(0)
-    model = VFNet(small_cfg())
+    model = VFNet.from_config(small_cfg())
     images = torch.randn(2, 3, 64, 64)
     empty = [torch.zeros(0, 4), torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)] * 2
     losses = model.loss(model(images), *empty)
@@ -200,11 +202,42 @@ def test_loss_keys_and_no_positive_batch():
     assert losses["num_pos"].item() > 0 and losses["loss_bbox_init"].item() > 0
 
 
+def test_model_from_parts_uses_its_own_settings_and_no_config():
+    """A VFNet built by hand from its parts, without a config: the same tensors under the same names
+    as `from_config` (same seed, same order of initialisation), and the assign and infer settings it
+    was given, not the config's; the padded sizes come with the call."""
+    ops = Ops.from_name("torch")
+    torch.manual_seed(0)
+    backbone = ResNet(18)
+    neck = FPN(backbone.out_channels, 32)
+    head = VFNetHead(NUM_CLASSES, 32, ops.star_pair, channels=32, gn_groups=8)
+    model = VFNet(backbone, neck, head, VFNetLoss(LossConfig(), ops.varifocal_loss),
+                  assign=AssignConfig(topk=1), infer=InferConfig(max_per_img=2))
+    torch.manual_seed(0)
+    configured = VFNet.from_config(small_cfg())
+    assert model.cfg is None and model.kernels == "" and configured.kernels == "torch"
+    state, configured_state = model.state_dict(), configured.state_dict()
+    assert list(state) == list(configured_state)
+    assert all(torch.equal(state[k], configured_state[k]) for k in state)
+
+    images = torch.randn(2, 3, 64, 96)
+    padded = [(64, 96), (64, 64)]
+    with torch.no_grad():
+        ours = model.loss(model(images), *gts(), padded)["num_pos"].item()
+        theirs = configured.loss(configured(images), *gts(), padded)["num_pos"].item()
+        model.head.cls.bias.fill_(3.0)  # every score ~0.95: plenty of candidates
+        configured.head.cls.bias.fill_(3.0)
+    assert 0 < ours < theirs  # topk 1 candidate per level and gt instead of 9
+    sizes, scales = torch.tensor([[64, 96], [50, 70]]), torch.ones(2, 2)
+    assert [len(r["scores"]) for r in model.eval().predict(images, sizes, scales)] == [2, 2]
+    assert all(len(r["scores"]) > 2 for r in configured.eval().predict(images, sizes, scales))
+
+
 def test_predict_shapes_rescaling_and_empty():
     torch.manual_seed(0)
     cfg = small_cfg()
     cfg.infer.max_per_img = 7
-    model = VFNet(cfg).eval()
+    model = VFNet.from_config(cfg).eval()
     images = torch.randn(2, 3, 64, 96)
     sizes = torch.tensor([[64, 96], [50, 70]])
     scales = torch.tensor([[0.5, 0.5], [2.0, 2.0]])
@@ -233,7 +266,7 @@ def test_triton_and_torch_kernels_give_the_same_losses():
     for kernels_name in ("torch", "triton"):
         cfg = small_cfg(head_channels=16, fpn_channels=16, gn_groups=4, kernels=kernels_name)
         cfg.assign.anchor_scale = 2.0  # positives on a 32 px image
-        models.append(VFNet(cfg))
+        models.append(VFNet.from_config(cfg))
     torch_model, triton_model = models
     triton_model.load_state_dict(torch_model.state_dict())
     images = torch.randn(1, 3, 32, 32)  # tiny: the Triton kernels run in the interpreter
@@ -254,7 +287,7 @@ def test_triton_and_torch_kernels_give_the_same_losses():
 
 def test_overfits_one_batch():
     torch.manual_seed(0)
-    model = VFNet(small_cfg(frozen_stages=4)).train()  # frozen backbone: fast, FPN + head learn
+    model = VFNet.from_config(small_cfg(frozen_stages=4)).train()  # frozen backbone: fast, FPN + head learn
     optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     images = torch.randn(2, 3, 64, 64)
     boxes, labels = gts()
@@ -273,7 +306,7 @@ def test_overfits_one_batch():
 @pytest.mark.gpu
 def test_cuda_bf16_autocast_matches_float32():
     torch.manual_seed(0)
-    model = VFNet(small_cfg(kernels="triton")).cuda()
+    model = VFNet.from_config(small_cfg(kernels="triton")).cuda()
     images = torch.randn(2, 3, 128, 96, device="cuda")
     boxes, labels = gts()
     boxes, labels = [b.cuda() for b in boxes], [lab.cuda() for lab in labels]

@@ -22,7 +22,7 @@ def small_model(num_classes, **infer) -> VFNet:
     cfg.model.kernels = "torch"
     for key, value in infer.items():
         setattr(cfg.infer, key, value)
-    return VFNet(cfg).eval()
+    return VFNet.from_config(cfg).eval()
 
 
 def random_outputs(batch, num_classes, padded_hw, *, ties, gen):

@@ -245,7 +245,7 @@ def convert(src: str | Path, dst: str | Path) -> Config:
     cfg.model.class_names = names
     cfg.model.pretrained = ""
     state = to_our_state(weights, src)
-    model = VFNet(cfg)
+    model = VFNet.from_config(cfg)
     expected = model.state_dict()
     for name, value in expected.items():
         if name not in state:

@@ -1,4 +1,5 @@
-"""VFNet: ResNet + FPN + VFNet head, with ATSS targets, the VFNet loss and inference."""
+"""VFNet from its parts (backbone, neck, head, loss) with ATSS targets and inference; `VFNet.from_config`
+builds the configured ResNet + FPN + VFNet head."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from kernels.ops import Ops
-from vfnet.core.config import Config
+from vfnet.core.config import AssignConfig, Config, InferConfig
 from vfnet.model.assign import atss_assign, pad_gts
 from vfnet.model.backbone import ResNet
 from vfnet.model.boxes import batched_nms, distance_to_box
@@ -26,25 +27,58 @@ def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> t
 
 
 class VFNet(nn.Module):
-    """The VarifocalNet detector configured by `cfg.model`, `cfg.assign`, `cfg.loss`, `cfg.infer`.
+    """The VarifocalNet detector from its parts; `VFNet.from_config(cfg)` builds the configured one.
 
-    `ops` are the star-conv pair and the varifocal loss the head and the loss run; by default
-    `Ops.from_name(cfg.model.kernels)` ("triton": the `kernels` ops, "torch": their PyTorch
-    references; see `kernels.ops`). `kernels` is the name of that set. With
-    `cfg.model.pretrained` set, the backbone loads that torchvision-format state dict.
+    backbone: images [B, 3, H, W] -> feature maps (ResNet: C3..C5); neck: those maps -> the
+    pyramid P3..P7 [B, F, H_l, W_l] (FPN); head: the pyramid -> `HeadOutputs`, with the attributes
+    `strides` (pixels per cell of each level), `num_classes` and `star_pair` (the star-conv op,
+    `VFNetHead`); loss: the loss terms from head outputs, points and ATSS targets (`VFNetLoss`);
+    assign: the ATSS settings (`topk`, `anchor_scale`); infer: the post-processing settings.
+    `kernels` names the op set the head and the loss run (`kernels.Ops.name`; "" = unnamed).
+    `config` is the config the model was built from (None when built by hand), kept for its users
+    (`vfnet.api.Detector`'s preprocessing, the export's normalisation and padding); the model
+    reads none of it: image and padded sizes come with each call.
     """
 
-    def __init__(self, cfg: Config, ops: Ops | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        neck: nn.Module,
+        head: VFNetHead,
+        loss: VFNetLoss,
+        *,
+        assign: AssignConfig | None = None,
+        infer: InferConfig | None = None,
+        kernels: str = "",
+        config: Config | None = None,
+    ):
         super().__init__()
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.loss_fn = loss
+        self.assign = assign if assign is not None else AssignConfig()
+        self.infer = infer if infer is not None else InferConfig()
+        self.kernels = kernels
+        self.cfg = config
+
+    @classmethod
+    def from_config(cls, cfg: Config, ops: Ops | None = None) -> VFNet:
+        """The detector configured by `cfg.model`, `cfg.assign`, `cfg.loss`, `cfg.infer`.
+
+        `ops` are the star-conv pair and the varifocal loss the head and the loss run; by default
+        `Ops.from_name(cfg.model.kernels)` ("triton": the `kernels` ops, "torch": their PyTorch
+        references; see `kernels.ops`). With `cfg.model.pretrained` set, the backbone loads that
+        torchvision-format state dict. The model holds `cfg.infer` itself (not a copy), so a later
+        change to it applies to `predict`.
+        """
         m = cfg.model
         ops = ops or Ops.from_name(m.kernels)
-        self.cfg = cfg
-        self.kernels = ops.name
-        self.backbone = ResNet(m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
+        backbone = ResNet(m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
         if m.pretrained:
-            self.backbone.load_torchvision_state_dict(m.pretrained)
-        self.neck = FPN(self.backbone.out_channels, m.fpn_channels)
-        self.head = VFNetHead(
+            backbone.load_torchvision_state_dict(m.pretrained)
+        neck = FPN(backbone.out_channels, m.fpn_channels)  # before the head: the random init's order
+        head = VFNetHead(
             m.num_classes,
             m.fpn_channels,
             ops.star_pair,
@@ -55,7 +89,10 @@ class VFNet(nn.Module):
             reg_denoms=m.reg_denoms,
             gradient_mul=m.gradient_mul,
         )
-        self.loss_fn = VFNetLoss(cfg.loss, ops.varifocal_loss)
+        return cls(
+            backbone, neck, head, VFNetLoss(cfg.loss, ops.varifocal_loss),
+            assign=cfg.assign, infer=cfg.infer, kernels=ops.name, config=cfg,
+        )
 
     def forward(self, images: torch.Tensor) -> HeadOutputs:
         """images [B, 3, H, W] normalised -> per-level head outputs."""
@@ -82,34 +119,33 @@ class VFNet(nn.Module):
         outputs: HeadOutputs,
         gt_boxes: list[torch.Tensor],
         gt_labels: list[torch.Tensor],
-        image_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
+        padded_sizes: torch.Tensor | list[tuple[int, int]] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training losses for a batch.
 
-        gt_boxes[i] [n_i, 4] xyxy in input pixels, gt_labels[i] [n_i] int 0..C-1; image_sizes
-        [B, 2] (h, w) of the resized, unpadded images, read on the host (pass `Batch.host_sizes`
-        or a CPU tensor: a CUDA tensor is copied back, a synchronisation): only points inside an
-        image's own extent padded to `data.size_divisor` are ATSS candidates for its gts (None:
-        every image fills the batch). Returns `loss_cls`, `loss_bbox_init`, `loss_bbox_refine`
-        (weighted; the total is their sum) and `num_pos` (detached).
+        gt_boxes[i] [n_i, 4] xyxy in input pixels, gt_labels[i] [n_i] int 0..C-1; padded_sizes
+        [B, 2] (h, w) in pixels of each image's own padded extent (its resized size rounded up to
+        the size divisor: `Batch.padded_sizes`), read on the host (a CPU tensor also does; a CUDA
+        tensor is copied back, a synchronisation): only points inside it are ATSS candidates for
+        the image's gts (None: every image fills the batch). Returns `loss_cls`,
+        `loss_bbox_init`, `loss_bbox_refine` (weighted; the total is their sum) and `num_pos`
+        (detached).
         """
         batch = outputs.cls_scores[0].shape[0]
         if len(gt_boxes) != batch:
             raise ValueError(f"gt_boxes has {len(gt_boxes)} images but the batch has {batch}")
         padded = None
-        if image_sizes is not None:
-            sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else image_sizes
-            if len(sizes) != batch or any(len(s) != 2 for s in sizes):
-                raise ValueError(f"image_sizes must be [{batch}, 2], got {sizes}")
-            divisor = self.cfg.data.size_divisor
-            padded = [(-(-h // divisor) * divisor, -(-w // divisor) * divisor) for h, w in sizes]
+        if padded_sizes is not None:
+            padded = padded_sizes.tolist() if isinstance(padded_sizes, torch.Tensor) else padded_sizes
+            if len(padded) != batch or any(len(s) != 2 for s in padded):
+                raise ValueError(f"padded_sizes must be [{batch}, 2], got {padded}")
         with record_function("vfnet.model.assign"):
             points = self.points(outputs)
             boxes, labels, valid = pad_gts(gt_boxes, gt_labels, points[0].device)
             targets = atss_assign(
                 points, self.head.strides, boxes, labels, valid, self.head.num_classes,
                 level_shapes=[tuple(s.shape[-2:]) for s in outputs.cls_scores], padded_sizes=padded,
-                topk=self.cfg.assign.topk, anchor_scale=self.cfg.assign.anchor_scale,
+                topk=self.assign.topk, anchor_scale=self.assign.anchor_scale,
             )
         with record_function("vfnet.loss"):
             return self.loss_fn(
@@ -143,7 +179,7 @@ class VFNet(nn.Module):
         """Post-process head outputs into per-image detections (see `predict`; the rules are in
         `vfnet.model.postprocess`). Image by image, as the reference: its scores are computed on the
         image's own [P_l, C] layout, so they equal the reference's bit for bit."""
-        infer = self.cfg.infer
+        infer = self.infer
         device = outputs.cls_scores[0].device
         image_sizes = image_sizes.to(device)
         scales = scales.to(device=device, dtype=torch.float32)
@@ -166,5 +202,5 @@ class VFNet(nn.Module):
     def _nms(self, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Candidates of one image (boxes [K, 4], scores [K], labels [K]) -> class-wise NMS'd
         detections, at most `infer.max_per_img`, by decreasing score."""
-        keep = batched_nms(boxes, scores, labels, self.cfg.infer.nms_iou)[: self.cfg.infer.max_per_img]
+        keep = batched_nms(boxes, scores, labels, self.infer.nms_iou)[: self.infer.max_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

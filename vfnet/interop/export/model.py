@@ -27,13 +27,11 @@ cls_logits [B, P, C], bbox_init [B, P, 4], bbox_refine [B, P, 4], P = points of 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.ops import Ops
 from vfnet.core.errors import ArgumentError
 from vfnet.interop.export.nms import non_max_suppression
 from vfnet.interop.export.star_conv import star_deform_conv2d_pair_export
@@ -46,25 +44,27 @@ from vfnet.model.postprocess import large_enough
 
 class ExportableVFNet(nn.Module):
     """forward(images [B, 3, H, W] 0-255 RGB) -> (boxes, scores, labels, num_detections); see the
-    module docstring. Holds a copy of `model`'s weights in a VFNet whose star conv is
-    `star_deform_conv2d_pair_export`."""
+    module docstring. Holds a copy of `model` (its parts and weights, in eval mode) whose head's
+    star conv is swapped for `star_deform_conv2d_pair_export`; `model` itself is left as it is.
+    The normalisation and padding come from the config `model` was built from (`model.cfg.data`)."""
 
     def __init__(self, model: VFNet, *, with_head: bool = False):
         super().__init__()
-        cfg = copy.deepcopy(model.cfg)
-        if cfg.infer.nms_pre <= 0:
-            raise ArgumentError(f"infer.nms_pre must be > 0 to export (a fixed top-k), got {cfg.infer.nms_pre}")
-        cfg.model.pretrained = ""  # the weights come from `model`
-        self.model = VFNet(cfg, ops=replace(Ops.from_name("torch"), star_pair=star_deform_conv2d_pair_export))
-        self.model.load_state_dict(model.state_dict())
-        self.model.eval()
+        if model.cfg is None:
+            raise ArgumentError("the export needs the model's data config (mean, std, size_divisor): "
+                                "build the model with VFNet.from_config")
+        if model.infer.nms_pre <= 0:
+            raise ArgumentError(f"infer.nms_pre must be > 0 to export (a fixed top-k), got {model.infer.nms_pre}")
+        self.model = copy.deepcopy(model).eval()
+        self.model.head.star_pair = star_deform_conv2d_pair_export
         self.with_head = with_head
-        self.infer = cfg.infer
-        self.num_classes = cfg.model.num_classes
-        self.strides = list(cfg.model.strides)
-        self.size_divisor = cfg.data.size_divisor
-        self.register_buffer("mean", torch.tensor(cfg.data.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.data.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.infer = self.model.infer
+        self.num_classes = model.head.num_classes
+        self.strides = list(model.head.strides)
+        data = model.cfg.data
+        self.size_divisor = data.size_divisor
+        self.register_buffer("mean", torch.tensor(data.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data.std, dtype=torch.float32).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, w = images.shape[-2:]
