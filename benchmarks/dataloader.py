@@ -8,7 +8,7 @@ and the first batch), then the first N batches are skipped (the workers' first b
 together, which would inflate the rate) and the rate over the following batches is the
 `img_per_s` row (mode `load`). Quantiles are over the repetitions.
 
-Data: the BCCD training images of `configs/bccd_r18.toml` (640x480 JPEGs, like COCO's; its
+Data: the BCCD training images of the shipped `bccd_r18` config (640x480 JPEGs, like COCO's; its
 paths are relative to the current directory, `../shared/data/bccd` from the repository root) by
 default, any COCO json + image folder with `--ann`/`--images`, or `--synth N` (the synthetic
 shapes set, 640 px PNGs, written to a temporary folder; 512 of them when BCCD is absent and
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
                         help="resize to fit (default 1333 800, small 320 240)")
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--ann", type=Path,
-                      help="COCO json (default: configs/bccd_r18.toml's training data if present)")
+                      help="COCO json (default: the bccd_r18 config's training data if present)")
     data.add_argument("--synth", type=int, metavar="IMAGES",
                       help="use this many synthetic 640 px images instead")
     parser.add_argument("--images", type=Path, help="image folder of --ann")

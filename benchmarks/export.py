@@ -8,7 +8,7 @@ inside), same thread count (`--threads`, default 2) for both. Includes post-proc
 NMS) in both. Rows (benchmark `export`, mode `infer`, fp32): `img_per_s` and `ms` per batch for
 providers `pytorch` and `onnxruntime`.
 
-Model: the `configs/bccd_r18.toml` detector (ResNet-18, 64-channel FPN and head, 3 classes) with
+Model: the shipped `bccd_r18` config's detector (ResNet-18, 64-channel FPN and head, 3 classes) with
 random weights, or `--checkpoint FILE`. With random weights `workload.raise_class_scores` makes
 one class pass the score threshold everywhere, so NMS has work (an upper bound on its load).
 """
@@ -24,14 +24,14 @@ import torch
 
 from benchmarks import harness, workload
 from vfnet.api import load_model
-from vfnet.core.config import load_config
+from vfnet.core.config import CONFIG_DIR, load_config
 from vfnet.interop.export import export_onnx, require_onnx
 from vfnet.model import VFNet
 
 log = logging.getLogger("benchmarks.export")
 
 SCRIPT = "export"
-CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bccd_r18.toml"
+CONFIG = CONFIG_DIR / "bccd_r18.toml"
 
 
 def build_model(checkpoint: str | None) -> VFNet:

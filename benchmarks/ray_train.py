@@ -1,6 +1,6 @@
 """Ray Train scaling and overhead: `python -m benchmarks.ray_train`.
 
-Trains the same small fixed config (configs/shapes_tiny.toml's model on 128 px shapes images,
+Trains the same small fixed config (the shipped shapes_tiny config's model on 128 px shapes images,
 batch 4 per worker, `--iters` iterations, log every iteration) with the plain engine
 (`vfnet.train.engine.train` in this process: provider `engine`) and with Ray Train
 (`orchestration.train.run_training` on a local Ray: provider `ray`) on 1, 2, ... workers, each

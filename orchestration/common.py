@@ -115,7 +115,7 @@ def default_name() -> str:
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags `orchestration.train` and `orchestration.tune` share."""
     parser.add_argument("--config", type=Path, default=None,
-                        help="TOML config (default: configs/shapes_tiny.toml)")
+                        help="a TOML config file, or the name of a shipped config (default: shapes_tiny)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")

@@ -51,7 +51,7 @@ from orchestration.common import CHECKPOINT_NAME, Workers
 from orchestration.data import Shards
 from orchestration.storage import RunStorage, WorkdirSync, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
-from vfnet.core.config import Config, config_from_dict
+from vfnet.core.config import Config, config_from_dict, config_name
 
 log = logging.getLogger(__name__)
 
@@ -278,10 +278,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_run_name(config: str | Path | None) -> str:
-    """The run name of a command line without `--name`: the config file's stem (`shapes_tiny`
-    without `--config`), as `vfnet train`'s default work dir, so that the same command run again
-    (after a killed driver, say) resumes the run instead of starting a new one."""
-    return Path(config).stem if config else "shapes_tiny"
+    """The run name of a command line without `--name`: the config's name (`config_name`:
+    `shapes_tiny` without `--config`), as `vfnet train`'s default work dir, so that the same
+    command run again (after a killed driver, say) resumes the run instead of starting a new one."""
+    return config_name(config)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration.train") -> int:

@@ -1,6 +1,6 @@
 """The `vfnet` command: train, eval, predict and the data tools.
 
-    vfnet train   [--config FILE] [--workdir DIR] [--set key=value ...] [--no-resume]
+    vfnet train   [--config FILE|NAME] [--workdir DIR] [--set key=value ...] [--no-resume]
     vfnet train --ray ...   (Ray Train: the flags of `python -m orchestration.train`)
     vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vfnet.core.atomic import atomic_write
-from vfnet.core.config import load_config
+from vfnet.core.config import DEFAULT_CONFIG_NAME, config_name, load_config, shipped_configs
 from vfnet.core.errors import ArgumentError, DatasetError, run_main
 
 log = logging.getLogger("vfnet")
@@ -49,8 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vfnet.train.engine import train
 
     cfg = load_config(args.config, args.set)
-    stem = Path(args.config).stem if args.config else "shapes_tiny"
-    workdir = Path(args.workdir) if args.workdir else Path("work_dirs") / stem
+    workdir = Path(args.workdir) if args.workdir else Path("work_dirs") / config_name(args.config)
     with logging_redirect_tqdm():
         metrics = train(cfg, workdir, resume=not args.no_resume)
     print(format_table(metrics))
@@ -231,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     sets = dict(action="append", default=[], metavar="KEY=VALUE",
                 help="override a config key, e.g. train.max_iters=100 (value in TOML syntax)")
     p = sub.add_parser("train", help="train (and evaluate) a detector")
-    p.add_argument("--config", help="TOML config (default: configs/shapes_tiny.toml)")
+    p.add_argument("--config", metavar="FILE|NAME", help="a TOML config file, or the name of a shipped config: "
+                   f"{', '.join(shipped_configs())} (default: {DEFAULT_CONFIG_NAME})")
     p.add_argument("--workdir", help="output directory (default: work_dirs/<config name>)")
     p.add_argument("--set", **sets)
     p.add_argument("--no-resume", action="store_true",

@@ -6,8 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
+import vfnet
 from tiny_run import make_data, records, run_vfnet, vfnet_command, write_config
 from vfnet.cli import main
+from vfnet.core.config import CONFIG_DIR, DEFAULT_CONFIG_NAME, config_name, load_config, shipped_configs
 from vfnet.model import VFNet
 
 BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
@@ -104,12 +106,27 @@ def test_data_commands(tmp_path):
     assert len(json.loads(out.read_text())["images"]) == 72
 
 
+def test_config_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the source tree: the shipped configs come with the package
+    assert CONFIG_DIR.parent == Path(vfnet.__file__).parent
+    assert shipped_configs() == ["bccd_r18", "bccd_r50_coco_finetune", "coco_r50_1x", "shapes_tiny"]
+    shipped = load_config(CONFIG_DIR / "bccd_r18.toml")
+    assert load_config("bccd_r18") == load_config("bccd_r18.toml") == shipped
+    assert load_config(None) == load_config(DEFAULT_CONFIG_NAME) == load_config(CONFIG_DIR / "shapes_tiny.toml")
+    (tmp_path / "bccd_r18.toml").write_text("[train]\nlr = 0.5\n")
+    assert load_config("bccd_r18.toml").train.lr == 0.5  # a file wins over a shipped name
+    assert load_config("bccd_r18").train.lr == shipped.train.lr
+    assert config_name(None) == "shapes_tiny"
+    assert config_name("bccd_r18") == config_name("a/bccd_r18.toml") == "bccd_r18"
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one line on stderr naming the culprit, exit status 2, nothing written lost
 
 
 def test_missing_config_file(capsys, tmp_path):
     _bad(capsys, ["train", "--config", str(tmp_path / "nope.toml")], "nope.toml")
+    _bad(capsys, ["train", "--config", "nope"], "config file not found: nope (shipped configs: bccd_r18, ")
 
 
 def test_unknown_config_key_and_wrong_type(trained, capsys, tmp_path):

@@ -2,7 +2,8 @@
 
 A config is a TOML file with the sections below; every key is optional and defaults to the
 reference VFNet R-50 1x COCO settings (docs/design.md §3). Relative paths are resolved against the
-current working directory. `vfnet train` with no `--config` uses `configs/shapes_tiny.toml`.
+current working directory. The shipped configs are package data (`vfnet/configs/NAME.toml`),
+named by `--config NAME`; `vfnet train` with no `--config` uses `DEFAULT_CONFIG_NAME` (shapes_tiny).
 
 Errors (unknown section or key, wrong value type, out-of-range value, unreadable file) raise
 `vfnet.core.errors.ConfigError` (a `UserError`), whose message names the file and the key at fault.
@@ -26,8 +27,8 @@ else:  # pragma: no cover
 from vfnet.core.errors import ConfigError
 from vfnet.core.optional import require
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_CONFIG = CONFIG_DIR / "shapes_tiny.toml"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # the shipped configs, installed with the package
+DEFAULT_CONFIG_NAME = "shapes_tiny"
 
 
 @dataclass
@@ -189,12 +190,37 @@ class Config:
 # Loading, overrides, validation
 
 
+def shipped_configs() -> list[str]:
+    """The names of the shipped configs (`--config NAME`), sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def config_path(config: str | Path | None) -> Path:
+    """The file a `--config` value names: a TOML file that exists, else a shipped config by name
+    (with or without `.toml`); the default shipped config for None. ConfigError otherwise."""
+    if config is None:
+        config = DEFAULT_CONFIG_NAME
+    path = Path(config)
+    if path.is_file():
+        return path
+    if path.name == str(config):  # a bare name: a shipped config?
+        shipped = CONFIG_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+        if shipped.is_file():
+            return shipped
+    raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
+
+
+def config_name(config: str | Path | None) -> str:
+    """The name of a `--config` value (its file's stem; `DEFAULT_CONFIG_NAME` for None): the
+    default work dir (`vfnet train`) and run name (Ray Train) of a command line."""
+    return Path(config).stem if config is not None else DEFAULT_CONFIG_NAME
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a TOML config (the shapes default when `path` is None), apply `key=value` overrides,
-    validate, and return it. Raises ConfigError naming the file/key/value at fault."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    """Read a TOML config (see `config_path`: a file or a shipped config's name; the default
+    when `path` is None), apply `key=value` overrides, validate, and return it. Raises
+    ConfigError naming the file/key/value at fault."""
+    path = config_path(path)
     try:
         with path.open("rb") as fh:
             raw = tomllib.load(fh)
