@@ -110,7 +110,8 @@ def test_design_references_resolve():
 
 
 def test_reference_checker_catches_a_missing_section(tmp_path):
-    text = "see docs/design.md §3 and design §2.1, `benchmarks/NOTES.md`\n§4; docs/design.md §99, design §2.9, NOTES.md §9"
+    text = ("see docs/design.md §3 and design §2.1, `benchmarks/NOTES.md`\n§4;"
+            " docs/design.md §99, design §2.9, NOTES.md §9")
     assert bad_references(tmp_path / "x.py", text) == ["design §99", "design §2.9", "NOTES §9"]
     assert bad_references(NUMBERED["design"], "as in §1 and §42") == ["design §42"]
 
