@@ -126,7 +126,7 @@ def test_config_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
 
 def test_missing_config_file(capsys, tmp_path):
     _bad(capsys, ["train", "--config", str(tmp_path / "nope.toml")], "nope.toml")
-    _bad(capsys, ["train", "--config", "nope"], "config file not found: nope (shipped configs: bccd_r18, ")
+    _bad(capsys, ["train", "--config", "nope"], "config file not found: nope (nor a shipped config: bccd_r18, ")
 
 
 def test_unknown_config_key_and_wrong_type(trained, capsys, tmp_path):

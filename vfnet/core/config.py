@@ -199,15 +199,16 @@ def config_path(config: str | Path | None) -> Path:
     """The file a `--config` value names: a TOML file that exists, else a shipped config by name
     (with or without `.toml`); the default shipped config for None. ConfigError otherwise."""
     if config is None:
-        config = DEFAULT_CONFIG_NAME
+        return CONFIG_DIR / f"{DEFAULT_CONFIG_NAME}.toml"
     path = Path(config)
     if path.is_file():
         return path
-    if path.name == str(config):  # a bare name: a shipped config?
-        shipped = CONFIG_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
-        if shipped.is_file():
-            return shipped
-    raise ConfigError(f"config file not found: {path} (shipped configs: {', '.join(shipped_configs())})")
+    if path.name != str(config):  # a path, not a name
+        raise ConfigError(f"config file not found: {path}")
+    shipped = CONFIG_DIR / (path.name if path.suffix == ".toml" else f"{path.name}.toml")
+    if not shipped.is_file():
+        raise ConfigError(f"config file not found: {path} (nor a shipped config: {', '.join(shipped_configs())})")
+    return shipped
 
 
 def config_name(config: str | Path | None) -> str:
