@@ -5,7 +5,7 @@ second raylet on 127.0.0.3 (two real nodes on one machine, docs/design.md §8), 
 temp dir of their own, so it neither joins nor disturbs any other Ray on the machine (nor the
 in-process session cluster of the other test modules). Token authentication is on, with the
 test session's token (conftest.py) in the environment of every command (the project's policy,
-see README).
+see docs/ray.md, Authentication).
 Each `ray start --block` runs in its own process group, which teardown terminates (then kills),
 so no Ray process outlives the module.
 """
