@@ -1,15 +1,18 @@
 """The ops a VFNet runs in its hot paths, chosen once: `Ops.from_name(cfg.model.kernels)`.
 
 `Ops` is handed to the detector, which gives `star_pair` to the head and `varifocal_loss` to the
-loss as constructor arguments; nothing swaps them afterwards. Two sets ship:
+loss as constructor arguments; nothing swaps them afterwards. `deform_conv2d` (DCNv2, for DCN
+backbones) is in the set too; no model part calls it yet. Two sets ship:
 
-- "triton": `kernels.star_deform_conv2d_pair` and `kernels.varifocal_loss`. Each call still
-  follows the per-call device rule of `kernels.dispatch` (CUDA -> Triton; CPU -> the PyTorch
-  reference unless `TRITON_INTERPRET=1`; `VFNET_KERNELS=torch` forces the reference).
-- "torch": the PyTorch references `kernels.reference.star_deform_conv2d_pair_reference` and
-  `kernels.reference.varifocal_loss_reference`, on every device.
+- "triton": `kernels.star_deform_conv2d_pair`, `kernels.varifocal_loss` and
+  `kernels.deform_conv2d`. Each call still follows the per-call device rule of `kernels.dispatch`
+  (CUDA -> Triton; CPU -> the PyTorch reference unless `TRITON_INTERPRET=1`; `VFNET_KERNELS=torch`
+  forces the reference).
+- "torch": the PyTorch references `kernels.reference.star_deform_conv2d_pair_reference`,
+  `kernels.reference.varifocal_loss_reference` and `kernels.reference.deform_conv2d_reference`, on
+  every device.
 
-Any other pair of functions with the same signatures plugs in the same way, e.g. a benchmark's
+Any other functions with the same signatures plug in the same way, e.g. a benchmark's
 `torchvision.ops.deform_conv2d` star pair: `dataclasses.replace(Ops.from_name("torch"), star_pair=f)`.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol
 import torch
 
 from kernels import reference
+from kernels.deform_conv import deform_conv2d
 from kernels.star_conv import star_deform_conv2d_pair
 from kernels.varifocal import varifocal_loss
 
@@ -45,20 +49,33 @@ class VarifocalLossOp(Protocol):
                  reduction: str = ...) -> torch.Tensor: ...
 
 
+class DeformConv2dOp(Protocol):
+    """(input [B, Cin, H, W], offset [B, 2*dg*kh*kw, Ho, Wo], weight [Cout, Cin/groups, kh, kw],
+    bias, stride, padding, dilation, mask [B, dg*kh*kw, Ho, Wo] or None, *, groups) ->
+    [B, Cout, Ho, Wo]; the contract of `kernels.deform_conv2d` (docs/design.md §2.4)."""
+
+    def __call__(self, input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = ..., stride: int | tuple[int, int] = ...,
+                 padding: int | tuple[int, int] = ..., dilation: int | tuple[int, int] = ...,
+                 mask: torch.Tensor | None = ..., *, groups: int = ...) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The star-conv pair and the varifocal loss of one model; `name` labels the set (what
-    `VFNet.kernels` reports)."""
+    """The star-conv pair, the varifocal loss and the modulated deformable convolution (for
+    DCN backbones) of one model; `name` labels the set (what `VFNet.kernels` reports)."""
 
     name: str
     star_pair: StarPairOp
     varifocal_loss: VarifocalLossOp
+    deform_conv2d: DeformConv2dOp
 
     @classmethod
     def from_name(cls, name: str) -> Ops:
         """The shipped set called `name` ("triton" or "torch"; see the module docstring)."""
         if name == "triton":
-            return cls(name, star_deform_conv2d_pair, varifocal_loss)
+            return cls(name, star_deform_conv2d_pair, varifocal_loss, deform_conv2d)
         if name == "torch":
-            return cls(name, reference.star_deform_conv2d_pair_reference, reference.varifocal_loss_reference)
+            return cls(name, reference.star_deform_conv2d_pair_reference, reference.varifocal_loss_reference,
+                       reference.deform_conv2d_reference)
         raise ValueError(f"kernels must be one of {NAMES}, got {name!r}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # Varifocal loss
@@ -146,20 +147,42 @@ def bilinear_sample(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torc
     coordinates (the rule's masks are constant, so points outside get exactly zero gradient).
     """
     b, c, h, w = x.shape
-    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
+    flat = x.reshape(b, c, h * w)
+    out = torch.zeros(b, c, py.shape[1], dtype=x.dtype, device=x.device)
+    for index, weight in bilinear_corners(py, px, h, w):
+        values = torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, -1))
+        out = out + values * weight.unsqueeze(1)
+    return out
+
+
+def bilinear_corners(
+    py: torch.Tensor, px: torch.Tensor, height: int, width: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 4 bilinear corners of points (py, px) (any equal shapes, cells) on an H x W map.
+
+    Returns 4 pairs (index, weight), both of py's shape: index = row * W + col of the corner
+    (int64, exact for any map size; 0 where the corner does not count, so it is always a valid
+    position to read), weight its bilinear weight (1 - ly or ly) * (1 - lx or lx), with
+    ly = py - floor(py) and lx likewise, set to 0 by torchvision's boundary rule: for the whole
+    point when py <= -1, py >= H, px <= -1 or px >= W (or a coordinate is NaN), else for each
+    corner outside [0, H-1] x [0, W-1]. The sample is the sum of value[index] * weight over the 4
+    pairs. The weights are differentiable w.r.t. py and px (floor and the
+    rule's masks are constants), so a point outside the map gets exactly zero gradient. Only
+    Floor, comparisons, Where and Cast: usable in exported graphs (`vfnet.interop.export`).
+    """
+    inside = (py > -1) & (py < height) & (px > -1) & (px < width)
     y0 = torch.floor(py.detach())
     x0 = torch.floor(px.detach())
     ly, lx = py - y0, px - x0
-    flat = x.reshape(b, c, h * w)
-    out = torch.zeros(b, c, py.shape[1], dtype=x.dtype, device=x.device)
+    corners = []
     for cy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
         for cx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
-            valid = inside & (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
-            index = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long()
-            values = torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, -1))
+            valid = inside & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
+            zero = torch.zeros_like(cy)
+            index = torch.where(valid, cy, zero).long() * width + torch.where(valid, cx, zero).long()
             weight = torch.where(valid, wy * wx, torch.zeros_like(wy))
-            out = out + values * weight.unsqueeze(1)
-    return out
+            corners.append((index, weight))
+    return corners
 
 
 def star_columns(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -219,3 +242,165 @@ def star_deform_conv2d_pair_reference(
     out_cls = _conv_columns(star_columns(x_cls, rows, cols), w_cls, None, x_cls.dtype)
     out_reg = _conv_columns(star_columns(x_reg, rows, cols), w_reg, None, x_reg.dtype)
     return out_cls, out_reg
+
+
+# ---------------------------------------------------------------------------------------------
+# Modulated deformable convolution (DCNv2), torchvision's `deform_conv2d` contract
+
+DEFORM_CHUNK_BYTES = 64 * 2**20
+"""Default budget of `deform_conv2d_reference`: the sampled columns of one chunk of output
+positions ([positions, kh*kw*Cin] in the compute dtype) stay at or below this many bytes."""
+
+
+def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An int or an (h, w) pair as an (h, w) tuple of ints."""
+    if isinstance(value, int):
+        return value, value
+    h, w = value
+    return int(h), int(w)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length along one axis, as conv2d: (size + 2*padding - dilation*(kernel - 1) - 1)
+    // stride + 1 (the last kernel window must fit inside the padded input)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def modulated_offsets(conv_offset_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmcv's `ModulatedDeformConv2dPack` layout: its `conv_offset` output -> (offset, mask).
+
+    conv_offset_out: [B, 3*dg*kh*kw, Ho, Wo]. mmcv splits it into three equal chunks along the
+    channels, concatenates the first two as the offset and takes the sigmoid of the third as the
+    mask; concatenating the first two thirds is the first two thirds unchanged, so here
+    offset = conv_offset_out[:, :2*dg*kh*kw] ([B, 2*dg*kh*kw, Ho, Wo]) and
+    mask = sigmoid(conv_offset_out[:, 2*dg*kh*kw:]) ([B, dg*kh*kw, Ho, Wo]). mmcv's CUDA im2col
+    reads that offset with the channel layout of `deform_conv2d_reference` (docs/design.md §2.4),
+    so `deform_conv2d_reference(x, *modulated_offsets(out) ...)` is mmcv's modulated deformable
+    convolution: pass the two as `offset` and `mask=`.
+    """
+    channels = conv_offset_out.shape[1]
+    if conv_offset_out.dim() != 4 or channels % 3:
+        raise ValueError("conv_offset_out must be [B, 3*dg*kh*kw, Ho, Wo], got shape "
+                         f"{tuple(conv_offset_out.shape)}")
+    split = 2 * channels // 3
+    return conv_offset_out[:, :split], torch.sigmoid(conv_offset_out[:, split:])
+
+
+def deform_conv2d_reference(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    mask: torch.Tensor | None = None,
+    *,
+    groups: int = 1,
+    chunk_bytes: int = DEFORM_CHUNK_BYTES,
+) -> torch.Tensor:
+    """Modulated deformable convolution (DCNv2; DCNv1 when mask is None), docs/design.md §2.4.
+
+    Shapes: input [B, Cin, H, W]; weight [Cout, Cin/groups, kh, kw]; bias [Cout] or None;
+    offset [B, 2*dg*kh*kw, Ho, Wo] and mask [B, dg*kh*kw, Ho, Wo] (dg deform groups, inferred
+    from the offset's channels), Ho/Wo = `conv_output_size` of H/W. Returns [B, Cout, Ho, Wo] in
+    input's dtype (channels-last memory), `torchvision.ops.deform_conv2d`'s value.
+
+    Output (n, o, y, x) = bias[o] + sum over taps k = i*kw + j and the input channels c of o's
+    conv group: weight[o, c, i, j] * m * bilinear(input[n, c], py, px), where, with g = the
+    deform group of c (c // (Cin/dg)) and q = g*kh*kw + k,
+        py = y*stride_h - pad_h + i*dil_h + offset[n, 2q, y, x]      (row, input cells)
+        px = x*stride_w - pad_w + j*dil_w + offset[n, 2q + 1, y, x]  (column)
+        m  = mask[n, q, y, x] (1 without a mask)
+    and bilinear follows torchvision's boundary rule (`bilinear_corners`).
+
+    Computed as: a channels-last table of the input with one row per (image, cell, deform
+    group), then per chunk of output positions (flattened over B, Ho, Wo) the 4 corner rows of
+    every (position, group, tap) are gathered, weighted (bilinear weight x mask) and summed into
+    columns [positions, kh*kw*Cin], and one batched matmul per conv group applies the weight.
+    A chunk holds as many positions as keep its columns at or below `chunk_bytes` (at least
+    one); the transient peak is about 3 times that (the running sum, one gathered corner and its
+    product). When autograd records, chunks after the first are checkpointed
+    (`torch.utils.checkpoint`, recomputed in backward), so the graph keeps the inputs and one
+    [positions, Cout] output per chunk instead of every chunk's gathered corners. Math in
+    float64 for float64 input, else float32 (fp16/bf16 are cast to float32 and the result
+    back); autograd gives every gradient (input, offset, mask, weight, bias).
+    """
+    compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    b, cin, h, w = input.shape
+    cout, _, kh, kw = weight.shape
+    taps = kh * kw
+    dg = offset.shape[1] // (2 * taps)
+    ho, wo = offset.shape[2:]
+    positions = b * ho * wo
+    device = input.device
+    # one row per (image, cell, deform group): row ((n*H + row)*W + col)*dg + g
+    table = input.to(compute).permute(0, 2, 3, 1).reshape(b * h * w * dg, cin // dg)
+    # per position p = (n*Ho + y)*Wo + x: offsets [P, dg, taps, (dy, dx)] and mask [P, dg, taps]
+    offsets = offset.to(compute).reshape(b, dg, taps, 2, ho * wo).permute(0, 4, 1, 2, 3)
+    offsets = offsets.reshape(positions, dg, taps, 2)
+    modulation = None
+    if mask is not None:
+        modulation = mask.to(compute).reshape(b, dg, taps, ho * wo).permute(0, 3, 1, 2)
+        modulation = modulation.reshape(positions, dg, taps)
+    # weight as [groups, taps * Cin/groups, Cout/groups]: row = tap * (Cin/groups) + channel
+    matrix = weight.to(compute).reshape(groups, cout // groups, -1, taps).permute(0, 3, 2, 1)
+    matrix = matrix.reshape(groups, -1, cout // groups)
+    geometry = _DeformGeometry(h, w, ho, wo, dg, sh, sw, ph, pw, dh, dw, kh, kw, device, compute)
+
+    per_chunk = max(1, chunk_bytes // (taps * cin * torch.finfo(compute).bits // 8))
+    starts = range(0, max(positions, 1), per_chunk)  # one (empty) chunk for an empty batch
+    recorded = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, offset, mask, weight))
+    outputs = []
+    for number, start in enumerate(starts):
+        stop = min(start + per_chunk, positions)
+        args = (start, table, offsets[start:stop], None if modulation is None else modulation[start:stop], matrix)
+        if recorded and number > 0:
+            outputs.append(torch.utils.checkpoint.checkpoint(
+                geometry.chunk, *args, use_reentrant=False, preserve_rng_state=False))
+        else:
+            outputs.append(geometry.chunk(*args))
+    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    if bias is not None:
+        out = out + bias.to(compute)
+    return out.reshape(b, ho, wo, cout).permute(0, 3, 1, 2).to(input.dtype)
+
+
+class _DeformGeometry:
+    """The fixed sizes of one `deform_conv2d_reference` call and its per-chunk computation."""
+
+    def __init__(self, h: int, w: int, ho: int, wo: int, dg: int, sh: int, sw: int,
+                 ph: int, pw: int, dh: int, dw: int, kh: int, kw: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.h, self.w, self.ho, self.wo = h, w, ho, wo
+        self.sh, self.sw, self.ph, self.pw = sh, sw, ph, pw
+        # regular position of tap k = i*kw + j relative to the window's corner: (i*dil_h, j*dil_w)
+        self.tap_rows = (torch.arange(kh, device=device, dtype=dtype) * dh).repeat_interleave(kw)
+        self.tap_cols = (torch.arange(kw, device=device, dtype=dtype) * dw).repeat(kh)
+        self.group_ids = torch.arange(dg, device=device).view(1, dg, 1)
+
+    def chunk(self, start: int, table: torch.Tensor, offsets: torch.Tensor,
+              modulation: torch.Tensor | None, matrix: torch.Tensor) -> torch.Tensor:
+        """Output rows [n, Cout] of positions start .. start + n - 1 (n = offsets.shape[0])."""
+        n, dg, taps, _ = offsets.shape
+        p = torch.arange(start, start + n, device=offsets.device)
+        image, cell = p // (self.ho * self.wo), p % (self.ho * self.wo)
+        window_row = (cell // self.wo) * self.sh - self.ph
+        window_col = (cell % self.wo) * self.sw - self.pw
+        py = window_row.to(offsets.dtype).view(n, 1, 1) + self.tap_rows + offsets[..., 0]  # [n, dg, taps]
+        px = window_col.to(offsets.dtype).view(n, 1, 1) + self.tap_cols + offsets[..., 1]
+        base = image.view(n, 1, 1) * (self.h * self.w)
+        columns = None
+        for index, weight in bilinear_corners(py, px, self.h, self.w):
+            if modulation is not None:
+                weight = weight * modulation
+            rows = (base + index) * dg + self.group_ids  # [n, dg, taps]
+            term = table[rows] * weight.unsqueeze(-1)  # [n, dg, taps, Cin/dg]
+            columns = term if columns is None else columns + term
+        # [n, dg, taps, Cin/dg] -> [n, taps, Cin] -> [groups, n, taps * Cin/groups]
+        groups, rows_per_group, cout_g = matrix.shape
+        columns = columns.transpose(1, 2).reshape(n, taps, groups, rows_per_group // taps).permute(2, 0, 1, 3)
+        out = torch.bmm(columns.reshape(groups, n, rows_per_group), matrix)  # [groups, n, Cout/groups]
+        return out.permute(1, 0, 2).reshape(n, groups * cout_g)
