@@ -12,13 +12,15 @@ gather from the channels-last feature map (ONNX `Gather` on axis 0: the index ha
 sample and corner, not per channel), the weighted sum of the four corners, then one matrix product
 with the weights laid out as [9 * C_in, C_out]. The coordinates stay in cell units (no
 normalisation to [-1, 1] as `GridSample` needs), so the samples equal the reference's up to the
-order of float32 additions. Forward only (inference).
+order of float32 additions. Forward only (inference). The corner gather is `sample_rows`, shared
+with the general deformable convolution (`vfnet.interop.export.deform_conv`).
 """
 from __future__ import annotations
 
 import torch
 
 from kernels.reference import star_coordinates
+from vfnet.interop.export.deform_conv import sample_rows
 
 
 def star_sample(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -31,18 +33,9 @@ def star_sample(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torc
     # [B, H, W, 9]: tap 3 * ky + kx reads row rows[:, ky] and column cols[:, kx]
     py = torch.stack([rows[:, ky] for ky in range(3) for _ in range(3)], dim=-1)
     px = torch.stack([cols[:, kx] for _ in range(3) for kx in range(3)], dim=-1)
-    inside = (py > -1) & (py < h) & (px > -1) & (px < w)
-    y0, x0 = torch.floor(py), torch.floor(px)
-    ly, lx = py - y0, px - x0
     table = x.float().permute(0, 2, 3, 1).reshape(b * h * w, c)  # one row per (image, cell)
-    base = (torch.arange(b, device=x.device) * (h * w)).view(b, 1, 1, 1)
-    out = torch.zeros(b, h, w, 9, c, dtype=torch.float32, device=x.device)
-    for cy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
-        for cx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
-            valid = inside & (cy >= 0) & (cy <= h - 1) & (cx >= 0) & (cx <= w - 1)
-            index = base + (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long()
-            weight = torch.where(valid, wy * wx, torch.zeros_like(wy))
-            out = out + table[index] * weight.unsqueeze(-1)
+    base = (torch.arange(b, device=x.device) * (h * w)).view(b, 1, 1, 1, 1)
+    out = sample_rows(table, base, py.unsqueeze(-2), px.unsqueeze(-2), h, w)  # [B, H, W, 1, 9, C]
     return out.reshape(b, h, w, 9 * c)
 
 
