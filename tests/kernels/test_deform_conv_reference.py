@@ -235,6 +235,18 @@ def test_low_precision_close_to_float64(dtype, tol):
     torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol * scale)
 
 
+def test_mixed_dtypes_compute_in_the_inputs_compute_dtype():
+    """Any floating dtypes: a float16 offset and a float64 weight with a float32 input compute in
+    float32 and return float32."""
+    args = _case(1, 4, 3, 5, 6, 3, 1, 1, 1, 1, 1, True)
+    mixed = dict(args, input=args["input"].float(), offset=args["offset"].half(), mask=args["mask"].bfloat16())
+    got = _call(deform_conv2d, mixed)
+    exact = dict(args, offset=mixed["offset"].double(), mask=mixed["mask"].double(), input=mixed["input"].double())
+    expected = _call(deform_conv2d_reference, exact)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_output_is_channels_last_and_writable():
     args = _case(2, 4, 6, 5, 5, 3, 1, 1, 1, 1, 1, True)
     out = _call(deform_conv2d, args)
