@@ -275,14 +275,14 @@ def modulated_offsets(conv_offset_out: torch.Tensor) -> tuple[torch.Tensor, torc
     offset = conv_offset_out[:, :2*dg*kh*kw] ([B, 2*dg*kh*kw, Ho, Wo]) and
     mask = sigmoid(conv_offset_out[:, 2*dg*kh*kw:]) ([B, dg*kh*kw, Ho, Wo]). mmcv's CUDA im2col
     reads that offset with the channel layout of `deform_conv2d_reference` (docs/design.md §2.4),
-    so `deform_conv2d_reference(x, *modulated_offsets(out) ...)` is mmcv's modulated deformable
-    convolution: pass the two as `offset` and `mask=`.
+    so with `offset, mask = modulated_offsets(out)`,
+    `deform_conv2d_reference(x, offset, weight, bias, stride, padding, dilation, mask)` is mmcv's
+    modulated deformable convolution.
     """
-    channels = conv_offset_out.shape[1]
-    if conv_offset_out.dim() != 4 or channels % 3:
+    if conv_offset_out.dim() != 4 or conv_offset_out.shape[1] % 3:
         raise ValueError("conv_offset_out must be [B, 3*dg*kh*kw, Ho, Wo], got shape "
                          f"{tuple(conv_offset_out.shape)}")
-    split = 2 * channels // 3
+    split = 2 * conv_offset_out.shape[1] // 3
     return conv_offset_out[:, :split], torch.sigmoid(conv_offset_out[:, split:])
 
 

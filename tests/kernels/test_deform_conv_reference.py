@@ -270,6 +270,8 @@ def test_modulated_offsets_reproduces_mmcv_pack():
     assert y.shape == (2, 3, 5, 4)
     with pytest.raises(ValueError, match="conv_offset_out must be"):
         modulated_offsets(out[:, :-1])
+    with pytest.raises(ValueError, match="conv_offset_out must be"):
+        modulated_offsets(out[0, 0, 0])
 
 
 def test_matches_torchvision():
