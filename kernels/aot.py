@@ -2,8 +2,10 @@
 no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90 or 80, ...))` and the ptxas
 that ships with Triton. Reports registers, spilled bytes and shared memory per variant.
 
-A variant is (kernel, autotune config, dtype, shape class, arch). The signature of each one is
-what the launcher passes (`kernels.star_conv._launch_*`, `kernels.varifocal._launch`): pointer
+A variant is (kernel, autotune config, dtype, shape class, arch). The configs are those of
+`kernels.tuning` (the star conv's lists per dot width and arch, pruned by the shared-memory
+estimate; the VFL kernel's launch config). The signature of each one is what the launchers of
+`kernels.star_conv` and `kernels.varifocal` pass: pointer
 dtypes from the op's dtype, 16-byte aligned pointers (torch allocations are), and the integer
 specialisation Triton's JIT applies (`tt.divisibility` 16 for ints divisible by 16).
 
@@ -49,7 +51,8 @@ class ShapeClass:
 # Star conv: the head's pair and a single conv with bias, both at 256 channels (P3 of a 2-image
 # 1333x800 batch: 100x168 cells). Only Cin and Cout are specialised (M, H, W are not), so the
 # pair class covers every level of the head. Channel counts that are not multiples of 16 are not
-# a class: the gathers cannot be vectorised there and every config spills (benchmarks/NOTES.md).
+# a class: the gathers cannot be vectorised there and configs spill (all bf16 forward ones; at the
+# tests' Cin = 24, Cout = 40 two fp32 forward and one weight-gradient tile: benchmarks/NOTES.md §4).
 STAR_CLASSES = (
     ShapeClass("pair_256", dict(M=2 * 100 * 168, H=100, W=168, CIN=256, COUT=256, M_LOG2=15),
                dict(PAIR=True, HAS_BIAS=False)),
@@ -136,13 +139,14 @@ def _kernel_and_configs(name: str, dtype: str, arch: int, cout: int = 0):
     (configs over the shared-memory limit pruned)."""
     import torch
 
-    from kernels import star_conv, varifocal
+    from kernels import star_conv, tuning, varifocal
 
     if name == "vfl":
-        return varifocal._vfl_kernel, None
+        return varifocal.KERNELS["vfl"], None
     kernel = star_conv.KERNELS[name]
     torch_dtype = getattr(torch, _TORCH_NAME[dtype])
-    configs = star_conv.gpu_configs(name, star_conv._dot_dtype(torch_dtype), SHARED_LIMIT[arch], cout, arch)
+    configs = tuning.gpu_configs(name, tuning.dot_dtype(torch_dtype, interpreter=False), SHARED_LIMIT[arch], cout,
+                                 arch)
     return kernel, [(tuple((k, v) for k, v in c.kwargs.items()), c.num_warps, c.num_stages)
                     for c in configs]
 
@@ -156,13 +160,13 @@ def variants(kernels: tuple[str, ...], dtypes: tuple[str, ...], archs: tuple[int
         for arch in archs:
             for dtype in dtypes:
                 if name == "vfl":
-                    from kernels import varifocal
+                    from kernels import tuning
 
                     for shape in vfl_classes if dtype != "tf32" else ():  # no dots
                         import torch
 
                         compute = torch.float64 if dtype == "fp64" else torch.float32
-                        block_n, block_c, warps = varifocal.gpu_launch_config(shape.ints["n_cols"], compute)
+                        block_n, block_c, warps = tuning.vfl_gpu_config(shape.ints["n_cols"], compute)
                         out.append(Variant(name, dtype, shape, arch,
                                            (("BLOCK_N", block_n), ("BLOCK_C", block_c)), warps, 3))
                     continue
@@ -175,7 +179,7 @@ def variants(kernels: tuple[str, ...], dtypes: tuple[str, ...], archs: tuple[int
 
 def _signature(variant: Variant, fn) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ASTSource, as the launcher calls the kernel."""
-    from kernels import star_conv
+    from kernels import tuning
 
     dt = "fp32" if variant.dtype == "tf32" else variant.dtype
     compute = "fp64" if dt == "fp64" else "fp32"
@@ -191,7 +195,7 @@ def _signature(variant: Variant, fn) -> tuple[dict, dict, dict]:
         import torch
 
         dot = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-               torch.float64: "fp64"}[star_conv._dot_dtype(getattr(torch, _TORCH_NAME[dt]))]
+               torch.float64: "fp64"}[tuning.dot_dtype(getattr(torch, _TORCH_NAME[dt]), interpreter=False)]
         precision = "tf32" if variant.dtype == "tf32" else "ieee"
         if variant.kernel == "star_fwd":
             ptrs = dict(x1_ptr=dt, x2_ptr=dt, w1_ptr=dot, w2_ptr=dot, bias_ptr=compute,
@@ -266,11 +270,11 @@ def _estimate(variant: Variant) -> int:
         return -1
     import triton
 
-    from kernels import star_conv
+    from kernels import tuning
 
     config = triton.Config(dict(variant.config), num_warps=variant.num_warps, num_stages=variant.num_stages)
     width = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4, "fp64": 8}[variant.dtype]
-    return star_conv.shared_estimate(variant.kernel, config, width, variant.shape.ints["COUT"])
+    return tuning.shared_estimate(variant.kernel, config, width, variant.shape.ints["COUT"])
 
 
 @contextlib.contextmanager

@@ -43,155 +43,24 @@ unless `torch.set_float32_matmul_precision` allows TF32. Under the interpreter d
 (bf16 dots are unreliable there). Under autocast, x, weight and bias are cast to the autocast dtype
 (like conv2d); bbox_pred keeps its dtype (coordinates are fp32 regardless). The x and weight
 gradients are sums of fp32 atomic adds, so their last bits depend on the order the GPU runs them.
+
+Tuning (`kernels.tuning`): the autotune tables per dot width and architecture, the shared-memory
+estimate that prunes them per device, the dot dtype and precision. This module keeps the kernels,
+their launch and autograd.
 """
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import reference, tuning
 from kernels.checks import check_float, check_same_device, check_tensor, compute_dtype
-from kernels.dispatch import interpreter_enabled, use_triton
+from kernels.dispatch import use_triton
 
 __all__ = ["star_deform_conv2d", "star_deform_conv2d_pair"]
-
-# Launch configurations. Under the interpreter (~4 ms per program whatever the tile) one small
-# config that still covers several channel chunks and Cout tiles on the tests' shapes.
-_INTERPRETER_CONFIGS = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4),  # channels <= 64
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128}, num_warps=4),  # wider
-]
-
-
-def _interpreter_pick(configs: list[triton.Config], named_args: dict,
-                      **_: object) -> list[triton.Config]:
-    """Under the interpreter, the one config for these channel counts (no benchmarking): large
-    tiles once channels pass 64, since the interpreter's cost is per program and per loop step."""
-    return [configs[1] if max(named_args["CIN"], named_args["COUT"]) > 64 else configs[0]]
-
-
-def _gpu_configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in tiles]
-
-
-# GPU: autotuned per (Cin, Cout, log2 M, dtypes) among the configs of the dot operands' width
-# (bytes: 2 = bf16/fp16 on tensor cores, 4 = fp32, 8 = fp64) and the architecture (Hopper,
-# compute capability >= 9, or older), minus those whose shared-memory estimate exceeds the
-# device's limit (pruned before anything is compiled). Every config compiles for sm_90,
-# respectively sm_80, without register spills at channel counts that are multiples of 16 on
-# triton 3.9 (`python -m kernels.aot`, no GPU needed; CI checks bf16, fp32 and fp64 on the head's
-# shapes in tests/kernels/test_aot_compile.py; those also on triton 3.6, benchmarks/NOTES.md §4).
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-_FP32 = {  # the fp32 and fp64 lists serve both architectures
-    "star_fwd": {4: [(64, 64, 32, 8, 2), (32, 64, 32, 4, 2), (32, 64, 16, 4, 3)],
-                 8: [(16, 64, 16, 4, 2)]},  # the one fp64 tile clean on every arch and class
-    "star_bwd_data": {4: [(32, 64, 16, 8, 2), (32, 64, 16, 4, 2), (16, 64, 32, 4, 2)],
-                      8: [(32, 64, 16, 8, 2), (16, 64, 16, 4, 2)]},
-    "star_bwd_weight": {4: [(32, 64, 32, 8, 2), (32, 64, 16, 4, 2), (16, 128, 32, 4, 2)],
-                        8: [(32, 64, 32, 4, 2), (32, 32, 32, 4, 2), (16, 64, 32, 4, 2)]},
-}
-_CONFIGS = {  # kernel -> (width, hopper) -> configs
-    "star_fwd": {
-        (2, True): _gpu_configs([(128, 128, 32, 8, 3), (64, 256, 32, 8, 3), (64, 128, 32, 4, 3),
-                                 (128, 128, 32, 8, 2), (64, 64, 32, 4, 2)]),
-        (2, False): _gpu_configs([(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 2)]),
-    },
-    # BLOCK_N >= Cout keeps the grad_out tile in registers for the whole K loop (GO_RESIDENT)
-    "star_bwd_data": {
-        (2, True): _gpu_configs([(64, 256, 32, 8, 3), (128, 256, 32, 8, 3), (128, 256, 32, 8, 2),
-                                 (128, 64, 32, 8, 3), (64, 64, 32, 4, 3)]),
-        (2, False): _gpu_configs([(32, 256, 32, 8, 2), (32, 128, 32, 8, 2), (32, 64, 32, 8, 2)]),
-    },
-    "star_bwd_weight": {
-        (2, True): _gpu_configs([(64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (32, 128, 64, 4, 4),
-                                 (64, 64, 64, 4, 3), (64, 256, 64, 8, 3)]),
-        (2, False): _gpu_configs([(64, 128, 64, 8, 3), (32, 128, 64, 4, 4), (64, 64, 64, 4, 3),
-                                  (32, 64, 32, 4, 2)]),
-    },
-}
-for _kernel, _lists in _FP32.items():
-    for _width, _tiles in _lists.items():
-        _CONFIGS[_kernel][_width, True] = _CONFIGS[_kernel][_width, False] = _gpu_configs(_tiles)
-_PROGRAMS_PER_SM = 4  # split-M target for the weight gradient
-
-
-def gpu_configs(kernel: str, dot_dtype: torch.dtype, shared_limit: int, cout: int,
-                capability: int = 90) -> list[triton.Config]:
-    """The GPU autotune configs of `kernel` ("star_fwd", "star_bwd_data", "star_bwd_weight") for
-    dot operands of `dot_dtype`, `cout` output channels and a device of compute capability
-    `capability` (90 = 9.0) whose shared-memory estimate fits `shared_limit` bytes."""
-    width = dot_dtype.itemsize
-    configs = _CONFIGS[kernel][width, capability >= 90]
-    return [c for c in configs if shared_estimate(kernel, c, width, cout) <= shared_limit]
-
-
-def shared_estimate(kernel: str, config: triton.Config, width: int, cout: int) -> int:
-    """Bytes of shared memory the compiled kernel uses with dot operands of `width` bytes: an
-    upper bound (exact for most bf16 configs on sm_90), checked against the compiler for every
-    config by tests/kernels/test_aot_compile.py. Triton keeps num_stages buffers of the tiles a
-    loop iteration loads for `tl.dot` and num_stages - 1 of the gathered corners (4 per input),
-    plus one operand staged for the dot."""
-    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    s = config.num_stages
-    if kernel == "star_fwd":  # the pair (two inputs): the worst case
-        return ((s - 1) * 2 * 4 * bm * bk + s * 2 * bk * bn + bm * bk) * width
-    if kernel == "star_bwd_data":
-        if bn >= cout:  # GO_RESIDENT: grad_out's tile stays, the weight tile streams
-            return (s * bk * bn + bm * bn + 2 * bm * bk) * width
-        return s * (bk * bn + bm * bn) * width
-    box = (s - 1) * 4 * bm * (8 if width == 8 else 4)  # the locations' boxes, compute dtype
-    return (s * bm * bn + (s - 1) * 4 * bm * bk + bm * bk) * width + box
-
-
-@functools.cache
-def shared_memory_limit(device: torch.device) -> int:
-    """Shared memory one block may use on `device` (opt-in maximum), bytes."""
-    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-
-
-@functools.cache
-def capability(device: torch.device) -> int:
-    """Compute capability of `device` as major * 10 + minor (sm_90 -> 90)."""
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _gpu_prune(kernel: str, dot_arg: str) -> Callable:
-    """early_config_prune: the configs of the dot dtype (that of argument `dot_arg`) that fit
-    the device's shared memory, before the autotuner compiles anything."""
-    def prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
-        tensor = named_args[dot_arg]
-        limit = shared_memory_limit(tensor.device)
-        wanted = {id(c) for c in gpu_configs(kernel, tensor.dtype, limit, named_args["COUT"],
-                                             capability(tensor.device))}
-        kept = [c for c in configs if id(c) in wanted]
-        if not kept:
-            raise RuntimeError(f"{kernel}: no launch config of {tensor.dtype} fits the {limit} B "
-                               f"of shared memory of {tensor.device}")
-        return kept
-    return prune
-
-
-def _autotune(kernel: str, dot_arg: str, **kwargs: object) -> Callable:
-    """triton.autotune over the GPU configs of `kernel` (pruned per dtype and device), or over
-    the interpreter's configs picked by shape."""
-    if interpreter_enabled():
-        return triton.autotune(configs=_INTERPRETER_CONFIGS,
-                               prune_configs_by={"early_config_prune": _interpreter_pick}, **kwargs)
-    every = list({id(c): c for configs in _CONFIGS[kernel].values() for c in configs}.values())
-    return triton.autotune(configs=every, prune_configs_by={"early_config_prune": _gpu_prune(kernel, dot_arg)},
-                           **kwargs)
-
-
-# Integer arguments that only size the grid or index memory: not specialised (divisibility by 16
-# or == 1 would multiply the compiled variants per config by the shapes of P3-P7).
-_NOT_SPECIALISED = ["M", "H", "W", "M_LOG2"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,8 +168,8 @@ def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_
 # Forward
 
 
-@_autotune("star_fwd", "w1_ptr", key=["CIN", "COUT", "M_LOG2", "PAIR"])
-@triton.jit(do_not_specialize=_NOT_SPECIALISED)
+@tuning.autotune("star_fwd", "w1_ptr", key=["CIN", "COUT", "M_LOG2", "PAIR"])
+@triton.jit(do_not_specialize=tuning.NOT_SPECIALISED)
 def _star_fwd_kernel(
     x1_ptr, x2_ptr,  # [B, H, W, CIN] channels-last (x2: PAIR)
     w1_ptr, w2_ptr,  # [9 * CIN, COUT] in the dot dtype, row tap * CIN + c (w2: PAIR)
@@ -412,9 +281,9 @@ def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
     return d_y, d_x
 
 
-@_autotune("star_bwd_data", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
+@tuning.autotune("star_bwd_data", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
 @triton.heuristics({"GO_RESIDENT": lambda args: args["BLOCK_N"] >= args["COUT"]})
-@triton.jit(do_not_specialize=_NOT_SPECIALISED)
+@triton.jit(do_not_specialize=tuning.NOT_SPECIALISED)
 def _star_bwd_data_kernel(
     go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
     x_ptr,  # [n, B, H, W, CIN] channels-last
@@ -481,8 +350,8 @@ def _star_bwd_data_kernel(
 # Backward: weight gradient
 
 
-@_autotune("star_bwd_weight", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gw_ptr"])
-@triton.jit(do_not_specialize=_NOT_SPECIALISED)
+@tuning.autotune("star_bwd_weight", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gw_ptr"])
+@triton.jit(do_not_specialize=tuning.NOT_SPECIALISED)
 def _star_bwd_weight_kernel(
     go_ptr,  # [n, M, COUT] channels-last grad_out, dot dtype
     x_ptr,  # [n, B, H, W, CIN] channels-last
@@ -536,21 +405,6 @@ KERNELS = {"star_fwd": _star_fwd_kernel, "star_bwd_data": _star_bwd_data_kernel,
 # Launchers and autograd
 
 
-def _dot_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """dtype of the tl.dot operands: x's for bf16/fp16 on the GPU (tensor cores), else compute."""
-    if x_dtype in (torch.bfloat16, torch.float16) and not interpreter_enabled():
-        return x_dtype
-    return compute_dtype(x_dtype)
-
-
-def _dot_precision(dot_dtype: torch.dtype) -> str:
-    """IEEE unless fp32 dots on the GPU and torch's matmul precision setting allows TF32."""
-    if (dot_dtype == torch.float32 and not interpreter_enabled()
-            and torch.get_float32_matmul_precision() != "highest"):
-        return "tf32"
-    return "ieee"
-
-
 def _channels_last(ts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """[B, C, H, W] tensors -> one contiguous [n, B, H, W, C] buffer in `dtype` (one copy each;
     none for a single tensor that already is channels-last in `dtype`)."""
@@ -574,16 +428,11 @@ def _m_log2(m: int) -> int:
     return max(m - 1, 1).bit_length()
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
     """How many slices of the locations the weight-gradient grid uses: enough programs to fill the
-    GPU (_PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
+    GPU (tuning.PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
     if device.type == "cuda":
-        wanted = -(-_PROGRAMS_PER_SM * _sm_count(device) // tiles)
+        wanted = -(-tuning.PROGRAMS_PER_SM * tuning.sm_count(device) // tiles)
     else:
         wanted = 2
     return max(1, min(m_tiles, wanted))
@@ -596,7 +445,7 @@ def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.
     b, cin, h, w = xs[0].shape
     cout = ws[0].shape[0]
     m = b * h * w
-    ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
+    ct, dot = compute_dtype(xs[0].dtype), tuning.dot_dtype(xs[0].dtype)
     xl = _channels_last(xs, xs[0].dtype)
     wl = _weight_matrix(ws, dot)
     boxc = box.to(ct).contiguous()
@@ -611,7 +460,7 @@ def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.
     _star_fwd_kernel[grid](
         xl[0], xl[-1], wl[0], wl[-1], biasc, boxc, outs[0], outs[-1], m, h, w, cin, cout,
         _m_log2(m), stride,
-        PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(dot),
+        PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=tuning.dot_precision(dot),
     )
     return outs
 
@@ -627,8 +476,8 @@ def _launch_backward(
     cout = ws[0].shape[0]
     m = b * h * w
     device = xs[0].device
-    ct, dot = compute_dtype(xs[0].dtype), _dot_dtype(xs[0].dtype)
-    precision = _dot_precision(dot)
+    ct, dot = compute_dtype(xs[0].dtype), tuning.dot_dtype(xs[0].dtype)
+    precision = tuning.dot_precision(dot)
     xl = _channels_last(xs, xs[0].dtype)
     gl = _channels_last(grads, dot)
     boxc = box.to(ct).contiguous()

@@ -54,21 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import checks, dispatch
+from kernels import checks, dispatch, tuning
 from kernels.reference import varifocal_loss_dense_reference, varifocal_loss_reference
 
 _REDUCTIONS = ("none", "sum", "mean")
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-# Launch configuration (retune here). GPU: a tile of _GPU_TILE elements per loop iteration,
-# BLOCK_C the power of two in [16, _GPU_MAX_BLOCK_C] that pads C least (80 -> 16 x 5 iterations,
-# 1203 -> 64 x 19), BLOCK_N = _GPU_TILE // BLOCK_C rows per program. Interpreter: ~4 ms per program
-# whatever the tile, so one BLOCK_C covers the whole row and tiles are large.
-_GPU_TILE = 2048
-_GPU_TILE_FP64 = 512  # float64 math: 2048 elements spill registers (kernels.aot)
-_GPU_MAX_BLOCK_C = 256
-_GPU_NUM_WARPS = 4
-_INTERPRETER_TILE = 2**16
 
 
 @triton.jit
@@ -157,21 +147,9 @@ def _vfl_kernel(
         tl.store(partial_ptr + pid, tl.sum(acc))
 
 
-def _launch_config(n_cols: int, compute: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) for C = n_cols classes and math in `compute`."""
-    if dispatch.interpreter_enabled():
-        block_c = triton.next_power_of_2(max(n_cols, 1))
-        return max(1, _INTERPRETER_TILE // block_c), block_c, 4
-    return gpu_launch_config(n_cols, compute)
-
-
-def gpu_launch_config(n_cols: int, compute: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) of the compiled kernel for C = n_cols classes and math in
-    `compute` (float32 or float64)."""
-    candidates = [16 << k for k in range(int(math.log2(_GPU_MAX_BLOCK_C // 16)) + 1)]
-    block_c = min(candidates, key=lambda b: (triton.cdiv(n_cols, b) * b, -b))
-    tile = _GPU_TILE_FP64 if compute == torch.float64 else _GPU_TILE
-    return max(1, tile // block_c), block_c, _GPU_NUM_WARPS
+# The JIT kernel by name (the ahead-of-time check, kernels.aot); its launch config is
+# `kernels.tuning.vfl_launch_config`.
+KERNELS = {"vfl": _vfl_kernel}
 
 
 def _launch(
@@ -198,7 +176,7 @@ def _launch(
     compute = checks.compute_dtype(logits.dtype)
     loss = torch.empty_like(logits) if store_loss else None
     grad = torch.empty_like(logits) if store_grad else None
-    block_n, block_c, num_warps = _launch_config(c, compute)
+    block_n, block_c, num_warps = tuning.vfl_launch_config(c, compute)
     programs = triton.cdiv(n, block_n) if n * c else 0
     partials = torch.zeros(programs, dtype=compute, device=logits.device) if reduce else None
     if programs == 0:

@@ -3,7 +3,7 @@ Triton's own ptxas, no GPU needed (`kernels.aot`): every config the autotuner ma
 fits the arch's shared memory (and its estimate, which prunes configs before compilation) and
 spills no registers.
 
-CI scope (67 variants; 4.5 minutes for 73 on the project's 2-core machine shared with other jobs):
+CI scope (65 variants; 4.5 minutes for 73 on the project's 2-core machine shared with other jobs):
 both archs, every config of the three star-conv kernels for bf16 (the training path under
 autocast; fp16 shares its configs and code path), fp32 (IEEE dots, torch's default) and fp64 (the
 tests' dtype) on the head's shape class (the pair, 256 channels), and the VFL kernel at C = 80 and
@@ -21,7 +21,7 @@ import pytest
 import torch
 import triton
 
-from kernels import aot, star_conv
+from kernels import aot, star_conv, tuning
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,25 +51,25 @@ def test_pruning_keeps_the_configs_of_the_dtype_that_fit(kernel, dtype, arch):
     """The autotuner's early prune: only configs of the dot dtype's width, only those whose
     estimate fits the device's shared memory, at least one; the rest are never compiled."""
     limit = aot.SHARED_LIMIT[arch]
-    kept = star_conv.gpu_configs(kernel, dtype, limit, 256, arch)
-    listed = star_conv._CONFIGS[kernel][WIDTHS[dtype], arch >= 90]
+    kept = tuning.gpu_configs(kernel, dtype, limit, 256, arch)
+    listed = tuning.CONFIGS[kernel][WIDTHS[dtype], arch >= 90]
     assert kept and all(c in listed for c in kept)
     assert [c for c in listed if c not in kept] == [
-        c for c in listed if star_conv.shared_estimate(kernel, c, WIDTHS[dtype], 256) > limit]
+        c for c in listed if tuning.shared_estimate(kernel, c, WIDTHS[dtype], 256) > limit]
 
 
 def test_prune_hook_reads_dtype_and_device_limit(monkeypatch):
     """The hook takes the list of the tensor's dtype and the device's architecture and drops the
     configs over the device's shared memory (an sm_86 GPU: Ampere lists, 99 KB)."""
-    monkeypatch.setattr(star_conv, "shared_memory_limit", lambda device: 101376)
-    monkeypatch.setattr(star_conv, "capability", lambda device: 86)
-    every = list({id(c): c for configs in star_conv._CONFIGS["star_fwd"].values() for c in configs}.values())
-    prune = star_conv._gpu_prune("star_fwd", "w1_ptr")
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 101376)
+    monkeypatch.setattr(tuning, "capability", lambda device: 86)
+    every = list({id(c): c for configs in tuning.CONFIGS["star_fwd"].values() for c in configs}.values())
+    prune = tuning.gpu_prune("star_fwd", "w1_ptr")
     kept = prune(every, {"w1_ptr": torch.empty(1, dtype=torch.bfloat16), "COUT": 256})
-    assert kept == star_conv.gpu_configs("star_fwd", torch.bfloat16, 101376, 256, 86)
-    ampere = star_conv._CONFIGS["star_fwd"][2, False]
+    assert kept == tuning.gpu_configs("star_fwd", torch.bfloat16, 101376, 256, 86)
+    ampere = tuning.CONFIGS["star_fwd"][2, False]
     assert kept and all(c in ampere for c in kept) and len(kept) < len(ampere)
-    monkeypatch.setattr(star_conv, "shared_memory_limit", lambda device: 1024)
+    monkeypatch.setattr(tuning, "shared_memory_limit", lambda device: 1024)
     with pytest.raises(RuntimeError, match="no launch config of torch.float64 fits the 1024 B"):
         prune(every, {"w1_ptr": torch.empty(1, dtype=torch.float64), "COUT": 256})
 
@@ -78,4 +78,4 @@ def test_estimate_matches_the_compiler_on_a_measured_config():
     """bf16 forward 128x128x32, 8 warps, 3 stages: ptxas reported 184 KB on sm_90 (triton 3.6 and
     3.9); the estimate is exact there (so it does not over-prune the tiles that matter most)."""
     config = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3)
-    assert star_conv.shared_estimate("star_fwd", config, 2, 256) == 184 * 1024
+    assert tuning.shared_estimate("star_fwd", config, 2, 256) == 184 * 1024
