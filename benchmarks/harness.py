@@ -8,7 +8,9 @@ ceilings, the results (CSV rows, chart, log) and the torchvision star-conv basel
   both paths. Rows follow the CSV schema of docs/design.md §7: `benchmark, provider, mode, dtype,
   shape, metric, unit, p50, p20, p80, device, commit, timestamp`.
 - Timing: `time_ms` runs `warmup` untimed calls, then times `reps` calls one by one (CUDA events
-  with the L2 cache flushed before each call; wall clock on the CPU) and returns quantiles.
+  with the L2 cache flushed before each call; wall clock on the CPU) and returns quantiles;
+  `rate_quantiles` turns them into the quantiles of a rate (GB/s, TFLOP/s, img/s), whose p20 and
+  p80 come from the time's p80 and p20.
 - `torchvision_star_pair`: the star-conv pair as the reference implementation computes it
   (offsets, then `torchvision.ops.deform_conv2d`), the baseline of the micro and the detector
   benchmarks.
@@ -83,7 +85,10 @@ def device_name(device: torch.device) -> str:
 
 @functools.cache
 def git_commit() -> str:
-    """The short commit hash of the working tree, or "unknown"."""
+    """`VFNET_COMMIT` when set (a copied tree without .git, e.g. on the GPU machine), else the
+    short commit hash of the working tree, or "unknown" (no git, or not a repository)."""
+    if os.environ.get("VFNET_COMMIT", "").strip():
+        return os.environ["VFNET_COMMIT"].strip()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
@@ -133,6 +138,14 @@ def quantiles(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), cuts[1], cuts[7]
 
 
+def rate_quantiles(amount: float, ms: tuple[float, float, float]) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) of the rate `amount` per second, from the time quantiles
+    `ms` = (median, 20th, 80th percentile) in milliseconds: a rate falls as the time grows, so its
+    20th percentile comes from the time's 80th and its 80th from the time's 20th."""
+    p50, p20, p80 = ms
+    return amount / (p50 * 1e-3), amount / (p80 * 1e-3), amount / (p20 * 1e-3)
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     """Peak device memory allocated while running `fn()` once, in MB (CUDA only; NaN on CPU)."""
     if device.type != "cuda":
@@ -155,13 +168,13 @@ def ceiling_rows(benchmark: str, device: torch.device) -> list[Row]:
     src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     copy = time_ms(lambda: dst.copy_(src), device)
-    gbps = [2 * src.numel() * 4 / (ms * 1e-3) / 1e9 for ms in copy]
+    gbps = rate_quantiles(2 * src.numel() * 4 / 1e9, copy)
     n = 8192 if cuda else 512
     dtype = torch.bfloat16 if cuda else torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     mm = time_ms(lambda: a @ b, device)
-    tflops = [2 * n**3 / (ms * 1e-3) / 1e12 for ms in mm]
+    tflops = rate_quantiles(2 * n**3 / 1e12, mm)
     return [
         Row(benchmark, "ceiling", "copy", "fp32", str(numel), "gbps", "GB/s", *gbps),
         Row(benchmark, "ceiling", "matmul", str(dtype).removeprefix("torch."), f"{n}x{n}x{n}",

@@ -60,3 +60,26 @@ def test_shared_options():
     assert not harness.is_small(args, cpu) and harness.timing(args, False, cpu) == (0, 7) and args.no_ceiling
     with pytest.raises(SystemExit):
         parser.parse_args(["--reps", "0"])
+
+
+def test_rate_quantiles_swap_the_tails():
+    """A rate falls as time grows: the rate's p20 is the amount over the time's p80."""
+    p50, p20, p80 = harness.rate_quantiles(10.0, (2.0, 1.0, 4.0))  # ms: median 2, p20 1, p80 4
+    assert (p50, p20, p80) == (5000.0, 2500.0, 10000.0) and p20 <= p50 <= p80
+    rows = harness.ceiling_rows("probe", torch.device("cpu"))
+    assert all(r.p20 <= r.p50 <= r.p80 for r in rows)
+
+
+def test_git_commit_without_git_or_from_the_environment(monkeypatch, tmp_path):
+    """The GPU machine's copy of the tree has no .git (and may have no git): "unknown", or the
+    commit the caller passes in VFNET_COMMIT; never an exception."""
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git executable here
+    monkeypatch.delenv("VFNET_COMMIT", raising=False)
+    harness.git_commit.cache_clear()
+    try:
+        assert harness.git_commit() == "unknown"
+        harness.git_commit.cache_clear()
+        monkeypatch.setenv("VFNET_COMMIT", "abc1234")
+        assert harness.git_commit() == "abc1234"
+    finally:
+        harness.git_commit.cache_clear()
