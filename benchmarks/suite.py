@@ -409,14 +409,14 @@ def run_benchmark(argv: list[str] | None = None) -> None:
     import torch._dynamo
 
     config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the name before torch 2.6
-        if hasattr(config, name):
-            setattr(config, name, RECOMPILE_LIMIT)
-            break
-    for name in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
-        if hasattr(config, name):
-            setattr(config, name, True)
-            break
+    for names, value in ((("recompile_limit", "cache_size_limit"), RECOMPILE_LIMIT),  # the latter before torch 2.6
+                         (("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"), True)):
+        found = next((name for name in names if hasattr(config, name)), None)
+        if found is None:  # a torch that renamed them again: say so instead of silently running eager
+            print(f"WARNING: torch._dynamo.config has none of {names}: torch_compile rows may include "
+                  f"eager fallbacks", flush=True)
+        else:
+            setattr(config, found, value)
     sys.argv = [module, *args]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
