@@ -35,7 +35,13 @@ DEFAULT_CONFIG_NAME = "shapes_tiny"
 class ModelConfig:
     """The detector: backbone, FPN, head, and which kernels it runs."""
 
-    depth: int = 50  # ResNet depth: 18, 34, 50 or 101
+    backbone: str = "resnet"  # "resnet" (ResNeXt with groups > 1) or "res2net" (v1d)
+    depth: int = 50  # 18, 34, 50 or 101 (ResNeXt, Res2Net, DCN: 50 or 101)
+    groups: int = 1  # ResNeXt cardinality (X-101-64x4d: 64); 1 = ResNet
+    base_width: int = 64  # bottleneck width per group for 64 channels (ResNet 64, X-101-64x4d 4, Res2Net 26)
+    scales: int = 4  # Res2Net scales (R2-101 26w x 4s: 4)
+    stage_with_dcn: list[bool] = field(default_factory=lambda: [False] * 4)  # DCNv2 3x3 convs per stage 1-4
+    dcn_on_last_conv: bool = False  # the last conv of both head towers as DCNv2
     num_classes: int = 80
     pretrained: str = ""  # path to a torchvision-format ImageNet state dict; "" = random init
     init_from: str = ""  # vfnet or mmdetection checkpoint to start training from (not a resume)
@@ -99,6 +105,8 @@ class DataConfig:
     synth_seed: int = 0
     img_scale: list[int] = field(default_factory=lambda: [1333, 800])  # max long, max short side
     multiscale: list[list[int]] = field(default_factory=list)  # [[long, short], ...] sampled per image
+    scale_range: list[list[int]] = field(default_factory=list)  # [[long, short], [long, short]]: each side
+    # drawn per image uniformly between the two (integers, both ends included); [] = off
     flip_prob: float = 0.5
     size_divisor: int = 32
     mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255 scale
@@ -276,7 +284,17 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def validate(cfg: Config, source: str = "config") -> None:
     """Check value ranges and choices; raise ConfigError naming the key."""
     checks: list[tuple[str, bool, str]] = [
+        ("model.backbone", cfg.model.backbone in ("resnet", "res2net"), "'resnet' or 'res2net'"),
         ("model.depth", cfg.model.depth in (18, 34, 50, 101), "one of 18, 34, 50, 101"),
+        ("model.depth", cfg.model.depth in (50, 101) or (
+            cfg.model.backbone == "resnet" and cfg.model.groups == 1 and cfg.model.base_width == 64
+            and not any(cfg.model.stage_with_dcn)),
+         "50 or 101 for Res2Net, ResNeXt (model.groups > 1), model.base_width != 64 and DCN"),
+        ("model.groups", cfg.model.groups >= 1 and (cfg.model.groups == 1 or cfg.model.backbone == "resnet"),
+         ">= 1 (1 for Res2Net)"),
+        ("model.base_width", cfg.model.base_width >= 1, ">= 1"),
+        ("model.scales", cfg.model.scales >= 2, ">= 2"),
+        ("model.stage_with_dcn", len(cfg.model.stage_with_dcn) == 4, "4 flags (stages 1-4)"),
         ("model.num_classes", cfg.model.num_classes >= 1, ">= 1"),
         ("model.class_names", len(cfg.model.class_names) in (0, cfg.model.num_classes),
          "empty or one name per class (model.num_classes)"),
@@ -300,6 +318,10 @@ def validate(cfg: Config, source: str = "config") -> None:
          "[max_long_side, max_short_side], positive"),
         ("data.multiscale", all(len(s) == 2 and min(s) > 0 for s in cfg.data.multiscale),
          "a list of [long, short] pairs"),
+        ("data.scale_range", cfg.data.scale_range == [] or (
+            len(cfg.data.scale_range) == 2 and all(len(s) == 2 and min(s) > 0 for s in cfg.data.scale_range)
+            and not cfg.data.multiscale),
+         "[] or two positive [long, short] pairs (not with data.multiscale)"),
         ("data.flip_prob", 0 <= cfg.data.flip_prob <= 1, "in [0, 1]"),
         ("data.size_divisor", cfg.data.size_divisor >= 1, ">= 1"),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),

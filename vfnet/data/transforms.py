@@ -45,10 +45,14 @@ def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
 
 @dataclass
 class Transform:
-    """Resize (one [long, short] of `scales`, sampled per image), flip with `flip_prob`,
-    normalise with `mean`/`std` (RGB, 0-255 scale). Empty `scales` = keep the input size."""
+    """Resize (one [long, short] of `scales`, sampled per image; or, with `scale_range` = (a, b),
+    a [long, short] drawn per image with long uniform in the integers between a's and b's long
+    sides and short likewise, both ends included: mmdetection's `RandomResize` with two scales and
+    keep_ratio), flip with `flip_prob`, normalise with `mean`/`std` (RGB, 0-255 scale). Empty
+    `scales` and no `scale_range` = keep the input size."""
 
     scales: list[tuple[int, int]] = field(default_factory=list)
+    scale_range: tuple[tuple[int, int], tuple[int, int]] | None = None
     flip_prob: float = 0.0
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -61,6 +65,11 @@ class Transform:
         for s in self.scales:
             if len(s) != 2 or min(s) <= 0:
                 raise ValueError(f"scales must be positive [long, short] pairs, got {s}")
+        if self.scale_range is not None:
+            if len(self.scale_range) != 2 or any(len(s) != 2 or min(s) <= 0 for s in self.scale_range):
+                raise ValueError(f"scale_range must be two positive [long, short] pairs, got {self.scale_range}")
+            if self.scales:
+                raise ValueError("scales and scale_range are exclusive")
 
     def __call__(
         self, image: Image.Image | np.ndarray, boxes: np.ndarray | torch.Tensor,
@@ -74,13 +83,12 @@ class Transform:
         if image.mode != "RGB":
             raise ValueError(f"image must be RGB, got mode {image.mode}")
         boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4)
-        if rng is None and (len(self.scales) > 1 or self.flip_prob > 0):
+        if rng is None and (len(self.scales) > 1 or self.scale_range is not None or self.flip_prob > 0):
             rng = np.random.default_rng(random.getrandbits(64))
         width, height = image.size
         sx = sy = 1.0
-        if self.scales:
-            pick = int(rng.integers(len(self.scales))) if len(self.scales) > 1 else 0
-            long_side, short_side = self.scales[pick]
+        if self.scales or self.scale_range is not None:
+            long_side, short_side = self.sample_scale(rng)
             new_w, new_h = rescale_size(width, height, long_side, short_side)
             if (new_w, new_h) != (width, height):
                 image = image.resize((new_w, new_h), Image.BILINEAR)
@@ -94,10 +102,23 @@ class Transform:
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return Transformed(tensor, boxes_t, (sx, sy))
 
+    def sample_scale(self, rng: np.random.Generator | None) -> tuple[int, int]:
+        """The [long, short] bound of one image (see the class docstring)."""
+        if self.scale_range is not None:
+            (l0, s0), (l1, s1) = self.scale_range
+            return (int(rng.integers(min(l0, l1), max(l0, l1) + 1)),
+                    int(rng.integers(min(s0, s1), max(s0, s1) + 1)))
+        pick = int(rng.integers(len(self.scales))) if len(self.scales) > 1 else 0
+        return self.scales[pick]
+
 
 def build_transform(data_cfg: DataConfig, train: bool) -> Transform:
-    """The training transform (multi-scale when `data.multiscale` is set, random flip) or the
-    evaluation one (`data.img_scale`, no flip)."""
+    """The training transform (multi-scale when `data.multiscale` or `data.scale_range` is set,
+    random flip) or the evaluation one (`data.img_scale`, no flip)."""
+    if train and data_cfg.scale_range:
+        (a, b) = data_cfg.scale_range
+        return Transform(scale_range=((int(a[0]), int(a[1])), (int(b[0]), int(b[1]))),
+                         flip_prob=data_cfg.flip_prob, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std))
     scales = data_cfg.multiscale if train and data_cfg.multiscale else [data_cfg.img_scale]
     return Transform(
         scales=[(int(s[0]), int(s[1])) for s in scales],

@@ -1,5 +1,5 @@
 """VFNet from its parts (backbone, neck, head, loss) with ATSS targets and inference; `VFNet.from_config`
-builds the configured ResNet + FPN + VFNet head."""
+builds the configured backbone (ResNet, ResNeXt or Res2Net, DCN stages) + FPN + VFNet head."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +7,25 @@ from torch import nn
 from torch.profiler import record_function
 
 from kernels.ops import Ops
-from vfnet.core.config import AssignConfig, Config, InferConfig
+from vfnet.core.config import AssignConfig, Config, InferConfig, ModelConfig
 from vfnet.model.assign import atss_assign, pad_gts
-from vfnet.model.backbone import ResNet
+from vfnet.model.backbone import Backbone, ResNet
 from vfnet.model.boxes import batched_nms, distance_to_box
 from vfnet.model.fpn import FPN
 from vfnet.model.head import HeadOutputs, VFNetHead
 from vfnet.model.losses import VFNetLoss, flatten_levels
 from vfnet.model.postprocess import large_enough, top_pairs
+from vfnet.model.res2net import Res2Net
+
+
+def build_backbone(m: ModelConfig, ops: Ops) -> Backbone:
+    """The backbone `m` configures (`model.backbone`, `depth`, `groups`, `base_width`, `scales`,
+    `stage_with_dcn`, `frozen_stages`, `norm_eval`); DCN layers run `ops.deform_conv2d`."""
+    common = {"frozen_stages": m.frozen_stages, "norm_eval": m.norm_eval,
+              "stage_with_dcn": m.stage_with_dcn, "deform_conv": ops.deform_conv2d}
+    if m.backbone == "res2net":
+        return Res2Net(m.depth, scales=m.scales, base_width=m.base_width, **common)
+    return ResNet(m.depth, groups=m.groups, base_width=m.base_width, **common)
 
 
 def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
@@ -68,13 +79,13 @@ class VFNet(nn.Module):
 
         `ops` are the star-conv pair and the varifocal loss the head and the loss run; by default
         `Ops.from_name(cfg.model.kernels)` ("triton": the `kernels` ops, "torch": their PyTorch
-        references; see `kernels.ops`). With `cfg.model.pretrained` set, the backbone loads that
-        torchvision-format state dict. The model holds `cfg.infer` itself (not a copy), so a later
-        change to it applies to `predict`.
+        references; see `kernels.ops`; DCN layers run its `deform_conv2d`). With `cfg.model.pretrained`
+        set, the backbone loads that ImageNet state dict (`Backbone.load_torchvision_state_dict`).
+        The model holds `cfg.infer` itself (not a copy), so a later change to it applies to `predict`.
         """
         m = cfg.model
         ops = ops or Ops.from_name(m.kernels)
-        backbone = ResNet(m.depth, frozen_stages=m.frozen_stages, norm_eval=m.norm_eval)
+        backbone = build_backbone(m, ops)
         if m.pretrained:
             backbone.load_torchvision_state_dict(m.pretrained)
         neck = FPN(backbone.out_channels, m.fpn_channels)  # before the head: the random init's order
@@ -88,6 +99,8 @@ class VFNet(nn.Module):
             strides=m.strides,
             reg_denoms=m.reg_denoms,
             gradient_mul=m.gradient_mul,
+            dcn_on_last_conv=m.dcn_on_last_conv,
+            deform_conv=ops.deform_conv2d,
         )
         return cls(
             backbone, neck, head, VFNetLoss(cfg.loss, ops.varifocal_loss),

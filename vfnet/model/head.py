@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
-from kernels.ops import StarPairOp
+from kernels.ops import DeformConv2dOp, StarPairOp
+from vfnet.model.dcn import ModulatedDeformConv
 
 PRIOR_PROB = 0.01  # initial foreground probability of the class logits
 
@@ -46,9 +47,12 @@ class Scale(nn.Module):
         return x.float() * self.scale.float()
 
 
-def _conv_gn_relu(in_channels: int, out_channels: int, groups: int) -> nn.Sequential:
+def _conv_gn_relu(in_channels: int, out_channels: int, groups: int,
+                  deform_conv: DeformConv2dOp | None = None) -> nn.Sequential:
+    conv = (nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False) if deform_conv is None
+            else ModulatedDeformConv(in_channels, out_channels, 3, deform_conv, padding=1))
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        conv,
         nn.GroupNorm(groups, out_channels),
         nn.ReLU(inplace=True),
     )
@@ -58,7 +62,9 @@ class VFNetHead(nn.Module):
     """forward(features: P3..P7 [B, in_channels, H_l, W_l]) -> HeadOutputs.
 
     `star_pair` computes both star convolutions of a level (`kernels.ops.StarPairOp`, e.g.
-    `Ops.from_name(cfg.model.kernels).star_pair`).
+    `Ops.from_name(cfg.model.kernels).star_pair`). With `dcn_on_last_conv` the last conv of each
+    tower is a DCNv2 layer (`vfnet.model.dcn.ModulatedDeformConv`, no bias, then GN and ReLU as
+    the others) running `deform_conv` (`Ops.deform_conv2d`), as mmdetection's `dcn_on_last_conv`.
     """
 
     def __init__(
@@ -73,6 +79,8 @@ class VFNetHead(nn.Module):
         strides: list[int] | tuple[int, ...] = (8, 16, 32, 64, 128),
         reg_denoms: list[float] | tuple[float, ...] = (64.0, 128.0, 256.0, 512.0, 1024.0),
         gradient_mul: float = 0.1,
+        dcn_on_last_conv: bool = False,
+        deform_conv: DeformConv2dOp | None = None,
     ):
         super().__init__()
         if stacked_convs < 1:
@@ -84,12 +92,19 @@ class VFNetHead(nn.Module):
         self.reg_denoms = [float(d) for d in reg_denoms]
         self.gradient_mul = gradient_mul
         self.star_pair = star_pair
-        self.cls_convs = nn.Sequential(
-            *[_conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups) for i in range(stacked_convs)]
-        )
-        self.reg_convs = nn.Sequential(
-            *[_conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups) for i in range(stacked_convs)]
-        )
+        if dcn_on_last_conv and deform_conv is None:
+            raise ValueError("dcn_on_last_conv needs a deform_conv op")
+        self.dcn_on_last_conv = dcn_on_last_conv
+
+        def tower() -> nn.Sequential:
+            return nn.Sequential(*[
+                _conv_gn_relu(in_channels if i == 0 else channels, channels, gn_groups,
+                              deform_conv if dcn_on_last_conv and i == stacked_convs - 1 else None)
+                for i in range(stacked_convs)
+            ])
+
+        self.cls_convs = tower()
+        self.reg_convs = tower()
         self.reg_init_conv = _conv_gn_relu(channels, channels, gn_groups)
         self.reg_init = nn.Conv2d(channels, 4, 3, padding=1)
         self.scales = nn.ModuleList(Scale() for _ in self.strides)
@@ -102,12 +117,17 @@ class VFNetHead(nn.Module):
 
     def _init_weights(self) -> None:
         """Every conv weight (towers, star convs, outputs) normal(0, 0.01), biases 0 except the class
-        logits' bias -log((1 - p) / p) with p = 0.01; GroupNorm at weight 1, bias 0."""
+        logits' bias -log((1 - p) / p) with p = 0.01; GroupNorm at weight 1, bias 0. A DCN layer
+        (`dcn_on_last_conv`) keeps its own start: weight uniform in +-1/sqrt(fan_in), offset conv at
+        0 (what mmdetection 3.3.0's `init_weights` leaves in a DCN VFNet head)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ModulatedDeformConv):
+                m.reset_parameters()
         nn.init.normal_(self.star_reg_weight, std=0.01)
         nn.init.normal_(self.star_cls_weight, std=0.01)
         nn.init.constant_(self.cls.bias, -math.log((1 - PRIOR_PROB) / PRIOR_PROB))
