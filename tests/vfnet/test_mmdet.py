@@ -15,7 +15,7 @@ from vfnet.api import class_info, load_model
 from vfnet.cli import main
 from vfnet.core.checkpoint import CheckpointError, load_checkpoint
 from vfnet.core.config import Config
-from vfnet.interop.mmdet import from_mmdet_name, read_untrusted, to_mmdet_name
+from vfnet.interop.mmdet import describe_model, from_mmdet_name, infer_config, read_untrusted, to_mmdet_name
 from vfnet.model import VFNet
 from vfnet.train.engine import train
 from vfnet.train.transfer import init_from
@@ -27,10 +27,10 @@ BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
 COCO_NAMES = tuple(f"thing{i}" for i in range(80))
 
 
-def reference_keys(depth: int) -> dict[str, tuple[int, ...]]:
-    """mmdetection's VFNet R-<depth> tensor names and shapes (tools/mmdet_vfnet_keys.py)."""
+def reference_keys(name: str) -> dict[str, tuple[int, ...]]:
+    """mmdetection's VFNet tensor names and shapes of one zoo architecture (tools/mmdet_vfnet_keys.py)."""
     keys = {}
-    for line in (DATA / f"mmdet_vfnet_r{depth}_keys.tsv").read_text().splitlines():
+    for line in (DATA / f"mmdet_vfnet_{name}_keys.tsv").read_text().splitlines():
         if line.startswith("#"):
             continue
         name, shape = line.split("\t")
@@ -47,11 +47,40 @@ def model_cfg(depth=18, num_classes=80, channels=32, stacked_convs=1) -> Config:
     return cfg
 
 
-@pytest.mark.parametrize("depth", [50, 101])
-def test_map_covers_every_tensor_of_mmdetections_vfnet(depth):
-    theirs = reference_keys(depth)
+# key list -> (model.* settings of that architecture, what `describe_model` calls it)
+ZOO = {
+    "r50": ({"depth": 50}, "VFNet R-50"),
+    "r101": ({"depth": 101}, "VFNet R-101"),
+    "r50_dcn": ({"depth": 50, "dcn": True}, "VFNet R-50 DCN (c3, c4, c5, head)"),
+    "r101_dcn": ({"depth": 101, "dcn": True}, "VFNet R-101 DCN (c3, c4, c5, head)"),
+    "x101_32x4d": ({"depth": 101, "groups": 32, "base_width": 4}, "VFNet X-101-32x4d"),
+    "x101_32x4d_dcn": ({"depth": 101, "groups": 32, "base_width": 4, "dcn": True},
+                       "VFNet X-101-32x4d DCN (c3, c4, c5, head)"),
+    "x101_64x4d": ({"depth": 101, "groups": 64, "base_width": 4}, "VFNet X-101-64x4d"),
+    "x101_64x4d_dcn": ({"depth": 101, "groups": 64, "base_width": 4, "dcn": True},
+                       "VFNet X-101-64x4d DCN (c3, c4, c5, head)"),
+    "r2_101": ({"depth": 101, "backbone": "res2net", "base_width": 26}, "VFNet R2-101 26w x 4s"),
+    "r2_101_dcn": ({"depth": 101, "backbone": "res2net", "base_width": 26, "dcn": True},
+                   "VFNet R2-101 26w x 4s DCN (c3, c4, c5, head)"),
+}
+
+
+def zoo_cfg(name: str) -> Config:
+    settings, _ = ZOO[name]
+    cfg = model_cfg(settings["depth"], 80, 256, 3)
+    for key in ("backbone", "groups", "base_width"):
+        if key in settings:
+            setattr(cfg.model, key, settings[key])
+    if settings.get("dcn"):
+        cfg.model.stage_with_dcn, cfg.model.dcn_on_last_conv = [False, True, True, True], True
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_map_covers_every_tensor_of_mmdetections_vfnet(name):
+    theirs = reference_keys(name)
     with torch.device("meta"):
-        ours = {k: tuple(v.shape) for k, v in VFNet.from_config(model_cfg(depth, 80, 256, 3)).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in VFNet.from_config(zoo_cfg(name)).state_dict().items()}
     mapped = {}
     for name, shape in theirs.items():
         our_name = from_mmdet_name(name)
@@ -59,6 +88,17 @@ def test_map_covers_every_tensor_of_mmdetections_vfnet(depth):
         assert to_mmdet_name(our_name) == name
         mapped[our_name] = shape
     assert mapped == ours  # every tensor, same shapes, nothing left over on either side
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_the_architecture_is_read_off_mmdetections_tensors(name):
+    weights = {k: torch.empty(shape, device="meta") for k, shape in reference_keys(name).items()}
+    cfg = infer_config(weights, f"{name}.pth")
+    expected = zoo_cfg(name)
+    for key in ("backbone", "depth", "groups", "base_width", "scales", "stage_with_dcn", "dcn_on_last_conv",
+                "num_classes", "fpn_channels", "head_channels", "stacked_convs"):
+        assert getattr(cfg.model, key) == getattr(expected.model, key), key
+    assert describe_model(cfg) == ZOO[name][1]
 
 
 @pytest.mark.parametrize("depth", [18, 50])
@@ -123,12 +163,15 @@ def test_convert_writes_a_checkpoint_eval_and_predict_load(source, tmp_path, cap
 
 def bad_weights(weights, case):
     w = dict(weights)
-    if case == "dcn":
-        w["backbone.layer3.0.conv2.conv_offset.weight"] = torch.zeros(18, 256, 3, 3)
-    elif case == "res2net":
-        w = {"backbone.stem.0.weight": torch.zeros(32, 3, 3, 3), **w}
-    elif case == "resnext":
-        w["backbone.layer2.0.conv2.weight"] = torch.zeros(128, 4, 3, 3)  # 32 groups
+    if case == "dcn_groups":  # 2 deform groups
+        w["bbox_head.cls_convs.0.conv.conv_offset.weight"] = torch.zeros(54, 32, 3, 3)
+    elif case == "dcn_place":
+        w["bbox_head.vfnet_reg_conv.conv.conv_offset.weight"] = torch.zeros(27, 32, 3, 3)
+    elif case == "dcn_one_tower":
+        w["bbox_head.cls_convs.0.conv.conv_offset.weight"] = torch.zeros(27, 32, 3, 3)
+        w["bbox_head.cls_convs.0.conv.conv_offset.bias"] = torch.zeros(27)
+    elif case == "dcn_basic":  # DCN in a ResNet-18
+        w["backbone.layer3.0.conv2.conv_offset.weight"] = torch.zeros(27, 256, 3, 3)
     elif case == "unknown":
         w["bbox_head.centerness.weight"] = torch.zeros(1, 32, 3, 3)
     elif case == "missing":
@@ -141,9 +184,11 @@ def bad_weights(weights, case):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("dcn", "(DCN) are not supported: backbone.layer3.0.conv2.conv_offset.weight"),
-    ("res2net", "Res2Net backbones are not supported: backbone.stem.0.weight"),
-    ("resnext", "ResNeXt (grouped convolution) backbones are not supported: backbone.layer2.0.conv2.weight"),
+    ("dcn_groups", "one deform group (27 offset channels) are supported: "
+                   "bbox_head.cls_convs.0.conv.conv_offset.weight has shape (54, 32, 3, 3)"),
+    ("dcn_place", "(DCN) at this place is not supported: bbox_head.vfnet_reg_conv.conv.conv_offset.weight"),
+    ("dcn_one_tower", "tensor bbox_head.reg_convs.0.conv.conv_offset.weight is missing"),
+    ("dcn_basic", "model.depth = 18 is invalid"),
     ("unknown", "tensor bbox_head.centerness.weight has no counterpart"),
     ("missing", "tensor bbox_head.vfnet_reg_refine.bias is missing"),
     ("shape", "tensor neck.fpn_convs.4.conv.weight has shape (32, 32, 1, 1), expected (32, 32, 3, 3)"),
@@ -249,3 +294,58 @@ def test_bccd_fine_tune_from_a_converted_checkpoint(source, tmp_path, caplog):
     assert state["iteration"] == 2
     _, cfg_out, _ = load_model(tmp_path / "run" / "checkpoints" / "last.pt", device=torch.device("cpu"))
     assert cfg_out.model.class_names == ["Platelets", "RBC", "WBC"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The other zoo architectures, small: converting, and fine-tuning into another class count
+
+
+SMALL_ZOO = {
+    "res2net_dcn": ({"backbone": "res2net", "depth": 50, "base_width": 4, "scales": 3, "dcn": True},
+                    "VFNet R2-50 4w x 3s DCN (c3, c4, c5, head)"),
+    "resnext_dcn": ({"backbone": "resnet", "depth": 50, "groups": 4, "base_width": 4, "dcn": True},
+                    "VFNet X-50-4x4d DCN (c3, c4, c5, head)"),
+    "resnext": ({"backbone": "resnet", "depth": 50, "groups": 2, "base_width": 8}, "VFNet X-50-2x8d"),
+}
+
+
+def small_cfg(name: str, num_classes: int = 80) -> Config:
+    settings, _ = SMALL_ZOO[name]
+    cfg = model_cfg(settings["depth"], num_classes, 64, 2)  # GroupNorm 32 needs > 1 value at P7 of 64 px
+    for key in ("backbone", "groups", "base_width", "scales"):
+        if key in settings:
+            setattr(cfg.model, key, settings[key])
+    if settings.get("dcn"):
+        cfg.model.stage_with_dcn, cfg.model.dcn_on_last_conv = [False, True, True, True], True
+    return cfg
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_ZOO))
+def test_zoo_architectures_convert_and_fine_tune(name, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = VFNet.from_config(small_cfg(name))
+    with torch.no_grad():  # offsets that move the samples
+        for key, value in model.state_dict().items():
+            if "conv_offset" in key:
+                value.normal_(std=0.1)
+    weights = {to_mmdet_name(k): v.clone() for k, v in model.state_dict().items()}
+    src = write_mmdet(tmp_path / "zoo.pth", weights, version=2)
+    assert main(["convert", "mmdet", str(src), str(tmp_path / "zoo.pt")]) == 0
+    assert f"{SMALL_ZOO[name][1]}, 80 classes" in capsys.readouterr().out
+    loaded, cfg, _ = load_model(tmp_path / "zoo.pt", device=torch.device("cpu"))
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    images = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        for a, b in zip(model(images).cls_scores, loaded.eval()(images).cls_scores):
+            torch.testing.assert_close(a, b)
+    target = VFNet.from_config(small_cfg(name, num_classes=3))
+    skipped = init_from(target, src)
+    assert sorted(s.split(":")[0] for s in skipped) == ["head.cls.bias", "head.cls.weight"]
+    target.train()
+    outputs = target(images)
+    losses = target.loss(outputs, [torch.tensor([[8.0, 8.0, 40.0, 50.0]])], [torch.tensor([1])])
+    sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+    offsets = [p for k, p in target.named_parameters() if "conv_offset" in k]
+    assert offsets and all(p.grad is not None for p in offsets) or "dcn" not in name

@@ -1,11 +1,16 @@
 """mmdetection VFNet checkpoints: safe reading, tensor names, and conversion to vfnet checkpoints.
 
 mmdetection 2.x (the official VarifocalNet repository, `meta.CLASSES`) and 3.x (`meta.dataset_meta.
-classes`) checkpoints hold `state_dict` with the same tensor names for the VFNet R-50/R-101 models:
-`backbone.*` (torchvision's ResNet names), `neck.lateral_convs.i.conv.*`, `neck.fpn_convs.i.conv.*`
-(3 and 4 are P6 and P7) and `bbox_head.*`. `to_mmdet_name` / `from_mmdet_name` map every one of
-them to ours and back (tested against the names and shapes listed from mmdetection's own model by
-`tools/mmdet_vfnet_keys.py`).
+classes`) checkpoints hold `state_dict` with the same tensor names for every VFNet of the zoo
+(R-50, R-101, X-101-32x4d, X-101-64x4d, R2-101, each with and without DCN): `backbone.*` (the same
+names as ours: torchvision's ResNet names, mmdetection's Res2Net names, a DCNv2 layer's
+`conv_offset.*`), `neck.lateral_convs.i.conv.*`, `neck.fpn_convs.i.conv.*` (3 and 4 are P6 and P7)
+and `bbox_head.*` (with `dcn_on_last_conv`, `bbox_head.{cls,reg}_convs.<last>.conv.conv_offset.*`).
+`to_mmdet_name` / `from_mmdet_name` map every one of them to ours and back (tested against the
+names and shapes listed from mmdetection's own models by `tools/mmdet_vfnet_keys.py`).
+`infer_config` reads the architecture off the tensors: the backbone kind (a `stem.*` is Res2Net;
+a grouped `conv2` is ResNeXt), depth, groups, base width, scales, which stages have DCN and
+whether the head's last convs are DCN.
 
 Reading never runs code from the file: it is `torch.load(weights_only=True)`. The non-tensor
 objects an mmdetection checkpoint pickles besides the weights (numpy arrays in `meta`, mmengine's
@@ -38,6 +43,7 @@ _RULES = [
     ("neck.p6.{param}", "neck.fpn_convs.3.conv.{param}"),
     ("neck.p7.{param}", "neck.fpn_convs.4.conv.{param}"),
     ("head.{tower}_convs.{i}.0.weight", "bbox_head.{tower}_convs.{i}.conv.weight"),
+    ("head.{tower}_convs.{i}.0.conv_offset.{param}", "bbox_head.{tower}_convs.{i}.conv.conv_offset.{param}"),
     ("head.{tower}_convs.{i}.1.{param}", "bbox_head.{tower}_convs.{i}.gn.{param}"),
     ("head.reg_init_conv.0.weight", "bbox_head.vfnet_reg_conv.conv.weight"),
     ("head.reg_init_conv.1.{param}", "bbox_head.vfnet_reg_conv.gn.{param}"),
@@ -162,33 +168,77 @@ def mmdet_weights(obj: Any, path: str | Path) -> tuple[dict[str, torch.Tensor], 
 
 _DEPTHS = {("basic", (2, 2, 2, 2)): 18, ("basic", (3, 4, 6, 3)): 34,
            ("bottleneck", (3, 4, 6, 3)): 50, ("bottleneck", (3, 4, 23, 3)): 101}
+_OFFSET = re.compile(r"(backbone\.layer\d+\.\d+\.(?:conv2|convs\.\d+)|bbox_head\.(?:cls|reg)_convs\.\d+\.conv)"
+                     r"\.conv_offset\.weight\Z")
 
 
 def refuse_unsupported(weights: dict[str, torch.Tensor], path: str | Path) -> None:
-    """One line naming the first tensor of a model we cannot represent."""
+    """One line naming the first tensor of a model we cannot represent: a DCN layer with other
+    than one deform group or a 3x3 kernel, or a DCN conv in the head other than the towers' last."""
+    last = max((int(m.group(1)) for k in weights if (m := re.match(r"bbox_head\.cls_convs\.(\d+)\.", k))),
+               default=-1)
     for name, value in weights.items():
-        if "conv_offset" in name:
-            raise CheckpointError(f"{path}: deformable convolutions (DCN) are not supported: {name}")
-        if re.match(r"backbone\.(stem\.|layer\d+\.\d+\.(convs|bns)\.)", name):
-            raise CheckpointError(f"{path}: Res2Net backbones are not supported: {name}")
-        block = re.match(r"(backbone\.layer\d+\.\d+)\.conv2\.weight\Z", name)
-        conv1 = weights.get(f"{block.group(1)}.conv1.weight") if block else None
-        if conv1 is not None and value.ndim == 4 and value.shape[2] == 3 and value.shape[1] != conv1.shape[0]:
-            raise CheckpointError(f"{path}: ResNeXt (grouped convolution) backbones are not supported: {name}")
+        if "conv_offset" not in name:
+            continue
+        if _OFFSET.match(name) is None and not name.endswith(".conv_offset.bias"):
+            raise CheckpointError(f"{path}: a deformable convolution (DCN) at this place is not supported: {name}")
+        if name.endswith(".weight") and (value.ndim != 4 or value.shape[0] != 27 or value.shape[2:] != (3, 3)):
+            raise CheckpointError(f"{path}: only 3x3 DCNv2 layers with one deform group (27 offset channels) "
+                                  f"are supported: {name} has shape {tuple(value.shape)}")
+        head = re.match(r"bbox_head\.(?:cls|reg)_convs\.(\d+)\.", name)
+        if head and int(head.group(1)) != last:
+            raise CheckpointError(f"{path}: DCN on a head conv other than the last of its tower is not "
+                                  f"supported: {name}")
 
 
-def infer_config(weights: dict[str, torch.Tensor], path: str | Path) -> Config:
-    """The reference VFNet config with depth, classes and widths read off mmdetection tensors."""
-    refuse_unsupported(weights, path)
+def _blocks(weights: dict[str, torch.Tensor]) -> tuple[int, ...]:
     blocks = []
     for stage in range(1, 5):
         ids = {int(m.group(1)) for k in weights if (m := re.match(rf"backbone\.layer{stage}\.(\d+)\.", k))}
         blocks.append(max(ids) + 1 if ids else 0)
+    return tuple(blocks)
+
+
+def _backbone(weights: dict[str, torch.Tensor], path: str | Path) -> dict[str, Any]:
+    """The `model.*` backbone keys the tensors describe (CheckpointError naming a tensor otherwise)."""
+    blocks = _blocks(weights)
+
+    def shape(name: str) -> tuple[int, ...]:
+        if name not in weights:
+            raise CheckpointError(f"{path}: not an mmdetection VFNet checkpoint (no {name})")
+        return tuple(weights[name].shape)
+
+    dcn = [any(re.match(rf"backbone\.layer{s}\.\d+\.(conv2|convs\.\d+)\.conv_offset\.", k) for k in weights)
+           for s in range(1, 5)]
+    if "backbone.stem.0.weight" in weights:  # Res2Net v1d
+        depth = _DEPTHS.get(("bottleneck", blocks))
+        if depth not in (50, 101):
+            raise CheckpointError(f"{path}: Res2Net backbone with {blocks} blocks per stage is not Res2Net-50/101")
+        convs = {int(m.group(1)) for k in weights if (m := re.match(r"backbone\.layer1\.0\.convs\.(\d+)\.", k))}
+        base_width = shape("backbone.layer1.0.bns.0.weight")[0]  # the width of stage 1 (64 channels)
+        return {"backbone": "res2net", "depth": depth, "scales": len(convs) + 1, "base_width": base_width,
+                "groups": 1, "stage_with_dcn": dcn}
     kind = "bottleneck" if "backbone.layer1.0.conv3.weight" in weights else "basic"
-    depth = _DEPTHS.get((kind, tuple(blocks)))
+    depth = _DEPTHS.get((kind, blocks))
     if depth is None:
-        raise CheckpointError(f"{path}: backbone with {kind} blocks {tuple(blocks)} per stage is not "
+        raise CheckpointError(f"{path}: backbone with {kind} blocks {blocks} per stage is not "
                               "ResNet-18/34/50/101")
+    groups, base_width = 1, 64
+    if kind == "bottleneck":
+        name = "backbone.layer1.0.conv2.weight"
+        out, per_group = shape(name)[:2]
+        if per_group < 1 or out % per_group:
+            raise CheckpointError(f"{path}: tensor {name} has shape {shape(name)}: not a (grouped) 3x3 conv")
+        groups = out // per_group
+        base_width = out // groups  # stage 1 has 64 channels: width = base_width * groups
+    return {"backbone": "resnet", "depth": depth, "groups": groups, "base_width": base_width,
+            "stage_with_dcn": dcn}
+
+
+def infer_config(weights: dict[str, torch.Tensor], path: str | Path) -> Config:
+    """The reference VFNet config with the architecture (backbone kind, depth, groups, widths,
+    DCN stages, head DCN), classes and widths read off mmdetection tensors."""
+    refuse_unsupported(weights, path)
     for needed in ("bbox_head.vfnet_cls.weight", "neck.lateral_convs.0.conv.weight",
                    "bbox_head.cls_convs.0.conv.weight"):
         if needed not in weights:
@@ -197,11 +247,13 @@ def infer_config(weights: dict[str, torch.Tensor], path: str | Path) -> Config:
             raise CheckpointError(f"{path}: tensor {needed} has shape {tuple(weights[needed].shape)}, "
                                   "expected a conv weight [out, in, kh, kw]")
     cfg = Config()
-    cfg.model.depth = depth
+    for key, value in _backbone(weights, path).items():
+        setattr(cfg.model, key, value)
     cfg.model.num_classes = int(weights["bbox_head.vfnet_cls.weight"].shape[0])
     cfg.model.fpn_channels = int(weights["neck.lateral_convs.0.conv.weight"].shape[0])
     cfg.model.head_channels = int(weights["bbox_head.cls_convs.0.conv.weight"].shape[0])
     cfg.model.stacked_convs = len({k.split(".")[2] for k in weights if k.startswith("bbox_head.cls_convs.")})
+    cfg.model.dcn_on_last_conv = any(re.match(r"bbox_head\.cls_convs\.\d+\.conv\.conv_offset\.", k) for k in weights)
     try:
         validate(cfg, source=f"{path} (inferred config)")
     except ConfigError as exc:
@@ -253,6 +305,10 @@ def convert(src: str | Path, dst: str | Path) -> Config:
         if state[name].shape != value.shape:
             raise CheckpointError(f"{src}: tensor {to_mmdet_name(name)} has shape {tuple(state[name].shape)}, "
                                   f"expected {tuple(value.shape)}")
+    for name in state:
+        if name not in expected:
+            raise CheckpointError(f"{src}: tensor {to_mmdet_name(name)} has no counterpart in vfnet's "
+                                  f"{describe_model(cfg)}")
     model.load_state_dict(state)
     out = {
         "format": FORMAT, "model": model.state_dict(), "optimizer": {}, "iteration": 0, "epoch": 0,
@@ -263,8 +319,22 @@ def convert(src: str | Path, dst: str | Path) -> Config:
     return cfg
 
 
+def describe_model(cfg: Config) -> str:
+    """The architecture in the zoo's words: "VFNet R-50", "VFNet X-101-64x4d DCN (c3-c5, head)", ..."""
+    m = cfg.model
+    if m.backbone == "res2net":
+        name = f"R2-{m.depth} {m.base_width}w x {m.scales}s"
+    elif m.groups > 1:
+        name = f"X-{m.depth}-{m.groups}x{m.base_width}d"
+    else:
+        name = f"R-{m.depth}" + (f" base_width {m.base_width}" if m.base_width != 64 else "")
+    stages = [f"c{i + 2}" for i, on in enumerate(m.stage_with_dcn) if on]
+    dcn = stages + (["head"] if m.dcn_on_last_conv else [])
+    return f"VFNet {name}" + (f" DCN ({', '.join(dcn)})" if dcn else "")
+
+
 def describe(cfg: Config) -> str:
     """One line: what `convert` inferred."""
     m = cfg.model
     names = f"{len(m.class_names)} class names" if m.class_names else "no class names"
-    return f"VFNet R-{m.depth}, {m.num_classes} classes, {names}"
+    return f"{describe_model(cfg)}, {m.num_classes} classes, {names}"
