@@ -20,8 +20,8 @@ stand-in module is installed whose `DeformConv2d` holds one `weight` [out, in / 
 placeholders, and a stand-in `DCNv2` layer is registered (`ShimModulatedDeformConv2dPack`: `weight`,
 `bias` when asked for, `conv_offset` as mmcv's, the same initialisation; its forward, for
 `tools/check_against_mmdet.py`, is a bilinear-sampling DCNv2 written with `grid_sample`, not
-vfnet's kernels). The star-conv stand-in never runs a forward pass. With a full mmcv nothing is
-shimmed.
+vfnet's kernels; the star-conv stand-in runs the same with an all-ones mask). With a full mmcv
+nothing is shimmed.
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class ShimModulatedDeformConv2dPack(nn.Module):
 
 
 class _ShimDeformConv2d(nn.Module):
-    """Parameters of mmcv's DeformConv2d only (no forward)."""
+    """mmcv's DeformConv2d (DCNv1, the star conv): its parameters, a `grid_sample_dcn` forward."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                  groups=1, deform_groups=1, bias=False, im2col_step=32):
@@ -128,6 +128,12 @@ class _ShimDeformConv2d(nn.Module):
             raise ValueError("mmcv's DeformConv2d has no bias")
         k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, x, offset):
+        mask = offset.new_ones(offset.shape[0], offset.shape[1] // 2, *offset.shape[2:])
+        return grid_sample_dcn(x, offset, mask, self.weight, None, self.stride, self.padding, self.dilation,
+                               self.groups)
 
 
 class _Placeholder:
