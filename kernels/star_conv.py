@@ -151,16 +151,18 @@ def _load_corner(x_ptr, offs, mask_row, offs_c, mask_c, ct):
 
 
 @triton.jit
-def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    """Bilinear samples [BLOCK_M, BLOCK_K] (compute dtype) of one tap at channels offs_c,
-    accumulated corner by corner (one corner tile live at a time)."""
+def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, scale, offs_c, mask_c):
+    """Bilinear samples [BLOCK_M, BLOCK_K] (compute dtype) of one tap at channels offs_c, times
+    `scale` (the deform conv's mask [BLOCK_M], folded into the 4 corner weights; the star conv
+    passes 1.0, which the compiler folds away), accumulated corner by corner (one corner tile live
+    at a time). Shared by the star conv and `kernels.deform_conv`: the one gather."""
     hy = 1 - ly
     hx = 1 - lx
     ct = ly.dtype
-    s = (hy * hx)[:, None] * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct)
-    s += (hy * lx)[:, None] * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct)
-    s += (ly * hx)[:, None] * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct)
-    s += (ly * lx)[:, None] * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct)
+    s = (hy * hx * scale)[:, None] * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct)
+    s += (hy * lx * scale)[:, None] * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct)
+    s += (ly * hx * scale)[:, None] * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct)
+    s += (ly * lx * scale)[:, None] * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct)
     return s
 
 
@@ -202,11 +204,12 @@ def _star_fwd_kernel(
         w_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
         w_mask = mask_c[:, None] & mask_n[None, :]
         w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
-        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c, mask_c)
         acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION, out_dtype=ct)
         if PAIR:
             w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
-            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
+                         mask_c)
             acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION,
                           out_dtype=ct)
     if HAS_BIAS:
@@ -223,15 +226,18 @@ def _star_fwd_kernel(
 
 
 @triton.jit
-def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT, ct,
+def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, w_rows, mask_c, GO_STRIDE, COUT, ct,
                  GO_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d loss / d sample [BLOCK_M, BLOCK_K] of one tap = grad_out[m, :] @ W_tap[:, c]
-    (go_ptr: [M, COUT] channels-last; w_ptr: [9 * CIN, COUT]). GO_RESIDENT: all of COUT fits one
-    BLOCK_N and go_tile [BLOCK_M, BLOCK_N] was loaded once before the K loop."""
+    """d loss / d sample [BLOCK_M, BLOCK_K] of one tap = grad_out[m, :COUT] @ W[w_rows, :]^T
+    (go_ptr: rows of GO_STRIDE elements, the first COUT of which multiply this weight; w_ptr:
+    [rows, COUT], w_rows [BLOCK_K] the weight rows of the tap's channels). GO_RESIDENT: all of
+    COUT fits one BLOCK_N and go_tile [BLOCK_M, BLOCK_N] was loaded once before the K loop.
+    Shared by the star conv (GO_STRIDE = COUT) and `kernels.deform_conv` (one conv group's
+    columns of grad_out)."""
     if GO_RESIDENT:
         offs_n = tl.arange(0, BLOCK_N)
-        wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
+        wt = tl.load(w_ptr + w_rows[None, :] * COUT + offs_n[:, None],
                      mask=mask_c[None, :] & (offs_n < COUT)[:, None], other=0.0)
         gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
         gs = tl.dot(go_tile, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
@@ -240,45 +246,56 @@ def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CI
         for n0 in range(0, COUT, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             mask_n = offs_n < COUT
-            go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
+            go = tl.load(go_ptr + offs_m[:, None] * GO_STRIDE + offs_n[None, :],
                          mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            wt = tl.load(w_ptr + (tap * CIN + offs_c)[None, :] * COUT + offs_n[:, None],
+            wt = tl.load(w_ptr + w_rows[None, :] * COUT + offs_n[:, None],
                          mask=mask_c[None, :] & mask_n[:, None], other=0.0)
             gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
     return gs
 
 
 @triton.jit
-def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    """Add gs [BLOCK_M, BLOCK_K] times each corner's bilinear weight into x's gradient."""
+def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, scale, offs_c,
+                     mask_c):
+    """Add gs [BLOCK_M, BLOCK_K] times each corner's bilinear weight (times `scale` [BLOCK_M], the
+    deform conv's mask, or 1.0) into x's gradient with relaxed atomics: d sample / d corner value
+    = that corner's weight. Shared by the star conv and `kernels.deform_conv`: the one scatter."""
     c = offs_c[None, :]
     mc = mask_c[None, :]
     hy = 1 - ly
     hx = 1 - lx
-    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx)[:, None], mask=m00[:, None] & mc,
-                  sem="relaxed")
-    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx)[:, None], mask=m01[:, None] & mc,
-                  sem="relaxed")
-    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx)[:, None], mask=m10[:, None] & mc,
-                  sem="relaxed")
-    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx)[:, None], mask=m11[:, None] & mc,
-                  sem="relaxed")
+    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx * scale)[:, None],
+                  mask=m00[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx * scale)[:, None],
+                  mask=m01[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx * scale)[:, None],
+                  mask=m10[:, None] & mc, sem="relaxed")
+    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx * scale)[:, None],
+                  mask=m11[:, None] & mc, sem="relaxed")
 
 
 @triton.jit
 def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    """sum over channels of gs * d sample / d y and of gs * d sample / d x, each [BLOCK_M].
+    """sum over channels of gs * d sample / d y, of gs * d sample / d x and of gs * sample (the
+    unscaled bilinear sample), each [BLOCK_M].
 
-    The bilinear weights depend on the location only, so per corner one row sum
-    t = sum_c gs * v suffices: d/dy = (t10 - t00)(1 - lx) + (t11 - t01) lx, and likewise for x."""
+    With sample = (1-ly)(1-lx) v00 + (1-ly) lx v01 + ly (1-lx) v10 + ly lx v11 and the bilinear
+    weights depending on the location only, per corner one row sum t = sum_c gs * v suffices:
+    d/dy = (t10 - t00)(1 - lx) + (t11 - t01) lx (ly = y - floor(y), d ly / d y = 1; floor is
+    constant, the one-sided derivative at whole numbers), likewise for x, and
+    sum_c gs * sample = the same bilinear combination of the t's. The star conv uses the first
+    two (the third is dead code there); `kernels.deform_conv` all three (its mask gradient)."""
     ct = gs.dtype
     t00 = tl.sum(gs * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct), axis=1)
     t01 = tl.sum(gs * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct), axis=1)
     t10 = tl.sum(gs * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct), axis=1)
     t11 = tl.sum(gs * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct), axis=1)
-    d_y = (t10 - t00) * (1 - lx) + (t11 - t01) * lx
-    d_x = (t01 - t00) * (1 - ly) + (t11 - t10) * ly
-    return d_y, d_x
+    hy = 1 - ly
+    hx = 1 - lx
+    d_y = (t10 - t00) * hx + (t11 - t01) * lx
+    d_x = (t01 - t00) * hy + (t11 - t10) * ly
+    value = (t00 * hx + t01 * lx) * hy + (t10 * hx + t11 * lx) * ly
+    return d_y, d_x, value
 
 
 @tuning.autotune("star_bwd_data", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
@@ -322,14 +339,14 @@ def _star_bwd_data_kernel(
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
         o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
-        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, offs_c, mask_c, tap, CIN, COUT,
-                          ct, GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, tap * CIN + offs_c, mask_c, COUT,
+                          COUT, ct, GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if NEED_X:
-            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c,
-                             mask_c)
+            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0,
+                             offs_c, mask_c)
         if NEED_BOX:
-            d_y, d_x = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx,
-                                         offs_c, mask_c)
+            d_y, d_x, _ = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly,
+                                            lx, offs_c, mask_c)
             # rows (y - t, y, y + b), columns (x - l, x, x + r): the centre ones do not move
             ky = tap // 3
             kx = tap % 3
@@ -389,7 +406,8 @@ def _star_bwd_weight_kernel(
                                                                   CIN)
         go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c)
+        samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
+                          mask_c)
         acc = tl.dot(tl.trans(samples.to(go.dtype)), go, acc, input_precision=DOT_PRECISION,
                      out_dtype=acc.dtype)
     gw_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]

@@ -22,7 +22,7 @@ import triton
 from kernels.dispatch import interpreter_enabled
 
 __all__ = [
-    "CONFIGS", "INTERPRETER_CONFIGS", "NOT_SPECIALISED", "PROGRAMS_PER_SM", "STAR_KERNELS", "autotune",
+    "CONFIGS", "DCN_KERNELS", "INTERPRETER_CONFIGS", "NOT_SPECIALISED", "PROGRAMS_PER_SM", "STAR_KERNELS", "autotune",
     "capability", "dot_dtype", "dot_precision", "gpu_configs", "gpu_prune", "shared_estimate",
     "shared_memory_limit", "sm_count", "vfl_gpu_config", "vfl_launch_config",
 ]
@@ -89,6 +89,17 @@ for _kernel, _lists in _FP32_TILES.items():
     for _width, _tiles in _lists.items():
         CONFIGS[_kernel][_width, True] = CONFIGS[_kernel][_width, False] = _configs(_tiles)
 
+# Modulated deformable convolution (`kernels.deform_conv`): the star conv's kernels with a single
+# input, offsets and mask read per (tap, deform group) and a grid axis over conv groups. They start
+# from the star conv's tables (same loop, same tiles, one input instead of the pair in the forward);
+# each config compiles for sm_90 and sm_80 without spills on the DCN shape class of `kernels.aot`
+# (tests/kernels/test_aot_compile.py). Not tuned on a GPU yet.
+DCN_KERNELS = ("dcn_fwd", "dcn_bwd_data", "dcn_bwd_weight")
+for _dcn, _star in zip(DCN_KERNELS, STAR_KERNELS):
+    CONFIGS[_dcn] = {key: _configs([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages) for c in configs])
+                     for key, configs in CONFIGS[_star].items()}
+
 PROGRAMS_PER_SM = 4  # split-M target of the weight gradient's grid
 
 # Integer arguments that only size the grid or index memory: not specialised (divisibility by 16
@@ -108,7 +119,7 @@ def every_config(kernel: str) -> list[triton.Config]:
 
 def gpu_configs(kernel: str, dot_dtype: torch.dtype, shared_limit: int, cout: int,
                 capability: int = 90) -> list[triton.Config]:
-    """The GPU autotune configs of `kernel` ("star_fwd", "star_bwd_data", "star_bwd_weight") for
+    """The GPU autotune configs of `kernel` (STAR_KERNELS, DCN_KERNELS) for
     dot operands of `dot_dtype`, `cout` output channels and a device of compute capability
     `capability` (90 = 9.0) whose shared-memory estimate fits `shared_limit` bytes."""
     width = dot_dtype.itemsize
@@ -121,9 +132,16 @@ def shared_estimate(kernel: str, config: triton.Config, width: int, cout: int) -
     upper bound (exact for most bf16 configs on sm_90), checked against the compiler for every
     config by tests/kernels/test_aot_compile.py. Triton keeps num_stages buffers of the tiles a
     loop iteration loads for `tl.dot` and num_stages - 1 of the gathered corners (4 per input),
-    plus one operand staged for the dot."""
+    plus one operand staged for the dot. The deform conv's kernels (`dcn_*`, `cout`: channels per
+    conv group) add num_stages - 1 buffers of the per-location offsets and mask (3 [BLOCK_M]
+    vectors in the compute dtype); their forward has one input."""
     bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     s = config.num_stages
+    if kernel.startswith("dcn_"):
+        points = (s - 1) * 3 * bm * (8 if width == 8 else 4)
+        if kernel == "dcn_fwd":
+            return ((s - 1) * 4 * bm * bk + s * bk * bn + bm * bk) * width + points
+        return shared_estimate(kernel.replace("dcn_", "star_"), config, width, cout) + points
     if kernel == "star_fwd":  # the pair (two inputs): the worst case
         return ((s - 1) * 2 * 4 * bm * bk + s * 2 * bk * bn + bm * bk) * width
     if kernel == "star_bwd_data":
@@ -153,14 +171,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gpu_prune(kernel: str, dot_arg: str) -> Callable:
+def gpu_prune(kernel: str, dot_arg: str, cout_arg: str = "COUT") -> Callable:
     """early_config_prune of `kernel`: the configs of the dot dtype (that of argument `dot_arg`)
-    and the device's architecture that fit its shared memory, before the autotuner compiles
-    anything; RuntimeError when none does."""
+    and the device's architecture that fit its shared memory (estimated at the output channels
+    of argument `cout_arg`), before the autotuner compiles anything; RuntimeError when none does."""
     def prune(configs: list[triton.Config], named_args: dict, **_: object) -> list[triton.Config]:
         tensor = named_args[dot_arg]
         limit = shared_memory_limit(tensor.device)
-        wanted = {id(c) for c in gpu_configs(kernel, tensor.dtype, limit, named_args["COUT"],
+        wanted = {id(c) for c in gpu_configs(kernel, tensor.dtype, limit, named_args[cout_arg],
                                              capability(tensor.device))}
         kept = [c for c in configs if id(c) in wanted]
         if not kept:
@@ -177,10 +195,11 @@ def _interpreter_pick(configs: list[triton.Config], named_args: dict,
     return [configs[1] if max(named_args["CIN"], named_args["COUT"]) > 64 else configs[0]]
 
 
-def autotune(kernel: str, dot_arg: str, **kwargs: object) -> Callable:
-    """`triton.autotune` of star-conv kernel `kernel` (`kwargs`: key, reset_to_zero, ...): over
-    its GPU configs, pruned per call by `gpu_prune` (dot dtype of argument `dot_arg`, device), or
-    under the interpreter over INTERPRETER_CONFIGS, one picked by shape.
+def autotune(kernel: str, dot_arg: str, cout_arg: str = "COUT", **kwargs: object) -> Callable:
+    """`triton.autotune` of star-conv or deform-conv kernel `kernel` (`kwargs`: key, reset_to_zero,
+    ...): over its GPU configs, pruned per call by `gpu_prune` (dot dtype of argument `dot_arg`,
+    output channels `cout_arg`, device), or under the interpreter over INTERPRETER_CONFIGS, one
+    picked by shape.
 
     The configs carry no pre_hook, so `TRITON_CACHE_AUTOTUNING=1` (read when the kernels are
     decorated, i.e. imported) keeps each tuning result in the Triton cache for later processes."""
@@ -188,7 +207,7 @@ def autotune(kernel: str, dot_arg: str, **kwargs: object) -> Callable:
         return triton.autotune(configs=INTERPRETER_CONFIGS,
                                prune_configs_by={"early_config_prune": _interpreter_pick}, **kwargs)
     return triton.autotune(configs=every_config(kernel),
-                           prune_configs_by={"early_config_prune": gpu_prune(kernel, dot_arg)}, **kwargs)
+                           prune_configs_by={"early_config_prune": gpu_prune(kernel, dot_arg, cout_arg)}, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
