@@ -109,7 +109,9 @@ def test_data_commands(tmp_path):
 def test_config_is_a_file_or_a_shipped_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the source tree: the shipped configs come with the package
     assert CONFIG_DIR.parent == Path(vfnet.__file__).parent
-    assert shipped_configs() == ["bccd_r18", "bccd_r50_coco_finetune", "coco_r50_1x", "shapes_tiny"]
+    assert shipped_configs() == sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+    assert {"bccd_r18", "bccd_r50_coco_finetune", "coco_r50_1x", "shapes_tiny",
+            "vfnet_x101-64x4d-mdconv-c3-c5_fpn_ms-2x_coco"} <= set(shipped_configs())
     shipped = load_config(CONFIG_DIR / "bccd_r18.toml")
     assert load_config("bccd_r18") == load_config("bccd_r18.toml") == shipped
     assert load_config(None) == load_config(DEFAULT_CONFIG_NAME) == load_config(CONFIG_DIR / "shapes_tiny.toml")
