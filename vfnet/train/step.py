@@ -13,6 +13,13 @@
    before clipping) appended to the statistics; then `optimizer.step()` (both in the
    `vfnet.optimizer` range).
 
+Every rank makes the same collectives in the same order whatever its batch holds: a batch whose
+images have no boxes (a shard of unannotated images) has no positives, and the loss keeps its
+fixed shapes (`vfnet.model.losses`), so the box terms are exactly 0, every loss is finite, every
+trainable parameter still gets a gradient (DDP's all-reduce needs one from each rank) and the
+normalisers are all-reduced as on the other ranks (tests/orchestration/test_empty_rank.py: two
+gloo processes, one with only such images).
+
 Nothing is read back to the host, so the step never waits for the device: the caller reads the
 statistics when it needs them (the engine: at log, checkpoint and evaluation times). A non-finite
 loss is not checked here; the optimiser steps anyway and the caller decides (the engine raises
