@@ -10,15 +10,15 @@ This module holds the argument checks, the dispatch and the Triton kernels; the 
 Geometry. Output location m = (n, y, x) (flattened over B, Ho, Wo), tap k = i*kw + j, deform group
 g' of channel c (c // (Cin/dg)), q = g'*kh*kw + k: the sample point is
     py = y*sh - ph + i*dh + offset[n, 2q, y, x],  px = x*sw - pw + j*dw + offset[n, 2q + 1, y, x],
-s(m, k, c) = bilinear(input[n, c], py, px) (torchvision's boundary rule, `star_conv._axis`),
+s(m, k, c) = bilinear(input[n, c], py, px) (torchvision's boundary rule, `kernels.bilinear.axis`),
 mod = mask[n, q, y, x] (1 without a mask), and for output channel o of conv group G
     out[m, o] = bias[o] + sum_{k, c in G} W[o, c, k] * mod * s(m, k, c).
 That is a GEMM per conv group with M = B*Ho*Wo, N = Cout/groups, K = kh*kw*Cin/groups whose
 A operand (the "columns" mod * s) is gathered inside the K loop and never stored. The star conv
 (`kernels.star_conv`) is this op with offsets derived from the boxes, no mask, 3x3, padding 1:
-both use the same device functions for the gather (`_corners`, `_sample`), the sample gradient
-(`_sample_grad`), the corner scatter (`_scatter_corners`) and the coordinate gradients
-(`_coordinate_grads`).
+both use the device functions of `kernels.bilinear` for the gather (`corners`, `sample`), the
+sample gradient (`sample_grad`), the corner scatter (`scatter_corners`) and the coordinate
+gradients (`coordinate_grads`).
 
 Channel runs. The K loop runs over (tap, run, channel chunk). A run is SEG = gcd(Cin/groups,
 Cin/dg) consecutive channels: every run lies in one conv group and one deform group (both
@@ -36,7 +36,7 @@ Cout/groups], row k*(Cin/groups) + c; no columns buffer):
   gs[m, c] = d loss / d (mod * s)[m, k, c] = sum_o go[m, o] W[o, c, k] (go @ W_k^T; grad_out's
   tile stays resident when Cout/groups fits one BLOCK_N). Then
     grad_input[n, c, corner]  += gs * mod * w_corner            (relaxed fp32 atomics; 4 corners)
-    grad_offset[n, 2q]        += mod * sum_c gs * d s / d py     (`_coordinate_grads`: per corner
+    grad_offset[n, 2q]        += mod * sum_c gs * d s / d py     (`coordinate_grads`: per corner
     grad_offset[n, 2q + 1]    += mod * sum_c gs * d s / d px      t = sum_c gs * v, then the
     grad_mask[n, q]           += sum_c gs * s                     bilinear weights' derivatives)
   with d s / d py = (v10 - v00)(1 - lx) + (v11 - v01) lx (ly, lx the fractional parts; floor is
@@ -69,19 +69,9 @@ import triton
 import triton.language as tl
 
 from kernels import reference, tuning
+from kernels.bilinear import coordinate_grads, corners, k_step, sample, sample_grad, scatter_corners
 from kernels.checks import check_float, check_same_device, check_tensor, compute_dtype
 from kernels.dispatch import use_triton
-from kernels.star_conv import (
-    _autocast,
-    _coordinate_grads,
-    _corners,
-    _k_step,
-    _m_log2,
-    _sample,
-    _sample_grad,
-    _scatter_corners,
-    _weight_split,
-)
 
 __all__ = ["deform_conv2d", "check_deform_conv2d_args"]
 
@@ -113,7 +103,7 @@ def _dcn_step(i, runs, num_kc, g, CIN_G, SEG, CDG, BLOCK_K: tl.constexpr):
     """Step i of the K loop over (tap, run, chunk) of conv group g: the tap, the deform group of
     the run, the chunk's channels within the conv group (weight rows tap * CIN_G + c_local), the
     same as input channels, and their mask."""
-    tap_run, offs_s, mask_c = _k_step(i, num_kc, SEG, BLOCK_K)
+    tap_run, offs_s, mask_c = k_step(i, num_kc, SEG, BLOCK_K)
     tap = tap_run // runs
     first = (tap_run - tap * runs) * SEG
     c_first = g * CIN_G + first
@@ -179,11 +169,11 @@ def _dcn_fwd_kernel(
         tap, dgi, c_local, offs_c, mask_c = _dcn_step(i, runs, num_kc, g, CIN_G, SEG, CDG, BLOCK_K)
         py, px, mod, _, _ = _dcn_point(off_ptr, mod_ptr, batch, pix, mask_m, y0, x0, tap, dgi,
                                        HO * WO, DG, T, KW, DH, DW, HAS_MASK)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(py, px, row_base, mask_m, H, W,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(py, px, row_base, mask_m, H, W,
                                                                   CIN)
         w = tl.load(w_ptr + (tap * CIN_G + c_local)[:, None] * COUT_G + offs_n[None, :],
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        s = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod, offs_c, mask_c)
+        s = sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod, offs_c, mask_c)
         acc = tl.dot(s.to(w.dtype), w, acc, input_precision=DOT_PRECISION, out_dtype=ct)
     offs_o = g * COUT_G + offs_n
     if HAS_BIAS:
@@ -234,15 +224,15 @@ def _dcn_bwd_data_kernel(
         tap, dgi, c_local, offs_c, mask_c = _dcn_step(i, runs, num_kc, g, CIN_G, SEG, CDG, BLOCK_K)
         py, px, mod, o_idx, m_idx = _dcn_point(off_ptr, mod_ptr, batch, pix, mask_m, y0, x0, tap,
                                                dgi, hwo, DG, T, KW, DH, DW, HAS_MASK)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(py, px, row_base, mask_m, H, W,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(py, px, row_base, mask_m, H, W,
                                                                   CIN)
-        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, tap * CIN_G + c_local, mask_c,
+        gs = sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, tap * CIN_G + c_local, mask_c,
                           COUT, COUT_G, ct, GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if NEED_X:
-            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod,
+            scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod,
                              offs_c, mask_c)
         if NEED_OFFSET or NEED_MASK:
-            d_y, d_x, value = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11,
+            d_y, d_x, value = coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11,
                                                 ly, lx, offs_c, mask_c)
             if NEED_OFFSET:
                 tl.atomic_add(goff_ptr + o_idx, d_y * mod, mask=mask_m, sem="relaxed")
@@ -291,11 +281,11 @@ def _dcn_bwd_weight_kernel(
                                                        BLOCK_M)
         py, px, mod, _, _ = _dcn_point(off_ptr, mod_ptr, batch, pix, mask_m, y0, x0, tap, dgi,
                                        HO * WO, DG, T, KW, DH, DW, HAS_MASK)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(py, px, batch * H * W, mask_m, H,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(py, px, batch * H * W, mask_m, H,
                                                                   W, CIN)
         go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        s = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod, offs_c, mask_c)
+        s = sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, mod, offs_c, mask_c)
         acc = tl.dot(tl.trans(s.to(go.dtype)), go, acc, input_precision=DOT_PRECISION, out_dtype=ct)
     gw_rows = g.to(tl.int64) * T * CIN_G + tap * CIN_G + c_local
     tl.atomic_add(gw_ptr + gw_rows[:, None] * COUT_G + offs_n[None, :], acc,
@@ -431,6 +421,14 @@ def _deform_conv2d_triton(input, offset, weight, bias, stride, padding, dilation
 # Launchers and autograd
 
 
+def _autocast(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t cast to the autocast dtype when autocast is on for its device (fp64 stays fp64), as the
+    star conv and conv2d do."""
+    if t is None or t.dtype == torch.float64 or not torch.is_autocast_enabled(t.device.type):
+        return t
+    return t.to(torch.get_autocast_dtype(t.device.type))
+
+
 class _Shape:
     """The integer arguments of the kernels for one call, and the host-side layouts."""
 
@@ -449,7 +447,7 @@ class _Shape:
         self.seg = math.gcd(cin_g, cin // dg)  # a run: channels of one conv and one deform group
         self.ints = dict(  # in the kernels' argument order (passed positionally: the prune hooks read them)
             M=self.m, H=h, W=w, HO=ho, WO=wo, CIN=cin, COUT=cout, CIN_G=cin_g, COUT_G=self.cout_g,
-            SEG=self.seg, CDG=cin // dg, DG=dg, T=taps, KW=kw, M_LOG2=_m_log2(self.m),
+            SEG=self.seg, CDG=cin // dg, DG=dg, T=taps, KW=kw, M_LOG2=tuning.m_log2(self.m),
             SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1], DH=dilation[0], DW=dilation[1])
 
     def k_steps(self, block_k: int) -> int:
@@ -536,7 +534,7 @@ def _launch_backward(grad, input, offset, mask, weight, shape: _Shape, need_x: b
 
         def wgrid(meta: dict) -> tuple[int, int, int]:
             tiles = shape.k_steps(meta["BLOCK_K"]) * triton.cdiv(shape.cout_g, meta["BLOCK_N"])
-            split = _weight_split(triton.cdiv(shape.m, meta["BLOCK_M"]), shape.groups * tiles, device)
+            split = tuning.weight_split(triton.cdiv(shape.m, meta["BLOCK_M"]), shape.groups * tiles, device)
             return (tiles, split, shape.groups)
 
         _dcn_bwd_weight_kernel[wgrid](gl, xl, offc, modc, gwm, *shape.ints.values(), **common)

@@ -57,6 +57,14 @@ import triton
 import triton.language as tl
 
 from kernels import reference, tuning
+from kernels.bilinear import (
+    coordinate_grads,
+    corners,
+    k_step,
+    sample,
+    sample_grad,
+    scatter_corners,
+)
 from kernels.checks import check_float, check_same_device, check_tensor, compute_dtype
 from kernels.dispatch import use_triton
 
@@ -79,30 +87,6 @@ def _tap_point(yf, xf, left, top, right, bottom, tap):
 
 
 @triton.jit
-def _k_step(i, num_kc, CIN, BLOCK_K: tl.constexpr):
-    """Step i of the flattened K loop over (tap, channel chunk), num_kc = cdiv(CIN, BLOCK_K)
-    chunks per tap: the tap (0..8), the chunk's BLOCK_K channel offsets and their mask."""
-    tap = i // num_kc
-    offs_c = (i - tap * num_kc) * BLOCK_K + tl.arange(0, BLOCK_K)
-    return tap, offs_c, offs_c < CIN
-
-
-@triton.jit
-def _axis(coord, size):
-    """Along one axis: clamped floor/ceil indices, fractional part, and whether each of the two
-    neighbours may be read (torchvision: point in (-1, size), neighbour in [0, size - 1])."""
-    low = tl.floor(coord)
-    frac = coord - low
-    inside = (coord > -1) & (coord < size)
-    low_ok = inside & (low >= 0)
-    high_ok = inside & (low + 1 <= size - 1)
-    last = size - 1
-    low_idx = tl.minimum(tl.maximum(low, 0.0), last).to(tl.int64)
-    high_idx = tl.minimum(tl.maximum(low + 1, 0.0), last).to(tl.int64)
-    return low_idx, high_idx, frac, low_ok, high_ok
-
-
-@triton.jit
 def _location_tile(box_ptr, start, M, H, W, stride, BLOCK_M: tl.constexpr):
     """The BLOCK_M flat locations m = (b*H + y)*W + x from `start`: int64 indices, validity
     mask, channels-last row base b*H*W, y and x as floats, and the box (l, t, r, b) in cells
@@ -121,49 +105,6 @@ def _location_tile(box_ptr, start, M, H, W, stride, BLOCK_M: tl.constexpr):
     yf = (pix // W).to(ct)
     xf = (pix % W).to(ct)
     return offs_m, mask_m, batch * hw, yf, xf, left, top, right, bottom
-
-
-@triton.jit
-def _corners(yc, xc, row_base, mask_m, H, W, CIN):
-    """Channels-last element offsets of the 4 bilinear corners of points (yc, xc) [BLOCK_M]
-    (00, 01, 10, 11 = (low y, low x), (low y, high x), ...), their read masks, and the
-    fractional parts ly, lx."""
-    y0, y1, ly, y0_ok, y1_ok = _axis(yc, H)
-    x0, x1, lx, x0_ok, x1_ok = _axis(xc, W)
-    r0 = (row_base + y0 * W) * CIN
-    r1 = (row_base + y1 * W) * CIN
-    o00 = r0 + x0 * CIN
-    o01 = r0 + x1 * CIN
-    o10 = r1 + x0 * CIN
-    o11 = r1 + x1 * CIN
-    m00 = mask_m & y0_ok & x0_ok
-    m01 = mask_m & y0_ok & x1_ok
-    m10 = mask_m & y1_ok & x0_ok
-    m11 = mask_m & y1_ok & x1_ok
-    return o00, o01, o10, o11, m00, m01, m10, m11, ly, lx
-
-
-@triton.jit
-def _load_corner(x_ptr, offs, mask_row, offs_c, mask_c, ct):
-    """One corner's values [BLOCK_M, BLOCK_K] at channels offs_c, 0 where it may not be read."""
-    ptrs = x_ptr + offs[:, None] + offs_c[None, :]
-    return tl.load(ptrs, mask=mask_row[:, None] & mask_c[None, :], other=0.0).to(ct)
-
-
-@triton.jit
-def _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, scale, offs_c, mask_c):
-    """Bilinear samples [BLOCK_M, BLOCK_K] (compute dtype) of one tap at channels offs_c, times
-    `scale` (the deform conv's mask [BLOCK_M], folded into the 4 corner weights; the star conv
-    passes 1.0, which the compiler folds away), accumulated corner by corner (one corner tile live
-    at a time). Shared by the star conv and `kernels.deform_conv`: the one gather."""
-    hy = 1 - ly
-    hx = 1 - lx
-    ct = ly.dtype
-    s = (hy * hx * scale)[:, None] * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct)
-    s += (hy * lx * scale)[:, None] * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct)
-    s += (ly * hx * scale)[:, None] * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct)
-    s += (ly * lx * scale)[:, None] * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct)
-    return s
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,18 +138,18 @@ def _star_fwd_kernel(
     # corner offsets and weights of a tap serve both inputs of the pair
     num_kc = tl.cdiv(CIN, BLOCK_K)
     for i in range(0, 9 * num_kc):
-        tap, offs_c, mask_c = _k_step(i, num_kc, CIN, BLOCK_K)
+        tap, offs_c, mask_c = k_step(i, num_kc, CIN, BLOCK_K)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
         w_offs = (tap * CIN + offs_c)[:, None] * COUT + offs_n[None, :]
         w_mask = mask_c[:, None] & mask_n[None, :]
         w1 = tl.load(w1_ptr + w_offs, mask=w_mask, other=0.0)
-        s1 = _sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c, mask_c)
+        s1 = sample(x1_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c, mask_c)
         acc1 = tl.dot(s1.to(w1.dtype), w1, acc1, input_precision=DOT_PRECISION, out_dtype=ct)
         if PAIR:
             w2 = tl.load(w2_ptr + w_offs, mask=w_mask, other=0.0)
-            s2 = _sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
+            s2 = sample(x2_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
                          mask_c)
             acc2 = tl.dot(s2.to(w2.dtype), w2, acc2, input_precision=DOT_PRECISION,
                           out_dtype=ct)
@@ -223,79 +164,6 @@ def _star_fwd_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Backward: x and box gradients
-
-
-@triton.jit
-def _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, w_rows, mask_c, GO_STRIDE, COUT, ct,
-                 GO_RESIDENT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """d loss / d sample [BLOCK_M, BLOCK_K] of one tap = grad_out[m, :COUT] @ W[w_rows, :]^T
-    (go_ptr: rows of GO_STRIDE elements, the first COUT of which multiply this weight; w_ptr:
-    [rows, COUT], w_rows [BLOCK_K] the weight rows of the tap's channels). GO_RESIDENT: all of
-    COUT fits one BLOCK_N and go_tile [BLOCK_M, BLOCK_N] was loaded once before the K loop.
-    Shared by the star conv (GO_STRIDE = COUT) and `kernels.deform_conv` (one conv group's
-    columns of grad_out)."""
-    if GO_RESIDENT:
-        offs_n = tl.arange(0, BLOCK_N)
-        wt = tl.load(w_ptr + w_rows[None, :] * COUT + offs_n[:, None],
-                     mask=mask_c[None, :] & (offs_n < COUT)[:, None], other=0.0)
-        gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
-        gs = tl.dot(go_tile, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
-    else:
-        gs = tl.zeros((BLOCK_M, BLOCK_K), dtype=ct)
-        for n0 in range(0, COUT, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < COUT
-            go = tl.load(go_ptr + offs_m[:, None] * GO_STRIDE + offs_n[None, :],
-                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-            wt = tl.load(w_ptr + w_rows[None, :] * COUT + offs_n[:, None],
-                         mask=mask_c[None, :] & mask_n[:, None], other=0.0)
-            gs = tl.dot(go, wt, gs, input_precision=DOT_PRECISION, out_dtype=ct)
-    return gs
-
-
-@triton.jit
-def _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, scale, offs_c,
-                     mask_c):
-    """Add gs [BLOCK_M, BLOCK_K] times each corner's bilinear weight (times `scale` [BLOCK_M], the
-    deform conv's mask, or 1.0) into x's gradient with relaxed atomics: d sample / d corner value
-    = that corner's weight. Shared by the star conv and `kernels.deform_conv`: the one scatter."""
-    c = offs_c[None, :]
-    mc = mask_c[None, :]
-    hy = 1 - ly
-    hx = 1 - lx
-    tl.atomic_add(gx_ptr + o00[:, None] + c, gs * (hy * hx * scale)[:, None],
-                  mask=m00[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o01[:, None] + c, gs * (hy * lx * scale)[:, None],
-                  mask=m01[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o10[:, None] + c, gs * (ly * hx * scale)[:, None],
-                  mask=m10[:, None] & mc, sem="relaxed")
-    tl.atomic_add(gx_ptr + o11[:, None] + c, gs * (ly * lx * scale)[:, None],
-                  mask=m11[:, None] & mc, sem="relaxed")
-
-
-@triton.jit
-def _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, offs_c, mask_c):
-    """sum over channels of gs * d sample / d y, of gs * d sample / d x and of gs * sample (the
-    unscaled bilinear sample), each [BLOCK_M].
-
-    With sample = (1-ly)(1-lx) v00 + (1-ly) lx v01 + ly (1-lx) v10 + ly lx v11 and the bilinear
-    weights depending on the location only, per corner one row sum t = sum_c gs * v suffices:
-    d/dy = (t10 - t00)(1 - lx) + (t11 - t01) lx (ly = y - floor(y), d ly / d y = 1; floor is
-    constant, the one-sided derivative at whole numbers), likewise for x, and
-    sum_c gs * sample = the same bilinear combination of the t's. The star conv uses the first
-    two (the third is dead code there); `kernels.deform_conv` all three (its mask gradient)."""
-    ct = gs.dtype
-    t00 = tl.sum(gs * _load_corner(x_ptr, o00, m00, offs_c, mask_c, ct), axis=1)
-    t01 = tl.sum(gs * _load_corner(x_ptr, o01, m01, offs_c, mask_c, ct), axis=1)
-    t10 = tl.sum(gs * _load_corner(x_ptr, o10, m10, offs_c, mask_c, ct), axis=1)
-    t11 = tl.sum(gs * _load_corner(x_ptr, o11, m11, offs_c, mask_c, ct), axis=1)
-    hy = 1 - ly
-    hx = 1 - lx
-    d_y = (t10 - t00) * hx + (t11 - t01) * lx
-    d_x = (t01 - t00) * hy + (t11 - t10) * ly
-    value = (t00 * hx + t01 * lx) * hy + (t10 * hx + t11 * lx) * ly
-    return d_y, d_x, value
 
 
 @tuning.autotune("star_bwd_data", "go_ptr", key=["CIN", "COUT", "M_LOG2"], reset_to_zero=["gx_ptr"])
@@ -335,17 +203,17 @@ def _star_bwd_data_kernel(
     g_bottom = tl.zeros((BLOCK_M,), dtype=ct)
     num_kc = tl.cdiv(CIN, BLOCK_K)
     for i in range(0, 9 * num_kc):
-        tap, offs_c, mask_c = _k_step(i, num_kc, CIN, BLOCK_K)
+        tap, offs_c, mask_c = k_step(i, num_kc, CIN, BLOCK_K)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
-        gs = _sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, tap * CIN + offs_c, mask_c, COUT,
+        gs = sample_grad(go_ptr, go_tile, w_ptr, offs_m, mask_m, tap * CIN + offs_c, mask_c, COUT,
                           COUT, ct, GO_RESIDENT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         if NEED_X:
-            _scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0,
+            scatter_corners(gx_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0,
                              offs_c, mask_c)
         if NEED_BOX:
-            d_y, d_x, _ = _coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly,
+            d_y, d_x, _ = coordinate_grads(x_ptr, gs, o00, o01, o10, o11, m00, m01, m10, m11, ly,
                                             lx, offs_c, mask_c)
             # rows (y - t, y, y + b), columns (x - l, x, x + r): the centre ones do not move
             ky = tap // 3
@@ -402,11 +270,11 @@ def _star_bwd_weight_kernel(
         offs_m, mask_m, row_base, yf, xf, left, top, right, bottom = _location_tile(
             box_ptr, start, M, H, W, stride, BLOCK_M)
         yc, xc = _tap_point(yf, xf, left, top, right, bottom, tap)
-        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = _corners(yc, xc, row_base, mask_m, H, W,
+        o00, o01, o10, o11, m00, m01, m10, m11, ly, lx = corners(yc, xc, row_base, mask_m, H, W,
                                                                   CIN)
         go = tl.load(go_ptr + offs_m[:, None] * COUT + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        samples = _sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
+        samples = sample(x_ptr, o00, o01, o10, o11, m00, m01, m10, m11, ly, lx, 1.0, offs_c,
                           mask_c)
         acc = tl.dot(tl.trans(samples.to(go.dtype)), go, acc, input_precision=DOT_PRECISION,
                      out_dtype=acc.dtype)
@@ -441,21 +309,6 @@ def _weight_matrix(ws: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([w.to(dtype).permute(2, 3, 1, 0).reshape(9 * cin, cout) for w in ws])
 
 
-def _m_log2(m: int) -> int:
-    """Autotuning bucket of the number of locations."""
-    return max(m - 1, 1).bit_length()
-
-
-def _weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
-    """How many slices of the locations the weight-gradient grid uses: enough programs to fill the
-    GPU (tuning.PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
-    if device.type == "cuda":
-        wanted = -(-tuning.PROGRAMS_PER_SM * tuning.sm_count(device) // tiles)
-    else:
-        wanted = 2
-    return max(1, min(m_tiles, wanted))
-
-
 def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.Tensor | None,
                     box: torch.Tensor, stride: float) -> list[torch.Tensor]:
     """Outputs [B, Cout, H, W] (x's dtype, channels-last memory) of the star conv of each x in xs
@@ -477,7 +330,7 @@ def _launch_forward(xs: list[torch.Tensor], ws: list[torch.Tensor], bias: torch.
 
     _star_fwd_kernel[grid](
         xl[0], xl[-1], wl[0], wl[-1], biasc, boxc, outs[0], outs[-1], m, h, w, cin, cout,
-        _m_log2(m), stride,
+        tuning.m_log2(m), stride,
         PAIR=len(xs) == 2, HAS_BIAS=bias is not None, DOT_PRECISION=tuning.dot_precision(dot),
     )
     return outs
@@ -512,7 +365,7 @@ def _launch_backward(
             return (triton.cdiv(m, meta["BLOCK_M"]), n)
 
         _star_bwd_data_kernel[grid](
-            gl, xl, wl, boxc, gx, gbox, m, h, w, cin, cout, _m_log2(m), stride, gradient_mul,
+            gl, xl, wl, boxc, gx, gbox, m, h, w, cin, cout, tuning.m_log2(m), stride, gradient_mul,
             NEED_X=need_x, NEED_BOX=need_box, DOT_PRECISION=precision,
         )
         if need_x:
@@ -524,10 +377,10 @@ def _launch_backward(
 
         def wgrid(meta: dict) -> tuple[int, int, int]:
             tiles = 9 * triton.cdiv(cin, meta["BLOCK_K"]) * triton.cdiv(cout, meta["BLOCK_N"])
-            return (tiles, _weight_split(triton.cdiv(m, meta["BLOCK_M"]), n * tiles, device), n)
+            return (tiles, tuning.weight_split(triton.cdiv(m, meta["BLOCK_M"]), n * tiles, device), n)
 
         _star_bwd_weight_kernel[wgrid](
-            gl, xl, boxc, gw, m, h, w, cin, cout, _m_log2(m), stride, DOT_PRECISION=precision,
+            gl, xl, boxc, gw, m, h, w, cin, cout, tuning.m_log2(m), stride, DOT_PRECISION=precision,
         )
         grad_ws = [g.view(3, 3, cin, cout).permute(3, 2, 0, 1).to(wt.dtype)
                    for g, wt in zip(gw, ws)]

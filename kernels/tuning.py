@@ -23,8 +23,8 @@ from kernels.dispatch import interpreter_enabled
 
 __all__ = [
     "CONFIGS", "DCN_KERNELS", "INTERPRETER_CONFIGS", "NOT_SPECIALISED", "PROGRAMS_PER_SM", "STAR_KERNELS", "autotune",
-    "capability", "dot_dtype", "dot_precision", "gpu_configs", "gpu_prune", "shared_estimate",
-    "shared_memory_limit", "sm_count", "vfl_gpu_config", "vfl_launch_config",
+    "capability", "dot_dtype", "dot_precision", "gpu_configs", "gpu_prune", "m_log2", "shared_estimate",
+    "shared_memory_limit", "sm_count", "vfl_gpu_config", "vfl_launch_config", "weight_split",
 ]
 
 STAR_KERNELS = ("star_fwd", "star_bwd_data", "star_bwd_weight")
@@ -105,6 +105,21 @@ PROGRAMS_PER_SM = 4  # split-M target of the weight gradient's grid
 # Integer arguments that only size the grid or index memory: not specialised (divisibility by 16
 # or == 1 would multiply the compiled variants per config by the shapes of P3-P7).
 NOT_SPECIALISED = ["M", "H", "W", "M_LOG2"]
+
+
+def m_log2(m: int) -> int:
+    """Autotuning bucket of the number of locations."""
+    return max(m - 1, 1).bit_length()
+
+
+def weight_split(m_tiles: int, tiles: int, device: torch.device) -> int:
+    """How many slices of the locations the weight-gradient grid uses: enough programs to fill the
+    GPU (PROGRAMS_PER_SM per SM); 2 under the interpreter so tests cover the split path."""
+    if device.type == "cuda":
+        wanted = -(-PROGRAMS_PER_SM * sm_count(device) // tiles)
+    else:
+        wanted = 2
+    return max(1, min(m_tiles, wanted))
 
 
 def every_config(kernel: str) -> list[triton.Config]:
