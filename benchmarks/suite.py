@@ -128,6 +128,9 @@ STEPS = (
     _bench("b_star_bf16", 1, 120, "star conv pair bf16 P3-P7 vs torchvision, TFLOP/s vs bf16 matmul",
            "benchmarks.star_conv", "--dtypes", "bf16", "--providers", "triton", "torchvision",
            results="star_bf16"),
+    _bench("b_dcn", 1, 180, "DCNv2 deform_conv2d bf16/fp32, R-50 c3-c5 and head shapes vs torchvision and "
+           "dense conv2d, TFLOP/s vs bf16 matmul", "benchmarks.deform_conv", "--providers", "triton", "torchvision",
+           "conv2d"),
     _test("t_step", 2, 90, "no host sync in the engine step; CUDA model tests",
           "tests/vfnet/test_host_sync.py", "tests/vfnet/test_model.py"),
     _bench("b_train", 2, 120, "R-50 1333x800 training step, batch 2 and 8, triton vs torch",

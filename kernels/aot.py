@@ -3,11 +3,12 @@ no GPU: `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90 or 80, ...))
 that ships with Triton. Reports registers, spilled bytes and shared memory per variant.
 
 A variant is (kernel, autotune config, dtype, shape class, arch). The configs are those of
-`kernels.tuning` (the star conv's lists per dot width and arch, pruned by the shared-memory
-estimate; the VFL kernel's launch config). The signature of each one is what the launchers of
-`kernels.star_conv` and `kernels.varifocal` pass: pointer
+`kernels.tuning` (the star and deform convs' lists per dot width and arch, pruned by the
+shared-memory estimate; the VFL kernel's launch config). The signature of each one is what the
+launchers of `kernels.star_conv`, `kernels.deform_conv` and `kernels.varifocal` pass: pointer
 dtypes from the op's dtype, 16-byte aligned pointers (torch allocations are), and the integer
-specialisation Triton's JIT applies (`tt.divisibility` 16 for ints divisible by 16).
+specialisation Triton's JIT applies (`tt.divisibility` 16 for ints divisible by 16, a constant
+for ints equal to 1).
 
     python -m kernels.aot [--arch 90 80] [--dtype bf16 fp32 ...] [--jobs N]
 
@@ -59,6 +60,26 @@ STAR_CLASSES = (
     ShapeClass("single_256", dict(M=2 * 100 * 168, H=100, W=168, CIN=256, COUT=256, M_LOG2=15),
                dict(PAIR=False, HAS_BIAS=True)),
 )
+# Deform conv (DCNv2, `kernels.deform_conv`): the ResNet-50 DCN stages' 3x3 convs with a mask at
+# 1333x800 batch 2 (c3 128, c4 256, c5 512 channels; groups 1, one deform group, no bias as in
+# mmdetection's DCN backbones). Channel counts specialise; map sizes, strides, paddings and
+# dilations do not (`deform_conv._NOT_SPECIALISED`), so one class covers the strided first blocks
+# too. DG = 1 is specialised to a constant by the JIT and so here. CI compiles dcn_256.
+def _dcn_class(name: str, channels: int, h: int, w: int, groups: int = 1) -> ShapeClass:
+    return ShapeClass(name, dict(M=2 * h * w, H=h, W=w, HO=h, WO=w, CIN=channels, COUT=channels,
+                                 CIN_G=channels // groups, COUT_G=channels // groups, SEG=channels // groups,
+                                 CDG=channels, DG=1, T=9, KW=3, M_LOG2=(2 * h * w - 1).bit_length(),
+                                 SH=1, SW=1, PH=1, PW=1, DH=1, DW=1),
+                      dict(HAS_MASK=True, HAS_BIAS=False))
+
+
+DCN_CLASSES = (
+    _dcn_class("dcn_256", 256, 50, 84),
+    _dcn_class("dcn_128", 128, 100, 168),
+    _dcn_class("dcn_512", 512, 25, 42),
+)
+STAR_KERNELS = ("star_fwd", "star_bwd_data", "star_bwd_weight")
+DCN_KERNELS = ("dcn_fwd", "dcn_bwd_data", "dcn_bwd_weight")
 # VFL: the training call (sparse targets, gamma 2, reduced, gradient stored) at C = 80 and 1203,
 # and reduction "none" (loss, then the backward launch with grad_output) at C = 80.
 VFL_CLASSES = (
@@ -79,7 +100,7 @@ VFL_CLASSES = (
 
 @dataclass(frozen=True)
 class Variant:
-    kernel: str  # "star_fwd", "star_bwd_data", "star_bwd_weight", "vfl"
+    kernel: str  # STAR_KERNELS, DCN_KERNELS or "vfl"
     dtype: str  # the op's input dtype: bf16, fp16, fp32, fp64
     shape: ShapeClass
     arch: int  # 90 or 80
@@ -139,11 +160,11 @@ def _kernel_and_configs(name: str, dtype: str, arch: int, cout: int = 0):
     (configs over the shared-memory limit pruned)."""
     import torch
 
-    from kernels import star_conv, tuning, varifocal
+    from kernels import deform_conv, star_conv, tuning, varifocal
 
     if name == "vfl":
         return varifocal.KERNELS["vfl"], None
-    kernel = star_conv.KERNELS[name]
+    kernel = deform_conv.KERNELS[name] if name in DCN_KERNELS else star_conv.KERNELS[name]
     torch_dtype = getattr(torch, _TORCH_NAME[dtype])
     configs = tuning.gpu_configs(name, tuning.dot_dtype(torch_dtype, interpreter=False), SHARED_LIMIT[arch], cout,
                                  arch)
@@ -153,7 +174,8 @@ def _kernel_and_configs(name: str, dtype: str, arch: int, cout: int = 0):
 
 def variants(kernels: tuple[str, ...], dtypes: tuple[str, ...], archs: tuple[int, ...],
              star_classes: tuple[ShapeClass, ...] = STAR_CLASSES,
-             vfl_classes: tuple[ShapeClass, ...] = VFL_CLASSES) -> list[Variant]:
+             vfl_classes: tuple[ShapeClass, ...] = VFL_CLASSES,
+             dcn_classes: tuple[ShapeClass, ...] = DCN_CLASSES[:1]) -> list[Variant]:
     """Every launch variant of `kernels` for these dtypes and archs."""
     out = []
     for name in kernels:
@@ -170,11 +192,16 @@ def variants(kernels: tuple[str, ...], dtypes: tuple[str, ...], archs: tuple[int
                         out.append(Variant(name, dtype, shape, arch,
                                            (("BLOCK_N", block_n), ("BLOCK_C", block_c)), warps, 3))
                     continue
-                for shape in star_classes:
-                    _, configs = _kernel_and_configs(name, dtype, arch, shape.ints["COUT"])
+                for shape in dcn_classes if name in DCN_KERNELS else star_classes:
+                    _, configs = _kernel_and_configs(name, dtype, arch, _cout(shape))
                     for blocks, warps, stages in configs:
                         out.append(Variant(name, dtype, shape, arch, blocks, warps, stages))
     return out
+
+
+def _cout(shape: ShapeClass) -> int:
+    """Output channels a config's shared-memory estimate is taken at (per conv group for DCN)."""
+    return shape.ints.get("COUT_G", shape.ints["COUT"])
 
 
 def _signature(variant: Variant, fn) -> tuple[dict, dict, dict]:
@@ -202,6 +229,21 @@ def _signature(variant: Variant, fn) -> tuple[dict, dict, dict]:
                         box_ptr=compute, out1_ptr=dt, out2_ptr=dt)
             scalars = dict(stride="fp32")
             constexprs = dict(variant.shape.flags, DOT_PRECISION=precision)
+        elif variant.kernel == "dcn_fwd":
+            ptrs = dict(x_ptr=dt, w_ptr=dot, bias_ptr=compute, off_ptr=compute, mod_ptr=compute, out_ptr=dt)
+            scalars = {}
+            constexprs = dict(variant.shape.flags, DOT_PRECISION=precision)
+        elif variant.kernel == "dcn_bwd_data":
+            ptrs = dict(go_ptr=dot, x_ptr=dt, w_ptr=dot, off_ptr=compute, mod_ptr=compute, gx_ptr=compute,
+                        goff_ptr=compute, gmod_ptr=compute)
+            scalars = {}
+            constexprs = dict(HAS_MASK=variant.shape.flags["HAS_MASK"], NEED_X=True, NEED_OFFSET=True,
+                              NEED_MASK=variant.shape.flags["HAS_MASK"], DOT_PRECISION=precision,
+                              GO_RESIDENT=dict(variant.config)["BLOCK_N"] >= variant.shape.ints["COUT_G"])
+        elif variant.kernel == "dcn_bwd_weight":
+            ptrs = dict(go_ptr=dot, x_ptr=dt, off_ptr=compute, mod_ptr=compute, gw_ptr=compute)
+            scalars = {}
+            constexprs = dict(HAS_MASK=variant.shape.flags["HAS_MASK"], DOT_PRECISION=precision)
         elif variant.kernel == "star_bwd_data":
             ptrs = dict(go_ptr=dot, x_ptr=dt, w_ptr=dot, box_ptr=compute, gx_ptr=compute,
                         gbox_ptr=compute)
@@ -225,8 +267,13 @@ def _signature(variant: Variant, fn) -> tuple[dict, dict, dict]:
             signature[arg] = scalars[arg]
         else:
             value = variant.shape.ints[arg]
+            specialised = not fn.params[i].do_not_specialize
+            if value == 1 and specialised:  # the JIT passes an int equal to 1 as a constant
+                signature[arg] = "constexpr"
+                constexprs[arg] = 1
+                continue
             signature[arg] = "i32"
-            if value % 16 == 0 and not fn.params[i].do_not_specialize:
+            if value % 16 == 0 and specialised:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
 
@@ -274,7 +321,7 @@ def _estimate(variant: Variant) -> int:
 
     config = triton.Config(dict(variant.config), num_warps=variant.num_warps, num_stages=variant.num_stages)
     width = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4, "fp64": 8}[variant.dtype]
-    return tuning.shared_estimate(variant.kernel, config, width, variant.shape.ints["COUT"])
+    return tuning.shared_estimate(variant.kernel, config, width, _cout(variant.shape))
 
 
 @contextlib.contextmanager
@@ -307,12 +354,12 @@ def compile_all(variants_: list[Variant], jobs: int | None = None) -> Iterator[R
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--kernel", nargs="+", default=["star_fwd", "star_bwd_data", "star_bwd_weight", "vfl"],
-                        choices=["star_fwd", "star_bwd_data", "star_bwd_weight", "vfl"])
+    kernel_names = [*STAR_KERNELS, *DCN_KERNELS, "vfl"]
+    parser.add_argument("--kernel", nargs="+", default=kernel_names, choices=kernel_names)
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 80], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--dtype", nargs="+", default=list(DTYPES), choices=DTYPES)
     parser.add_argument("--shape", nargs="+", help="shape classes (default: all)",
-                        choices=[c.name for c in STAR_CLASSES + VFL_CLASSES])
+                        choices=[c.name for c in STAR_CLASSES + VFL_CLASSES + DCN_CLASSES])
     parser.add_argument("--jobs", type=int, help="parallel compiles (default: CPU count)")
     args = parser.parse_args(argv)
     from kernels.dispatch import interpreter_enabled
@@ -321,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("TRITON_INTERPRET=1 replaces the kernels by the interpreter's: run with TRITON_INTERPRET=0")
     keep = (lambda c: c.name in args.shape) if args.shape else (lambda c: True)
     todo = variants(tuple(args.kernel), tuple(args.dtype), tuple(args.arch),
-                    tuple(filter(keep, STAR_CLASSES)), tuple(filter(keep, VFL_CLASSES)))
+                    tuple(filter(keep, STAR_CLASSES)), tuple(filter(keep, VFL_CLASSES)),
+                    tuple(filter(keep, DCN_CLASSES)))
     import triton
 
     print(f"triton {triton.__version__}: {len(todo)} variants", flush=True)

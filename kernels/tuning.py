@@ -90,15 +90,27 @@ for _kernel, _lists in _FP32_TILES.items():
         CONFIGS[_kernel][_width, True] = CONFIGS[_kernel][_width, False] = _configs(_tiles)
 
 # Modulated deformable convolution (`kernels.deform_conv`): the star conv's kernels with a single
-# input, offsets and mask read per (tap, deform group) and a grid axis over conv groups. They start
-# from the star conv's tables (same loop, same tiles, one input instead of the pair in the forward);
-# each config compiles for sm_90 and sm_80 without spills on the DCN shape class of `kernels.aot`
-# (tests/kernels/test_aot_compile.py). Not tuned on a GPU yet.
+# input, offsets and mask read per (tap, deform group) and a grid axis over conv groups. The tables
+# start from the star conv's (same loop and tiles) minus the tiles that spill here (`python -m
+# kernels.aot --kernel dcn_fwd dcn_bwd_data dcn_bwd_weight`, triton 3.9, 2026-12-04, Cin = Cout =
+# 256 and 512): fp32 forward 32x64x32 and 64x64x32 (sm_90, 24-28 B); bf16 Hopper data gradient
+# 128x64x32 and 64x64x32 (80-144 B) and 128x256x32 with 2 stages (576 B at Cout 512). Left in:
+# the Ampere bf16 data gradient 32x256x32 spills 8 B at Cout = 512 (clean at 256); fp64 (the
+# tests' dtype) spills 16-64 B on sm_90 with every tile tried (16x32x16 and 16x64x16 forward,
+# 32x64x16, 16x64x16 and 16x32x16 data gradient; all clean on sm_80). Not tuned on a GPU yet.
 DCN_KERNELS = ("dcn_fwd", "dcn_bwd_data", "dcn_bwd_weight")
-for _dcn, _star in zip(DCN_KERNELS, STAR_KERNELS):
-    CONFIGS[_dcn] = {key: _configs([(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages) for c in configs])
-                     for key, configs in CONFIGS[_star].items()}
+CONFIGS["dcn_fwd"] = {
+    (2, True): CONFIGS["star_fwd"][2, True], (2, False): CONFIGS["star_fwd"][2, False],
+    (4, True): _configs([(32, 64, 16, 4, 3)]), (4, False): _configs([(32, 64, 16, 4, 3)]),
+    (8, True): _configs([(16, 64, 16, 4, 2)]), (8, False): _configs([(16, 32, 16, 4, 2)]),
+}
+CONFIGS["dcn_bwd_data"] = {
+    (2, True): _configs([(64, 256, 32, 8, 3), (128, 256, 32, 8, 3)]),
+    (2, False): CONFIGS["star_bwd_data"][2, False],
+    (4, True): CONFIGS["star_bwd_data"][4, True], (4, False): CONFIGS["star_bwd_data"][4, False],
+    (8, True): _configs([(32, 64, 16, 8, 2)]), (8, False): _configs([(32, 64, 16, 8, 2), (16, 64, 16, 4, 2)]),
+}
+CONFIGS["dcn_bwd_weight"] = dict(CONFIGS["star_bwd_weight"])
 
 PROGRAMS_PER_SM = 4  # split-M target of the weight gradient's grid
 
