@@ -275,10 +275,13 @@ def check_cpu_budget(workers: Workers) -> None:
 class RayReporter:
     """`Observers.report` for Ray: forwards the engine's metrics, and rank 0's checkpoint file
     as a one-file `ray.train.Checkpoint`, to `report_fn` (`ray.train.report` or
-    `ray.tune.report`); the engine calls it on every rank equally often, as Ray requires."""
+    `ray.tune.report`); the engine calls it on every rank equally often, as Ray requires.
+    `upload`: a `checkpoint_upload_fn` for `ray.train.report` (`storage.checkpoint_uploader`:
+    the upload retried after transient storage errors); None leaves the upload to Ray."""
 
-    def __init__(self, report_fn: Callable[..., None]) -> None:
+    def __init__(self, report_fn: Callable[..., None], upload: Callable[[Any, str], Any] | None = None) -> None:
         self.report_fn = report_fn
+        self.upload = upload
 
     def __call__(self, metrics: dict[str, float], checkpoint_file: Path | None) -> None:
         from ray.train import Checkpoint
@@ -286,9 +289,10 @@ class RayReporter:
         if checkpoint_file is None:
             self.report_fn(metrics)
             return
+        extra = {} if self.upload is None else {"checkpoint_upload_fn": self.upload}
         with tempfile.TemporaryDirectory(prefix="vfnet-ckpt-") as tmp:
             shutil.copyfile(checkpoint_file, Path(tmp) / CHECKPOINT_NAME)
-            self.report_fn(metrics, checkpoint=Checkpoint.from_directory(tmp))  # copied to storage
+            self.report_fn(metrics, checkpoint=Checkpoint.from_directory(tmp), **extra)  # copied to storage
 
 
 class Restored(NamedTuple):

@@ -6,6 +6,12 @@ its own files through `RunStorage`: `result.json`, the worker records, the packe
 (which Ray Data then reads from there) and rank 0's work dir (synced by `WorkdirSync`). On a
 multi-node cluster without a shared disk this is what makes a run resumable on any node.
 
+Transient errors of the store (throttling, 5xx answers, dropped connections, timeouts:
+`is_transient`) are retried with exponential backoff (`RetryPolicy`): every `RunStorage`
+operation, and the checkpoint uploads of a Ray Train run (`checkpoint_uploader`), so that a
+burst of them costs seconds instead of a worker-group restart; any other error (denied access, a
+missing bucket) fails at once.
+
 Credentials come from the file system's standard sources (for S3: `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_PROFILE`, `AWS_DEFAULT_REGION`,
 `AWS_ENDPOINT_URL` for S3-compatible servers; for GCS: `GOOGLE_APPLICATION_CREDENTIALS`); a URI is
@@ -16,12 +22,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow as pa
@@ -31,6 +39,60 @@ from vfnet.core.atomic import write_json, write_text
 from vfnet.core.errors import ArgumentError, EnvError, one_line
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What a transient failure of an object store looks like in the message of the OSError pyarrow
+# raises: the AWS SDK's retryable error kinds (which S3-compatible servers also produce), HTTP 5xx
+# and 429 answers, and connections that dropped or timed out.
+_TRANSIENT = re.compile(
+    r"AWS Error (SLOW_DOWN|INTERNAL_FAILURE|SERVICE_UNAVAILABLE|NETWORK_CONNECTION|REQUEST_TIMEOUT|THROTTLING)"
+    r"|HTTP (status|response) code:? ?(5\d\d|429)|\b(503 Service Unavailable|500 Internal Server Error"
+    r"|502 Bad Gateway|504 Gateway Time-?out|429 Too Many Requests)\b"
+    r"|[Cc]onnection (reset|refused|aborted|closed)|[Bb]roken pipe|[Tt]imed? ?out|[Tt]emporar(il)?y")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an error that may go away when the same request is sent again (see _TRANSIENT;
+    also Python's ConnectionError and TimeoutError)."""
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(exc, (OSError, pa.ArrowException)) and bool(_TRANSIENT.search(str(exc)))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a storage operation is retried after a transient error:
+    `attempts` tries in all, waiting `backoff_s`, 2 x `backoff_s`, 4 x ... (at most
+    `max_backoff_s`) between them. The default rides out about a minute of failures."""
+
+    attempts: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ValueError(f"RetryPolicy needs attempts >= 1 and backoffs >= 0, got {self}")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number `retry` (1-based)."""
+        return min(self.backoff_s * 2 ** (retry - 1), self.max_backoff_s)
+
+    def call(self, action: Callable[[], T], what: str, sleep: Callable[[float], None] = time.sleep) -> T:
+        """`action()`, tried again after each transient error (logged as a warning with the
+        attempt and the wait) until it succeeds or `attempts` are spent; the last error, or
+        the first that is not transient, propagates."""
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return action()
+            except Exception as exc:
+                if attempt == self.attempts or not is_transient(exc):
+                    raise
+                wait = self.delay(attempt)
+                log.warning("%s: transient storage error (attempt %d of %d), retrying in %.3g s: %s",
+                            what, attempt, self.attempts, wait, one_line(exc))
+                sleep(wait)
+        raise AssertionError("unreachable")
 
 
 def is_uri(location: str | Path) -> bool:
@@ -54,11 +116,14 @@ class RunStorage:
     location: str  # as given, made absolute for a local path
     fs: Any = field(compare=False)  # pyarrow.fs.FileSystem
     root: str  # the location's path inside fs
+    retry: RetryPolicy = RetryPolicy()  # for every operation (and a Ray run's checkpoint uploads)
 
     @classmethod
-    def parse(cls, location: str | Path) -> RunStorage:
+    def parse(cls, location: str | Path | RunStorage) -> RunStorage:
         """A local path (made absolute) or a URI; ArgumentError naming --storage when pyarrow
-        has no file system for it."""
+        has no file system for it. A RunStorage is returned as it is."""
+        if isinstance(location, RunStorage):
+            return location
         text = str(location)
         if not is_uri(text):
             path = str(Path(text).resolve())
@@ -86,7 +151,7 @@ class RunStorage:
         else:
             uri = urlsplit(self.location)
             location = urlunsplit(uri._replace(path="/".join([uri.path.rstrip("/"), *parts])))
-        return RunStorage(location, self.fs, self.path(*parts))
+        return RunStorage(location, self.fs, self.path(*parts), self.retry)
 
     def display(self, path: str) -> str:
         """A path of this storage as the user would write it (a URI for object stores, without
@@ -151,7 +216,7 @@ class RunStorage:
 
     def _call(self, path: str, action: Any) -> Any:
         try:
-            return action()
+            return self.retry.call(action, self.display(path))
         except (OSError, pa.ArrowException) as exc:
             raise EnvError(f"{self.display(path)}: run storage not reachable or not writable: "
                            f"{one_line(exc)}") from exc
@@ -199,6 +264,30 @@ class WorkdirSync:
             report(metrics, checkpoint_file)
 
         return push_then_report
+
+
+def checkpoint_uploader(policy: RetryPolicy) -> Callable[[Any, str], Any]:
+    """A `checkpoint_upload_fn` for `ray.train.report`: copies the reported checkpoint directory
+    to `<run>/<checkpoint_dir_name>` in the run's storage as Ray's own upload does, but retried
+    with `policy` after transient errors (each try copies every file again; an object appears
+    only when its upload completes). Ray registers the checkpoint only after this returns."""
+
+    def upload(checkpoint: Any, checkpoint_dir_name: str) -> Any:
+        import ray.train
+
+        context = ray.train.get_context().get_storage()
+        fs = context.storage_filesystem
+        dest = f"{context.experiment_fs_path}/{checkpoint_dir_name}"
+
+        def copy() -> None:
+            fs.create_dir(dest)
+            pafs.copy_files(checkpoint.path, dest, source_filesystem=checkpoint.filesystem,
+                            destination_filesystem=fs)
+
+        policy.call(copy, f"checkpoint upload to {redact(dest)}")
+        return ray.train.Checkpoint(dest, filesystem=fs)
+
+    return upload
 
 
 def local_workdir(name: str) -> Path:

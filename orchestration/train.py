@@ -49,7 +49,7 @@ from typing import Any
 from orchestration import common
 from orchestration.common import CHECKPOINT_NAME, Workers
 from orchestration.data import Shards
-from orchestration.storage import RunStorage, WorkdirSync, local_workdir
+from orchestration.storage import RunStorage, WorkdirSync, checkpoint_uploader, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.core.config import Config, config_from_dict, config_name
 
@@ -120,7 +120,7 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     storage = spec.storage
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    report = common.RayReporter(ray.train.report)
+    report = common.RayReporter(ray.train.report, upload=checkpoint_uploader(storage.retry))
     sync = None
     if storage.is_local:
         workdir = Path(storage.path(spec.name, WORKDIR_NAME))
@@ -206,7 +206,7 @@ class TrainPlan:
     mlflow: MlflowTarget | None = None
 
 
-def plan_training(cfg: Config, workers: Workers, storage: str | Path = common.DEFAULT_STORAGE,
+def plan_training(cfg: Config, workers: Workers, storage: str | Path | RunStorage = common.DEFAULT_STORAGE,
                   name: str | None = None, mlflow: MlflowTarget | None = None) -> TrainPlan:
     """Check `cfg` against the flags and resolve its paths and the storage (no Ray needed)."""
     workers.check_config(cfg)
@@ -253,7 +253,7 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
 
 
 def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
-                 cpus_per_worker: float = 0.5, storage: str | Path = common.DEFAULT_STORAGE,
+                 cpus_per_worker: float = 0.5, storage: str | Path | RunStorage = common.DEFAULT_STORAGE,
                  name: str | None = None, placement_strategy: str = "PACK",
                  mlflow: MlflowTarget | None = None) -> dict[str, Any]:
     """Python entry: plan and execute a training run on the connected Ray cluster (see

@@ -10,6 +10,12 @@ forwarding anything. The client is left waiting for a response with its upload h
 write in progress, which the test can interrupt (SIGKILL the writer), then `release()` closes
 the held connections. Everything else, and every connection after `release()`, passes through.
 
+`HoldingProxy(upstream_port, pattern, fail=N)` injects errors instead: the first N requests
+matching `pattern` are answered by the proxy itself with `503 Slow Down` (S3's throttling error,
+which clients treat as transient), their body read and dropped, nothing forwarded, and the
+connection closed; `failed` counts them and `failures_done` is set after the N-th. Later
+requests pass through.
+
 The S3 client reaches the proxy through the storage URI's `endpoint_override` query parameter
 (see `uri`).
 """
@@ -19,10 +25,16 @@ import re
 import socket
 import threading
 
+SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>"
+             b"<Message>Please reduce your request rate.</Message><RequestId>holding-proxy</RequestId></Error>")
+
 
 class HoldingProxy:
-    def __init__(self, upstream_port: int, pattern: bytes, skip: int = 0) -> None:
+    def __init__(self, upstream_port: int, pattern: bytes, skip: int = 0, fail: int = 0) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
+        self._fail = fail  # error-injection mode: matching requests still to answer with 503
+        self.failed = 0
+        self.failures_done = threading.Event()
         self.pattern = re.compile(pattern)
         self._skip = skip  # matching objects still to let through before one is held
         self._passed: set[bytes] = set()
@@ -76,6 +88,16 @@ class HoldingProxy:
                 break
             if not data:
                 break
+            failing_at = self._fail_offset(data)
+            if failing_at is not None:
+                try:
+                    server.sendall(data[:failing_at])  # the end of an earlier request, if any
+                    _answer_slow_down(client, data[failing_at:])
+                except OSError:
+                    pass
+                _close(client)
+                _close(server)
+                return
             held_at = self._hold_offset(data)
             try:
                 server.sendall(data if held_at is None else data[:held_at])
@@ -91,10 +113,23 @@ class HoldingProxy:
         _half_close(server)
         done.tick()
 
+    def _fail_offset(self, data: bytes) -> int | None:
+        """Error-injection mode: where a matching request to fail starts in `data`, or None."""
+        with self._lock:
+            if self.failed >= self._fail:
+                return None
+            match = self.pattern.search(data)
+            if match is None:
+                return None
+            self.failed += 1
+            if self.failed == self._fail:
+                self.failures_done.set()
+            return match.start()
+
     def _hold_offset(self, data: bytes) -> int | None:
         """Where to stop forwarding `data`, or None to forward it all."""
         with self._lock:
-            if self._released:
+            if self._released or self._fail:  # error-injection mode never holds
                 return None
             match = self.pattern.search(data)
             if match is None:
@@ -111,6 +146,28 @@ class HoldingProxy:
                 body = len(data) - (head_end + 4)
                 return head_end + 4 + body // 2
             return match.start() if target == self.held_path else None
+
+
+def _answer_slow_down(client: socket.socket, received: bytes) -> None:
+    """Read the rest of the request that starts `received` (headers, then Content-Length bytes
+    of body unless the client waits for `100 Continue`) and answer it with 503 SlowDown."""
+    while b"\r\n\r\n" not in received:
+        more = client.recv(1 << 16)
+        if not more:
+            return
+        received += more
+    head, body = received.split(b"\r\n\r\n", 1)
+    headers = {k.strip().lower(): v.strip() for k, _, v in
+               (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+    if headers.get(b"expect", b"").lower() != b"100-continue":
+        remaining = int(headers.get(b"content-length", b"0")) - len(body)
+        while remaining > 0:
+            more = client.recv(min(remaining, 1 << 16))
+            if not more:
+                return
+            remaining -= len(more)
+    client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                   b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(SLOW_DOWN), SLOW_DOWN))
 
 
 def _pump(src: socket.socket, dst: socket.socket, done: _Countdown) -> None:

@@ -4,15 +4,18 @@ there."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from holding_proxy import HoldingProxy
 from pyarrow.fs import FileSelector
 
 from orchestration import common
 from orchestration import train as otrain
-from orchestration.storage import RunStorage, WorkdirSync, redact
+from orchestration.storage import RetryPolicy, RunStorage, WorkdirSync, is_transient, redact
 from vfnet.core.atomic import atomic_write
 from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.errors import ArgumentError
@@ -108,3 +111,56 @@ def test_sweep_on_s3(tiny_config, s3_storage: str, tmp_path: Path, ray_session) 
     assert any(p.endswith("/result.json") for p in files)  # Tune's per-trial results
     assert any(p.endswith("/workdir/metrics.jsonl") for p in files)  # the engine's files, synced
     assert any("/checkpoint_" in p and p.endswith("/checkpoint.pt") for p in files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transient errors: retried with backoff (RetryPolicy), injected by the proxy's error mode
+
+
+def test_retry_policy_retries_only_transient_errors() -> None:
+    waits: list[float] = []
+    policy = RetryPolicy(attempts=4, backoff_s=0.5, max_backoff_s=1.5)
+    outcomes = [OSError("AWS Error SLOW_DOWN during PutObject operation: Please reduce your request rate."),
+                OSError("AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 56"),
+                ConnectionResetError(104, "Connection reset by peer"), "done"]
+
+    def action():
+        outcome = outcomes.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    assert policy.call(action, "x", sleep=waits.append) == "done"
+    assert waits == [0.5, 1.0, 1.5]  # doubling, capped
+    denied = OSError("AWS Error ACCESS_DENIED during PutObject operation: Access Denied")
+    assert not is_transient(denied) and not is_transient(FileNotFoundError("x")) and not is_transient(ValueError())
+
+    def refuse():
+        raise denied
+
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        policy.call(refuse, "x", sleep=waits.append)
+    assert len(waits) == 3  # not retried
+
+    def always_busy():
+        raise OSError("AWS Error SERVICE_UNAVAILABLE")
+
+    with pytest.raises(OSError, match="SERVICE_UNAVAILABLE"):
+        policy.call(always_busy, "x", sleep=waits.append)
+    assert len(waits) == 3 + 3  # 4 attempts, then the last error
+
+
+def test_storage_writes_ride_out_injected_errors(s3_storage: str) -> None:
+    """40 503 SlowDown answers in a row to the PUT of result.json: more than the S3 client's own
+    retries absorb (about 30 here; measured: with one attempt the write fails), ridden out by
+    RunStorage's retries."""
+    port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+    proxy = HoldingProxy(port, rb"PUT /[^ ]*/result\.json[ ?]", fail=40)
+    try:
+        storage = RunStorage.parse(proxy.uri(s3_storage.removeprefix("s3://")))
+        storage = replace(storage, retry=RetryPolicy(attempts=4, backoff_s=0.01))
+        storage.write_json(storage.path("result.json"), {"ok": 1})
+        assert proxy.failures_done.is_set() and proxy.failed == 40
+        assert RunStorage.parse(s3_storage).read_json(f"{s3_storage.removeprefix('s3://')}/result.json") == {"ok": 1}
+    finally:
+        proxy.close()
