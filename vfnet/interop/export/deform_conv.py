@@ -70,14 +70,14 @@ def deform_conv2d_export(
     ho, wo = offset.shape[2], offset.shape[3]
     device = input.device
     # [B, Ho, Wo, dg, taps, (dy, dx)]
-    offsets = offset.float().reshape(b, dg, taps, 2, ho, wo).permute(0, 4, 5, 1, 2, 3)
+    offsets = offset.float().reshape(b, dg, taps, 2, ho, wo).permute(0, 4, 5, 1, 2, 3).contiguous()
     tap_rows = torch.tensor([float(i * dh) for i in range(kh) for _ in range(kw)], device=device)
     tap_cols = torch.tensor([float(j * dw) for _ in range(kh) for j in range(kw)], device=device)
     window_rows = (torch.arange(ho, device=device) * sh - ph).float().view(1, ho, 1, 1, 1)
     window_cols = (torch.arange(wo, device=device) * sw - pw).float().view(1, 1, wo, 1, 1)
     py = window_rows + tap_rows + offsets[..., 0]  # [B, Ho, Wo, dg, taps]
     px = window_cols + tap_cols + offsets[..., 1]
-    modulation = None if mask is None else mask.float().reshape(b, dg, taps, ho, wo).permute(0, 3, 4, 1, 2)
+    modulation = None if mask is None else mask.float().reshape(b, dg, taps, ho, wo).permute(0, 3, 4, 1, 2).contiguous()
     table = input.float().permute(0, 2, 3, 1).reshape(b * h * w * dg, cin // dg)
     base = (torch.arange(b, device=device) * (h * w)).view(b, 1, 1, 1, 1)
     samples = sample_rows(table, base, py, px, h, w, modulation)  # [B, Ho, Wo, dg, taps, Cin/dg]

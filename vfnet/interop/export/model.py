@@ -10,7 +10,9 @@
 Rows at or beyond num_detections[b] are padding: boxes 0, scores 0, labels -1. Detections are
 sorted by decreasing score. Inside the graph: normalisation with `data.mean` / `data.std`,
 zero padding (in the normalised domain, as the data pipeline pads) bottom/right to a multiple of
-`data.size_divisor`, the network with the star conv of `vfnet.interop.export.star_conv`, then the
+`data.size_divisor`, the network with the star conv of `vfnet.interop.export.star_conv` and every
+DCNv2 layer (backbone DCN stages, the head's `dcn_on_last_conv`) running
+`vfnet.interop.export.deform_conv.deform_conv2d_export` (`use_export_ops`), then the
 post-processing of `VFNet.detections` (the rules of `vfnet.model.postprocess`), written with TopK,
 Gather, Where and NonMaxSuppression: per level the top `infer.nms_pre` (point, class) pairs whose
 score (sigmoid) is above `infer.score_thr` (ties: lower point * C + class first), decoded against
@@ -33,19 +35,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from vfnet.core.errors import ArgumentError
+from vfnet.interop.export.deform_conv import deform_conv2d_export
 from vfnet.interop.export.nms import non_max_suppression
 from vfnet.interop.export.star_conv import star_deform_conv2d_pair_export
 from vfnet.model import VFNet
 from vfnet.model.boxes import distance_to_box
+from vfnet.model.dcn import ModulatedDeformConv
 from vfnet.model.detector import level_points
 from vfnet.model.losses import flatten_levels
 from vfnet.model.postprocess import large_enough
 
 
+def use_export_ops(model: VFNet) -> int:
+    """Swap, in place, the ops of `model` that are not standard tensor operators for their
+    exportable forms: the head's star conv (`star_deform_conv2d_pair_export`) and the op of every
+    DCNv2 layer, wherever it sits (`ModulatedDeformConv.deform_conv` -> `deform_conv2d_export`).
+    Returns the number of DCNv2 layers swapped."""
+    model.head.star_pair = star_deform_conv2d_pair_export
+    layers = [m for m in model.modules() if isinstance(m, ModulatedDeformConv)]
+    for layer in layers:
+        layer.deform_conv = deform_conv2d_export
+    return len(layers)
+
+
 class ExportableVFNet(nn.Module):
     """forward(images [B, 3, H, W] 0-255 RGB) -> (boxes, scores, labels, num_detections); see the
-    module docstring. Holds a copy of `model` (its parts and weights, in eval mode) whose head's
-    star conv is swapped for `star_deform_conv2d_pair_export`; `model` itself is left as it is.
+    module docstring. Holds a copy of `model` (its parts and weights, in eval mode) whose star conv
+    and DCNv2 layers run their exportable ops (`use_export_ops`); `model` itself is left as it is.
     The normalisation and padding come from the config `model` was built from (`model.cfg.data`)."""
 
     def __init__(self, model: VFNet, *, with_head: bool = False):
@@ -56,7 +72,7 @@ class ExportableVFNet(nn.Module):
         if model.infer.nms_pre <= 0:
             raise ArgumentError(f"infer.nms_pre must be > 0 to export (a fixed top-k), got {model.infer.nms_pre}")
         self.model = copy.deepcopy(model).eval()
-        self.model.head.star_pair = star_deform_conv2d_pair_export
+        use_export_ops(self.model)
         self.with_head = with_head
         self.infer = self.model.infer
         self.num_classes = model.head.num_classes
