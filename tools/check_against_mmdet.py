@@ -15,6 +15,11 @@ root:
    replaced by "keep everything": the candidates after the threshold, the per-level top-k,
    decoding, clipping, rescaling and `min_bbox_size` (NMS itself needs mmcv's compiled ops).
 
+3. Zoo models (`--zoo NAME ...`, e.g. `--zoo x101_64x4d_dcn r2_101_dcn`; `--batches 0` skips 1
+   and 2): mmdetection's own model of each named architecture against ours, random weights,
+   float64: head outputs, losses, gradients and pre-NMS detections (`tools/mmdet_zoo_parity.py`,
+   which also checks the mmdetection side's DCN stand-in against torchvision: `--stand-in`).
+
 Prints the counts and the number of mismatches (0 expected); exits 1 on any mismatch.
 """
 from __future__ import annotations
@@ -149,10 +154,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--zoo", nargs="*", default=[], metavar="NAME",
+                        help="zoo architectures to compare with mmdetection's models (tools/mmdet_zoo_parity.py)")
+    parser.add_argument("--size", nargs=2, type=int, default=[160, 224], metavar=("H", "W"),
+                        help="input size of the --zoo check")
     args = parser.parse_args()
     install_shim_if_needed()
     gen = torch.Generator().manual_seed(args.seed)
-    return 1 if check_targets(args.batches, gen) + check_inference(args.batches, gen) else 0
+    status = 0
+    if args.batches:
+        status = 1 if check_targets(args.batches, gen) + check_inference(args.batches, gen) else 0
+    if args.zoo:
+        from mmdet_zoo_parity import run_zoo
+
+        status |= run_zoo(args.zoo, tuple(args.size), args.seed)
+    return status
 
 
 if __name__ == "__main__":
