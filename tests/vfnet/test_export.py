@@ -226,3 +226,125 @@ def test_vfnet_export_command_writes_the_same_model(fmt, tmp_path, capsys, one_t
             outputs = torch.export.load(out).module()(images)
     assert len(outputs) == 4  # boxes, scores, labels, num_detections: no head outputs in a user's export
     assert check(outputs, head, detections, f"vfnet export --format {fmt}") > 0
+
+
+# --- DCN models: every DCNv2 layer (backbone stages, head towers) exported in standard operators ---
+
+
+class TinyDCNBackbone(torch.nn.Module):
+    """A narrow ResNeXt-style trunk built from the real DCN bottleneck blocks: stem (stride 4),
+    then one grouped DCNv2 bottleneck per output (C3, C4, C5 at strides 8, 16, 32)."""
+
+    def __init__(self, deform_conv):
+        from vfnet.model.backbone import Bottleneck
+
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, 2, 3, bias=False), torch.nn.BatchNorm2d(16),
+                                        torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+        blocks, in_channels = [], 16
+        for channels in (8, 16, 32):
+            downsample = torch.nn.Sequential(torch.nn.Conv2d(in_channels, channels * 4, 1, 2, bias=False),
+                                             torch.nn.BatchNorm2d(channels * 4))
+            blocks.append(Bottleneck(in_channels, channels, 2, downsample, groups=2, base_width=32,
+                                     deform_conv=deform_conv))
+            in_channels = channels * 4
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.out_channels = [32, 64, 128]
+
+    def forward(self, x):
+        x = self.stem(x)
+        outs = []
+        for block in self.blocks:
+            x = block(x)
+            outs.append(x)
+        return outs
+
+
+def dcn_model() -> VFNet:
+    """tiny_model's head with `dcn_on_last_conv` on a DCN backbone (`TinyDCNBackbone`); every DCN
+    layer's offset conv random, so the samples fall between cells, up to a few cells away."""
+    from kernels.reference import deform_conv2d_reference
+    from vfnet.model.dcn import ModulatedDeformConv
+    from vfnet.model.fpn import FPN
+
+    cfg = apply_overrides(tiny_model().cfg, ["model.dcn_on_last_conv=true"])
+    torch.manual_seed(0)
+    head_model = VFNet.from_config(cfg)
+    backbone = TinyDCNBackbone(deform_conv2d_reference)
+    model = VFNet(backbone, FPN(backbone.out_channels, cfg.model.fpn_channels), head_model.head,
+                  head_model.loss_fn, infer=cfg.infer, config=cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.cls.weight, std=0.5, generator=gen)
+        model.head.cls.bias.fill_(-2.5)
+        for layer in model.modules():
+            if isinstance(layer, ModulatedDeformConv):
+                layer.conv_offset.weight.normal_(std=0.3 / layer.conv_offset.weight[0].numel() ** 0.5, generator=gen)
+                layer.conv_offset.bias.uniform_(-1.5, 1.5, generator=gen)
+    return model
+
+
+def dcn_layers(model: torch.nn.Module) -> list:
+    from vfnet.model.dcn import ModulatedDeformConv
+
+    return [m for m in model.modules() if isinstance(m, ModulatedDeformConv)]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.depth=50", "model.groups=4", "model.base_width=4"],
+    ["model.backbone='res2net'", "model.depth=50"],
+], ids=["resnext50_dcn", "res2net50_dcn"])
+def test_the_wrapper_swaps_every_dcn_layer_of_a_zoo_architecture(overrides):
+    """Backbone DCN stages (ResNeXt's conv2, Res2Net's split convs) and the head's
+    dcn_on_last_conv: every DCNv2 layer of the copy runs deform_conv2d_export, the model keeps
+    its op."""
+    from vfnet.interop.export.deform_conv import deform_conv2d_export
+
+    cfg = apply_overrides(Config(), overrides + [
+        "model.stage_with_dcn=[false, true, true, true]", "model.dcn_on_last_conv=true", "model.kernels='torch'",
+        "model.fpn_channels=16", "model.head_channels=16", "model.gn_groups=4", "model.stacked_convs=2"])
+    model = VFNet.from_config(cfg)
+    own = dcn_layers(model)
+    copied = dcn_layers(ExportableVFNet(model).model)
+    head = dcn_layers(model.head)
+    assert len(head) == 2 and len(own) > len(head) and len(copied) == len(own)
+    assert all(layer.deform_conv is deform_conv2d_export for layer in copied)
+    assert all(layer.deform_conv is not deform_conv2d_export for layer in own)
+
+
+@pytest.fixture(scope="module")
+def exported_dcn(tmp_path_factory):
+    """The DCN model's torch.export program (saved and loaded) and ONNX model, head outputs appended."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    import vfnet.interop.export  # noqa: F401  (registers vfnet::non_max_suppression before the load)
+
+    model = dcn_model()
+    out = tmp_path_factory.mktemp("export_dcn")
+    program = export_program(model, with_head=True)
+    torch_file = export_torch(model, out / "dcn.pt2", program=program)
+    onnx_file = export_onnx(model, out / "dcn.onnx", program=program)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    return model, torch.export.load(torch_file).module(), session, onnx_file
+
+
+def test_dcn_model_exports_to_standard_onnx_operators_and_matches_pytorch(exported_dcn, one_thread):
+    import onnx
+
+    model, program, session, onnx_file = exported_dcn
+    assert len(dcn_layers(model)) == 5  # C3, C4, C5 and both head towers
+    ops = {(node.domain, node.op_type) for node in onnx.load(str(onnx_file)).graph.node}
+    assert {domain for domain, _ in ops} <= {"", "ai.onnx"}, ops  # no custom or vendor operators
+    images = crowded_batch(2, (256, 224))
+    head, detections = reference(model, images)
+    with torch.no_grad():
+        n_torch = check(program(images), head, detections, "torch.export DCN")
+    n_onnx = check(session.run(None, {"images": images.numpy()}), head, detections, "onnxruntime DCN")
+    assert n_torch == n_onnx > 0
+    # a small image (P7 of one cell, through the head's DCN layers) still runs in onnxruntime
+    small = crowded_batch(1, (MIN_SIDE - 40, 64))
+    head, detections = reference(model, small)
+    check(session.run(None, {"images": small.numpy()}), head, detections, "onnxruntime DCN small")
