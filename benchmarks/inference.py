@@ -37,10 +37,11 @@ TARGET_IMG_PER_S = 60.0  # issue #6: R-50 1333x800, batch 8, H100/H200
 
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
-            device: torch.device, warmup: int, reps: int, nms_classes: int) -> Iterator[harness.Row]:
+            device: torch.device, warmup: int, reps: int, nms_classes: int, *,
+            layouts: tuple[bool, ...] = (False,)) -> Iterator[harness.Row]:
     """Time `predict` per provider and batch size; yields ms, img_per_s (and on CUDA
     peak_mem_mb) rows as they are measured."""
-    models = workload.build_models(cfg, providers, device)
+    models = workload.build_models(cfg, providers, device, layouts=layouts)
     for model in models.values():
         model.eval()
         workload.raise_class_scores(model, nms_classes)
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     if not 0 <= args.nms_classes <= cfg.model.num_classes:
         parser.error(f"--nms-classes must be in [0, {cfg.model.num_classes}], got {args.nms_classes}")
     results = harness.start(SCRIPT, args, device)
-    results.add(measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes))
+    results.add(measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes,
+                        layouts=workload.CHANNELS_LAST[args.channels_last]))
     workload.log_speedups(results.rows)
     log_reference(results.rows)
     return results.finish("img_per_s", "VFNet inference (incl. NMS), images/s")

@@ -291,6 +291,7 @@ def main(argv: list[str] | None = None) -> Profile:
     parser.add_argument("--batch", type=int, help="images per step (default 8, small 2)")
     parser.add_argument("--provider", choices=workload.PROVIDERS,
                         help="default triton on CUDA or under TRITON_INTERPRET=1, else torch")
+    parser.add_argument("--channels-last", action="store_true", help="model.channels_last = true")
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
     parser.add_argument("--trace", action="store_true", help="also write a Chrome trace (.json)")
@@ -305,11 +306,11 @@ def main(argv: list[str] | None = None) -> Profile:
         parser.error("--batch and --steps must be >= 1, --warmup >= 0")
     size = workload.SMALL_SIZE if small else workload.FULL_SIZE
     cfg = workload.bench_config(small)
-    model = workload.build_models(cfg, [provider], device)[provider]
+    model, = workload.build_models(cfg, [provider], device, layouts=(args.channels_last,)).values()
     data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"profile_step_{device_slug(device)}"
+    name = f"profile_step_{device_slug(device)}" + ("_channels_last" if args.channels_last else "")
     trace = out_dir / f"{name}.json" if args.trace else None
     profile_, table = run_profile(workload.train_step(model, data), device,
                                   warmup=args.warmup, steps=args.steps, trace=trace)
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> Profile:
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks.profile_step", *map(shlex.quote, given)])
     header = (f"VFNet training step profile: {workload.shape_label(cfg, batch, size)}, {dtype}, "
-              f"provider {provider}\n"
+              f"provider {workload.model_label(provider, args.channels_last)}\n"
               f"device {harness.device_name(device)}, commit {harness.git_commit()}, {stamp}\n"
               f"command: {command}\n"
               f"{profile_.steps} profiled step(s) after {args.warmup} warm-up step(s); ms per step\n")

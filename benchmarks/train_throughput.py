@@ -4,7 +4,8 @@ One training step (the engine's `vfnet.train.step.train_step`) = forward (bf16 a
 CUDA) + ATSS assignment + loss + backward + SGD step, on a synthetic batch already in device
 memory (benchmarks.workload), for the providers `triton` (model.kernels = "triton") and
 `torch` (PyTorch reference ops, torchvision's deform_conv2d for the star conv where it loads),
-with the same weights and the same batch.
+with the same weights and the same batch; `--channels-last both` adds channels-last models
+(`model.channels_last`, rows `triton_cl`, `torch_cl`) side by side.
 Rows (mode `train_step`): `ms` per step, `img_per_s`, and on CUDA `peak_mem_mb`; the device's
 copy/matmul ceilings as `ceiling` rows. Each step is timed on its own after warm-up
 (`benchmarks.harness.time_ms`).
@@ -32,10 +33,11 @@ SCRIPT = "train_throughput"
 
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
-            device: torch.device, warmup: int, reps: int) -> Iterator[harness.Row]:
+            device: torch.device, warmup: int, reps: int, *,
+            layouts: tuple[bool, ...] = (False,)) -> Iterator[harness.Row]:
     """Time one training step per provider and batch size; yields ms, img_per_s (and on CUDA
     peak_mem_mb) rows as they are measured."""
-    models = workload.build_models(cfg, providers, device)
+    models = workload.build_models(cfg, providers, device, layouts=layouts)
     dtype = "bf16" if workload.use_amp(device) else "fp32"
     for batch in batches:
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     small, size, batches, providers, warmup, reps = workload.resolve_args(args, device, [2, 4, 8], [2])
     cfg = workload.bench_config(small)
     results = harness.start(SCRIPT, args, device)
-    results.add(measure(cfg, providers, batches, size, device, warmup, reps))
+    results.add(measure(cfg, providers, batches, size, device, warmup, reps,
+                        layouts=workload.CHANNELS_LAST[args.channels_last]))
     workload.log_speedups(results.rows)
     return results.finish("img_per_s", "VFNet training step, images/s")
 

@@ -59,18 +59,28 @@ def default_providers(device: torch.device) -> list[str]:
     return ["torch"]
 
 
+CHANNELS_LAST = {"off": (False,), "on": (True,), "both": (False, True)}
+
+
+def model_label(provider: str, channels_last: bool) -> str:
+    """The provider column of a row: e.g. "triton", or "triton_cl" for a channels-last model."""
+    return provider + ("_cl" if channels_last else "")
+
+
 def build_models(cfg: Config, providers: list[str], device: torch.device, *,
-                 seed: int = 0) -> dict[str, VFNet]:
-    """One VFNet per provider, all with the weights of the first (seeded) one, on `device`."""
+                 seed: int = 0, layouts: tuple[bool, ...] = (False,)) -> dict[str, VFNet]:
+    """One VFNet per provider and layout (`layouts`: `model.channels_last` values), keyed by
+    `model_label`, all with the weights of the first (seeded) one, on `device`."""
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         raise ValueError(f"providers must be among {PROVIDERS}, got {unknown}")
     torch.manual_seed(seed)
     state = None
     models = {}
-    for provider in providers:
+    for provider, channels_last in ((p, cl) for p in providers for cl in layouts):
         provider_cfg = copy.deepcopy(cfg)
         provider_cfg.model.kernels = provider
+        provider_cfg.model.channels_last = channels_last
         ops = Ops.from_name(provider)
         if provider == "torch":
             star_pair = harness.torchvision_star_pair()
@@ -83,7 +93,7 @@ def build_models(cfg: Config, providers: list[str], device: torch.device, *,
             state = model.state_dict()
         else:
             model.load_state_dict(state)
-        models[provider] = model.to(device)
+        models[model_label(provider, channels_last)] = model.to(device)
     return models
 
 
@@ -193,6 +203,9 @@ def add_common_args(parser: argparse.ArgumentParser, script: str, default_batche
                         help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
                         help="default: both on CUDA; torch on CPU (+ triton under TRITON_INTERPRET=1)")
+    parser.add_argument("--channels-last", choices=sorted(CHANNELS_LAST), default="off",
+                        help="model.channels_last: off (default), on, or both side by side "
+                             "(rows of channels-last models have provider <name>_cl)")
     harness.add_timing_args(parser, default=harness.STEP_TIMING, quick=(1, 3))
     harness.add_output_args(parser, script)
 
@@ -215,9 +228,9 @@ def shape_label(cfg: Config, batch: int, size: tuple[int, int]) -> str:
 
 
 def log_speedups(rows: list[harness.Row], metric: str = "img_per_s") -> None:
-    """Log triton's `metric` over torch's for each shape."""
+    """Log each model's `metric` over the contiguous torch provider's, for each shape."""
     values = {(r.provider, r.shape): r.p50 for r in rows if r.metric == metric}
     for (provider, shape), value in sorted(values.items()):
-        if provider == "triton" and ("torch", shape) in values:
-            log.info("%s: triton %.2f / torch %.2f %s = %.2fx", shape, value,
+        if provider != "torch" and ("torch", shape) in values:
+            log.info("%s: %s %.2f / torch %.2f %s = %.2fx", shape, provider, value,
                      values[("torch", shape)], metric, value / values[("torch", shape)])

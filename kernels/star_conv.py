@@ -24,9 +24,11 @@ Kernels (implicit GEMM, M = B*H*W locations, N = Cout, K = 9*Cin, no columns buf
   fits one BLOCK_N), scattered to the 4 corners of x's gradient with relaxed fp32 atomics (fp64
   for fp64), and contracted with the corner values for the coordinate gradient: per corner one sum
   over channels, then the bilinear weights' derivatives, summed over the 3 taps each distance
-  moves and scaled by gradient_mul / stride (the centre row and column do not depend on the box).
+  moves and divided by the stride (the centre row and column do not depend on the box).
   Each location's box gradient is written by the one program that owns it; the pair's two
-  shares are added by torch.
+  shares are added by torch, which then scales by gradient_mul in the compute dtype. (A Python
+  float reaches a kernel as a float32 argument: exact for the stride, an integer in every FPN,
+  but 0.1 in float32 is 1.5e-8 relative off, a float64 error the first H200 run caught.)
 - backward, weight (grid: (tap, channel chunk, Cout tile) x slices of the locations x inputs):
   samples are re-gathered and multiplied with grad_out; partial sums are added with fp32 atomics
   into a [9*Cin, Cout] buffer. grad_bias is a plain torch sum.
@@ -175,8 +177,9 @@ def _star_bwd_data_kernel(
     w_ptr,  # [n, 9 * CIN, COUT] dot dtype
     box_ptr,  # [B, 4, H, W] compute dtype
     gx_ptr,  # [n, B, H, W, CIN] compute dtype, zero-initialised, atomically accumulated (NEED_X)
-    gbox_ptr,  # [n, B, 4, H, W] compute dtype: each input's share of the box gradient (NEED_BOX)
-    M, H, W, CIN, COUT, M_LOG2, stride, gradient_mul,
+    gbox_ptr,  # [n, B, 4, H, W] compute dtype: each input's share of the box gradient before
+    # gradient_mul (NEED_BOX; the wrapper scales the sum, in the compute dtype)
+    M, H, W, CIN, COUT, M_LOG2, stride,
     NEED_X: tl.constexpr, NEED_BOX: tl.constexpr, GO_RESIDENT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -225,10 +228,10 @@ def _star_bwd_data_kernel(
     if NEED_BOX:
         hw = H * W
         gbox = gbox_ptr + (offs_m // hw) * 4 * hw + offs_m % hw
-        tl.store(gbox, g_left * gradient_mul / stride, mask=mask_m)
-        tl.store(gbox + hw, g_top * gradient_mul / stride, mask=mask_m)
-        tl.store(gbox + 2 * hw, g_right * gradient_mul / stride, mask=mask_m)
-        tl.store(gbox + 3 * hw, g_bottom * gradient_mul / stride, mask=mask_m)
+        tl.store(gbox, g_left / stride, mask=mask_m)
+        tl.store(gbox + hw, g_top / stride, mask=mask_m)
+        tl.store(gbox + 2 * hw, g_right / stride, mask=mask_m)
+        tl.store(gbox + 3 * hw, g_bottom / stride, mask=mask_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,13 +368,15 @@ def _launch_backward(
             return (triton.cdiv(m, meta["BLOCK_M"]), n)
 
         _star_bwd_data_kernel[grid](
-            gl, xl, wl, boxc, gx, gbox, m, h, w, cin, cout, tuning.m_log2(m), stride, gradient_mul,
+            gl, xl, wl, boxc, gx, gbox, m, h, w, cin, cout, tuning.m_log2(m), stride,
             NEED_X=need_x, NEED_BOX=need_box, DOT_PRECISION=precision,
         )
         if need_x:
             grad_xs = [g.permute(0, 3, 1, 2).to(x.dtype) for x, g in zip(xs, gx)]
         if need_box:
-            grad_box = gbox.sum(dim=0).to(box.dtype)
+            # gradient_mul applied here, not in the kernel: a Python float becomes a float32 kernel
+            # argument, and 0.1 in float32 is off by 1.5e-8 relative (a float64 error)
+            grad_box = gbox.sum(dim=0).mul_(gradient_mul).to(box.dtype)
     if need_w:
         gw = torch.zeros(n, 9 * cin, cout, dtype=ct, device=device)
 

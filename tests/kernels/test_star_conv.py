@@ -155,6 +155,15 @@ def test_kernel_matches_reference_fp32(b, cin, cout, h, w, stride, box_cells):
                              **FP32_TOL)
 
 
+def test_kernel_matches_reference_float64_with_fractional_gradient_mul():
+    """float64 end to end with gradient_mul 0.1 and stride 12 (the other float64 tests use 1.0
+    and powers of two). The interpreter keeps Python floats in float64, so only the compiled
+    kernel could show gradient_mul rounded to a float32 argument (1.5e-8 relative): that is
+    `test_gpu_matches_torchvision_deform_conv2d`'s float64 case, which caught it on the H200."""
+    _check_against_reference(*_case(2, 5, 3, 4, 6, 12, 2.0, torch.float64, seed=3), 12,
+                             rtol=1e-12, atol=1e-12, gradient_mul=0.1)
+
+
 def test_kernel_zero_boxes_sample_the_centre():
     x, box, weight, bias = _case(1, 3, 5, 4, 5, 8, 0.0, torch.float32)
     _check_against_reference(x, box, weight, bias, 8, **FP32_TOL)

@@ -323,3 +323,41 @@ def test_cuda_bf16_autocast_matches_float32():
     model.eval()
     results = model.predict(images, torch.tensor([[128, 96]] * 2), torch.ones(2, 2))
     assert all(r["boxes"].device.type == "cuda" for r in results)
+
+
+def _losses_and_grads(model, images, boxes, labels):
+    losses = model.loss(model(images), boxes, labels)
+    sum(v for k, v in losses.items() if k != "num_pos").backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return losses, grads
+
+
+@pytest.mark.parametrize("kernels_name", ["torch", "triton"])
+def test_channels_last_model_computes_the_same_function(kernels_name):
+    """model.channels_last stores the conv weights NHWC and runs the images NHWC: the same losses
+    and gradients as the default layout (float64: agreement to rounding), and the state dict
+    moves between the two layouts."""
+    torch.manual_seed(0)
+    cfg = small_cfg(head_channels=16, fpn_channels=16, gn_groups=4, kernels=kernels_name)
+    cfg.assign.anchor_scale = 2.0  # positives on a 32 px image (Triton: interpreter-sized)
+    dense = VFNet.from_config(cfg).double()
+    cfg.model.channels_last = True
+    nhwc = VFNet.from_config(cfg).double()
+    nhwc.load_state_dict(dense.state_dict())
+    assert nhwc.head.cls_convs[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not dense.head.cls_convs[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    boxes, labels = [torch.tensor([[2.0, 3.0, 20.0, 30.0], [12.0, 8.0, 31.0, 22.0]])], [torch.tensor([2, 0])]
+    features = nhwc.backbone(images.contiguous(memory_format=torch.channels_last))
+    assert features[-1].is_contiguous(memory_format=torch.channels_last)
+    (ref, ref_grads), (got, got_grads) = (_losses_and_grads(m, images, boxes, labels) for m in (dense, nhwc))
+    assert got["num_pos"].item() == ref["num_pos"].item() > 0
+    for name in ("loss_cls", "loss_bbox_init", "loss_bbox_refine"):
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12)
+    assert got_grads.keys() == ref_grads.keys()
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-9, atol=1e-11, msg=name)
+    round_trip = VFNet.from_config(small_cfg(head_channels=16, fpn_channels=16, gn_groups=4))
+    round_trip.load_state_dict(nhwc.state_dict())
+    assert all(torch.equal(a, b.float()) for a, b in
+               zip(round_trip.state_dict().values(), nhwc.state_dict().values()) if a.is_floating_point())

@@ -56,6 +56,7 @@ class ModelConfig:
     reg_denoms: list[float] = field(default_factory=lambda: [64.0, 128.0, 256.0, 512.0, 1024.0])
     gradient_mul: float = 0.1  # scale of the star conv's gradient to the initial boxes
     kernels: str = "triton"  # "triton" (Triton kernels where they run) or "torch" (references)
+    channels_last: bool = False  # NHWC activations and conv weights (cuDNN's own layout on GPUs)
 
 
 @dataclass

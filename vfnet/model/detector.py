@@ -46,6 +46,9 @@ class VFNet(nn.Module):
     `VFNetHead`); loss: the loss terms from head outputs, points and ATSS targets (`VFNetLoss`);
     assign: the ATSS settings (`topk`, `anchor_scale`); infer: the post-processing settings.
     `kernels` names the op set the head and the loss run (`kernels.Ops.name`; "" = unnamed).
+    `channels_last`: the conv weights are stored, and the images enter the backbone, in
+    channels-last (NHWC) memory, so every activation after them is NHWC too (cuDNN's own layout:
+    no layout transposes around each conv on a GPU; see docs/model.md for what it measured).
     `config` is the config the model was built from (None when built by hand), kept for its users
     (`vfnet.api.Detector`'s preprocessing, the export's normalisation and padding); the model
     reads none of it: image and padded sizes come with each call.
@@ -61,6 +64,7 @@ class VFNet(nn.Module):
         assign: AssignConfig | None = None,
         infer: InferConfig | None = None,
         kernels: str = "",
+        channels_last: bool = False,
         config: Config | None = None,
     ):
         super().__init__()
@@ -71,6 +75,9 @@ class VFNet(nn.Module):
         self.assign = assign if assign is not None else AssignConfig()
         self.infer = infer if infer is not None else InferConfig()
         self.kernels = kernels
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
         self.cfg = config
 
     @classmethod
@@ -104,13 +111,16 @@ class VFNet(nn.Module):
         )
         return cls(
             backbone, neck, head, VFNetLoss(cfg.loss, ops.varifocal_loss),
-            assign=cfg.assign, infer=cfg.infer, kernels=ops.name, config=cfg,
+            assign=cfg.assign, infer=cfg.infer, kernels=ops.name, channels_last=m.channels_last,
+            config=cfg,
         )
 
     def forward(self, images: torch.Tensor) -> HeadOutputs:
         """images [B, 3, H, W] normalised -> per-level head outputs."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         # Profiler ranges (benchmarks.profile_step groups the step's time by them); each costs a
         # few microseconds when no profiler runs.
         with record_function("vfnet.backbone"):
