@@ -150,7 +150,7 @@ def measure(providers: dict[str, Op], shapes: tuple, batch: int, dtypes: list[st
                     step = step_fn(fn, inputs, mode, provider)
                     step()
                     ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
-                    tflops = [flops / (t * 1e-3) / 1e12 for t in ms]
+                    tflops = harness.rate_quantiles(flops / 1e12, ms)
                     mem = harness.peak_memory_mb(step, device)
                     log.info("%-11s %-7s %s %-26s %9.3f ms %7.2f TFLOP/s %9.1f MB", provider, mode, dtype_name,
                              shape, ms[0], tflops[0], mem)

@@ -74,7 +74,7 @@ def measure(model: VFNet, onnx_file: Path, batch: int, size: tuple[int, int], th
     shape = f"r{cfg.model.depth}_{width}x{height}_b{batch}"
     for provider, fn in (("pytorch", run_torch), ("onnxruntime", lambda: session.run(None, feed))):
         ms = harness.time_ms(fn, cpu, warmup=warmup, reps=reps)
-        rate = [batch * 1e3 / t for t in ms]
+        rate = harness.rate_quantiles(batch, ms)
         log.info("%-11s %s, %d threads: %8.1f ms/batch %7.2f img/s (p20-p80 %.2f-%.2f)", provider, shape,
                  threads, ms[0], rate[0], min(rate[1], rate[2]), max(rate[1], rate[2]))
         yield harness.Row(SCRIPT, provider, "infer", "fp32", shape, "ms", "ms", *ms)

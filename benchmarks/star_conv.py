@@ -131,7 +131,7 @@ def measure(providers: dict[str, StarPairOp], levels: tuple, batch: int, channel
                     step = step_fn(fn, inputs, stride, mode)
                     step()
                     ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
-                    tflops = [flops / (t * 1e-3) / 1e12 for t in ms]
+                    tflops = harness.rate_quantiles(flops / 1e12, ms)
                     mem = harness.peak_memory_mb(step, device)
                     log.info("%-13s %-7s %s %-22s %9.3f ms %7.2f TFLOP/s %9.1f MB", provider, mode,
                              dtype_name, shape, ms[0], tflops[0], mem)

@@ -135,7 +135,7 @@ def measure(providers: dict[str, Callable], points: int, classes: list[int], dty
                         broken.add(name)
                         continue
                     ms = harness.time_ms(step, device, warmup=warmup, reps=reps)
-                    gbps = [nbytes / (t * 1e-3) / 1e9 for t in ms]
+                    gbps = harness.rate_quantiles(nbytes / 1e9, ms)
                     log.info("%-13s %-7s %s %-12s %9.3f ms %8.1f GB/s", name, mode, dtype_name,
                              shape, ms[0], gbps[0])
                     yield harness.Row(SCRIPT, name, mode, dtype_name, shape, "ms", "ms", *ms)

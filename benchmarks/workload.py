@@ -166,7 +166,7 @@ def batch_rows(script: str, provider: str, mode: str, dtype: str, shape: str, ba
     """Time `fn` (one call handles `batch` images) with `harness.time_ms`: yields `ms` and
     `img_per_s` rows, and on CUDA `peak_mem_mb`, each also logged."""
     ms = harness.time_ms(fn, device, warmup=warmup, reps=reps)
-    rate = [batch * 1e3 / t for t in ms]
+    rate = harness.rate_quantiles(batch, ms)
     log.info("%-6s %s %s: %9.1f ms %8.2f img/s", provider, mode, shape, ms[0], rate[0])
     yield harness.Row(script, provider, mode, dtype, shape, "ms", "ms", *ms)
     yield harness.Row(script, provider, mode, dtype, shape, "img_per_s", "images/s", *rate)
