@@ -38,7 +38,7 @@ TARGET_IMG_PER_S = 60.0  # issue #6: R-50 1333x800, batch 8, H100/H200
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
             device: torch.device, warmup: int, reps: int, nms_classes: int, *,
-            layouts: tuple[bool, ...] = (False,)) -> Iterator[harness.Row]:
+            layouts: tuple[bool, ...] = (False,), label: str | None = None) -> Iterator[harness.Row]:
     """Time `predict` per provider and batch size; yields ms, img_per_s (and on CUDA
     peak_mem_mb) rows as they are measured."""
     models = workload.build_models(cfg, providers, device, layouts=layouts)
@@ -49,7 +49,7 @@ def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[i
     dtype = "bf16" if amp else "fp32"
     for batch in batches:
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
-        shape = workload.shape_label(cfg, batch, size)
+        shape = workload.shape_label(cfg, batch, size, label)
         for provider, model in models.items():
             def predict(model=model, data=data) -> list[dict[str, torch.Tensor]]:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small, size, batches, providers, warmup, reps = workload.resolve_args(args, device, [1, 8], [1, 2])
-    cfg = workload.bench_config(small)
-    if not 0 <= args.nms_classes <= cfg.model.num_classes:
-        parser.error(f"--nms-classes must be in [0, {cfg.model.num_classes}], got {args.nms_classes}")
+    configs = workload.bench_configs(args, small)
+    for _, cfg in configs:
+        if not 0 <= args.nms_classes <= cfg.model.num_classes:
+            parser.error(f"--nms-classes must be in [0, {cfg.model.num_classes}], got {args.nms_classes}")
     results = harness.start(SCRIPT, args, device)
-    results.add(measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes,
-                        layouts=workload.CHANNELS_LAST[args.channels_last]))
+    for label, cfg in configs:
+        results.add(measure(cfg, providers, batches, size, device, warmup, reps, args.nms_classes,
+                            layouts=workload.CHANNELS_LAST[args.channels_last], label=label))
     workload.log_speedups(results.rows)
     log_reference(results.rows)
     return results.finish("img_per_s", "VFNet inference (incl. NMS), images/s")

@@ -5,7 +5,8 @@ CUDA) + ATSS assignment + loss + backward + SGD step, on a synthetic batch alrea
 memory (benchmarks.workload), for the providers `triton` (model.kernels = "triton") and
 `torch` (PyTorch reference ops, torchvision's deform_conv2d for the star conv where it loads),
 with the same weights and the same batch; `--channels-last both` adds channels-last models
-(`model.channels_last`, rows `triton_cl`, `torch_cl`) side by side.
+(`model.channels_last`, rows `triton_cl`, `torch_cl`) side by side; `--config NAME` (repeatable)
+measures shipped configs (e.g. a zoo model) instead of the reference R-50.
 Rows (mode `train_step`): `ms` per step, `img_per_s`, and on CUDA `peak_mem_mb`; the device's
 copy/matmul ceilings as `ceiling` rows. Each step is timed on its own after warm-up
 (`benchmarks.harness.time_ms`).
@@ -34,14 +35,14 @@ SCRIPT = "train_throughput"
 
 def measure(cfg: Config, providers: list[str], batches: list[int], size: tuple[int, int],
             device: torch.device, warmup: int, reps: int, *,
-            layouts: tuple[bool, ...] = (False,)) -> Iterator[harness.Row]:
+            layouts: tuple[bool, ...] = (False,), label: str | None = None) -> Iterator[harness.Row]:
     """Time one training step per provider and batch size; yields ms, img_per_s (and on CUDA
     peak_mem_mb) rows as they are measured."""
     models = workload.build_models(cfg, providers, device, layouts=layouts)
     dtype = "bf16" if workload.use_amp(device) else "fp32"
     for batch in batches:
         data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
-        shape = workload.shape_label(cfg, batch, size)
+        shape = workload.shape_label(cfg, batch, size, label)
         for provider, model in models.items():
             step = workload.train_step(model, data)
             yield from workload.batch_rows(SCRIPT, provider, "train_step", dtype, shape, batch, step,
@@ -60,10 +61,10 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small, size, batches, providers, warmup, reps = workload.resolve_args(args, device, [2, 4, 8], [2])
-    cfg = workload.bench_config(small)
     results = harness.start(SCRIPT, args, device)
-    results.add(measure(cfg, providers, batches, size, device, warmup, reps,
-                        layouts=workload.CHANNELS_LAST[args.channels_last]))
+    for label, cfg in workload.bench_configs(args, small):
+        results.add(measure(cfg, providers, batches, size, device, warmup, reps,
+                            layouts=workload.CHANNELS_LAST[args.channels_last], label=label))
     workload.log_speedups(results.rows)
     return results.finish("img_per_s", "VFNet training step, images/s")
 

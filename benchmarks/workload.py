@@ -25,7 +25,8 @@ import torch
 from benchmarks import harness
 from kernels import Ops
 from kernels.dispatch import interpreter_enabled
-from vfnet.core.config import Config
+from vfnet.core.config import Config, config_name, load_config
+from vfnet.core.errors import ConfigError
 from vfnet.data import Batch
 from vfnet.model import VFNet
 from vfnet.train import step as vfnet_step
@@ -49,6 +50,23 @@ def bench_config(small: bool) -> Config:
         cfg.model.gn_groups = 8
         cfg.model.stacked_convs = 2
     return cfg
+
+
+def bench_configs(args: argparse.Namespace, small: bool) -> list[tuple[str | None, Config]]:
+    """(label, config) per `--config` given (a shipped config's name or a TOML path; its model,
+    assign, loss and infer sections are used, `model.pretrained` and `model.init_from` cleared:
+    random weights), else [(None, `bench_config(small)`)]. The label names the rows' shape."""
+    if not args.config:
+        return [(None, bench_config(small))]
+    configs = []
+    for name in args.config:
+        try:
+            cfg = load_config(name)
+        except ConfigError as exc:
+            raise SystemExit(f"--config: {exc}") from None
+        cfg.model.pretrained = cfg.model.init_from = ""
+        configs.append((config_name(name), cfg))
+    return configs
 
 
 def default_providers(device: torch.device) -> list[str]:
@@ -203,6 +221,9 @@ def add_common_args(parser: argparse.ArgumentParser, script: str, default_batche
                         help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
                         help="default: both on CUDA; torch on CPU (+ triton under TRITON_INTERPRET=1)")
+    parser.add_argument("--config", action="append", metavar="NAME",
+                        help="a shipped config or TOML path to measure instead of the reference "
+                             "R-50 (random weights; repeat it to measure several side by side)")
     parser.add_argument("--channels-last", choices=sorted(CHANNELS_LAST), default="off",
                         help="model.channels_last: off (default), on, or both side by side "
                              "(rows of channels-last models have provider <name>_cl)")
@@ -222,9 +243,9 @@ def resolve_args(args: argparse.Namespace, device: torch.device, full_batches: l
     return small, size, batches, providers, *harness.timing(args, small, device)
 
 
-def shape_label(cfg: Config, batch: int, size: tuple[int, int]) -> str:
-    """E.g. "R50 B8 800x1344" (depth, batch, H x W)."""
-    return f"R{cfg.model.depth} B{batch} {size[0]}x{size[1]}"
+def shape_label(cfg: Config, batch: int, size: tuple[int, int], label: str | None = None) -> str:
+    """E.g. "R50 B8 800x1344" (depth, batch, H x W), or with `label` (a config's name) first."""
+    return f"{label or f'R{cfg.model.depth}'} B{batch} {size[0]}x{size[1]}"
 
 
 def log_speedups(rows: list[harness.Row], metric: str = "img_per_s") -> None:
