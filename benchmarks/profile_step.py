@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> Profile:
     parser.add_argument("--batch", type=int, help="images per step (default 8, small 2)")
     parser.add_argument("--provider", choices=workload.PROVIDERS,
                         help="default triton on CUDA or under TRITON_INTERPRET=1, else torch")
+    parser.add_argument("--config", action="append", metavar="NAME",
+                        help="a shipped config or TOML path to profile instead of the reference R-50 "
+                             "(random weights; e.g. shapes_tiny, the main job)")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                        help="input size, a multiple of 32 (default 800 1344, or 128 128 small)")
     parser.add_argument("--channels-last", action="store_true", help="model.channels_last = true")
     parser.add_argument("--warmup", type=int, default=3, help="unprofiled steps first (default 3)")
     parser.add_argument("--steps", type=int, default=2, help="profiled steps (default 2)")
@@ -304,13 +309,18 @@ def main(argv: list[str] | None = None) -> Profile:
     provider = args.provider or workload.default_providers(device)[0]
     if batch < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch and --steps must be >= 1, --warmup >= 0")
-    size = workload.SMALL_SIZE if small else workload.FULL_SIZE
-    cfg = workload.bench_config(small)
+    size = tuple(args.size) if args.size else (workload.SMALL_SIZE if small else workload.FULL_SIZE)
+    if size[0] % 32 or size[1] % 32 or min(size) < 32:
+        parser.error(f"--size must be multiples of 32, got {size}")
+    if args.config and len(args.config) > 1:
+        parser.error("--config: one config per profile")
+    (label, cfg), = workload.bench_configs(args, small)
     model, = workload.build_models(cfg, [provider], device, layouts=(args.channels_last,)).values()
     data = workload.synthetic_batch(batch, size, cfg.model.num_classes, device)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"profile_step_{device_slug(device)}" + ("_channels_last" if args.channels_last else "")
+    name = "_".join(["profile_step", device_slug(device), *([label] if label else []),
+                     *(["channels_last"] if args.channels_last else [])])
     trace = out_dir / f"{name}.json" if args.trace else None
     profile_, table = run_profile(workload.train_step(model, data), device,
                                   warmup=args.warmup, steps=args.steps, trace=trace)
@@ -318,7 +328,7 @@ def main(argv: list[str] | None = None) -> Profile:
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks.profile_step", *map(shlex.quote, given)])
-    header = (f"VFNet training step profile: {workload.shape_label(cfg, batch, size)}, {dtype}, "
+    header = (f"VFNet training step profile: {workload.shape_label(cfg, batch, size, label)}, {dtype}, "
               f"provider {workload.model_label(provider, args.channels_last)}\n"
               f"device {harness.device_name(device)}, commit {harness.git_commit()}, {stamp}\n"
               f"command: {command}\n"
