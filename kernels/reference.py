@@ -158,31 +158,42 @@ def bilinear_sample(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torc
 def bilinear_corners(
     py: torch.Tensor, px: torch.Tensor, height: int, width: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The 4 bilinear corners of points (py, px) as 4 (index, weight) pairs, each of py's shape:
+    `bilinear_corner_stack`'s last dimension unbound (same values)."""
+    index, weight = bilinear_corner_stack(py, px, height, width)
+    return list(zip(index.unbind(-1), weight.unbind(-1)))
+
+
+def bilinear_corner_stack(
+    py: torch.Tensor, px: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The 4 bilinear corners of points (py, px) (any equal shapes, cells) on an H x W map.
 
-    Returns 4 pairs (index, weight), both of py's shape: index = row * W + col of the corner
-    (int64, exact for any map size; 0 where the corner does not count, so it is always a valid
-    position to read), weight its bilinear weight (1 - ly or ly) * (1 - lx or lx), with
-    ly = py - floor(py) and lx likewise, set to 0 by torchvision's boundary rule: for the whole
-    point when py <= -1, py >= H, px <= -1 or px >= W (or a coordinate is NaN), else for each
-    corner outside [0, H-1] x [0, W-1]. The sample is the sum of value[index] * weight over the 4
-    pairs. The weights are differentiable w.r.t. py and px (floor and the
-    rule's masks are constants), so a point outside the map gets exactly zero gradient. Only
-    Floor, comparisons, Where and Cast: usable in exported graphs (`vfnet.interop.export`).
+    Returns (index, weight), both [*py.shape, 4] with the corners in the order (y0, x0),
+    (y0, x0 + 1), (y0 + 1, x0), (y0 + 1, x0 + 1): index = row * W + col of the corner (int64,
+    exact for any map size; 0 where the corner does not count, so it is always a valid position
+    to read), weight its bilinear weight (1 - ly or ly) * (1 - lx or lx), with ly = py - floor(py)
+    and lx likewise, set to 0 by torchvision's boundary rule: for the whole point when py <= -1,
+    py >= H, px <= -1 or px >= W (or a coordinate is NaN), else for each corner outside
+    [0, H-1] x [0, W-1]. The sample is the sum over the last dimension of value[index] * weight.
+    The weights are differentiable w.r.t. py and px (floor and the rule's masks are constants),
+    so a point outside the map gets exactly zero gradient. Only Floor, comparisons, Where and
+    Cast, once for all 4 corners: usable in exported graphs (`vfnet.interop.export`), where one
+    op per corner would quadruple the graph.
     """
     inside = (py > -1) & (py < height) & (px > -1) & (px < width)
     y0 = torch.floor(py.detach())
     x0 = torch.floor(px.detach())
     ly, lx = py - y0, px - x0
-    corners = []
-    for cy, wy in ((y0, 1 - ly), (y0 + 1, ly)):
-        for cx, wx in ((x0, 1 - lx), (x0 + 1, lx)):
-            valid = inside & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
-            zero = torch.zeros_like(cy)
-            index = torch.where(valid, cy, zero).long() * width + torch.where(valid, cx, zero).long()
-            weight = torch.where(valid, wy * wx, torch.zeros_like(wy))
-            corners.append((index, weight))
-    return corners
+    cy = torch.stack([y0, y0, y0 + 1, y0 + 1], dim=-1)
+    cx = torch.stack([x0, x0 + 1, x0, x0 + 1], dim=-1)
+    wy = torch.stack([1 - ly, 1 - ly, ly, ly], dim=-1)
+    wx = torch.stack([1 - lx, lx, 1 - lx, lx], dim=-1)
+    valid = inside.unsqueeze(-1) & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
+    zero = torch.zeros_like(cy)
+    index = torch.where(valid, cy, zero).long() * width + torch.where(valid, cx, zero).long()
+    weight = torch.where(valid, wy * wx, torch.zeros_like(wy))
+    return index, weight
 
 
 def star_columns(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -4,22 +4,22 @@ Same contract as `kernels.deform_conv2d` (docs/design.md §2.4) and the same sam
 `kernels.reference`: output (y, x), tap k = i*kw + j of deform group g samples the input bilinearly
 at row y*stride_h - pad_h + i*dil_h + offset[:, 2*(g*kh*kw + k)] and column
 x*stride_w - pad_w + j*dil_w + offset[:, 2*(g*kh*kw + k) + 1], with torchvision's boundary rule
-(`kernels.reference.bilinear_corners`), times mask[:, g*kh*kw + k].
+(`kernels.reference.bilinear_corner_stack`), times mask[:, g*kh*kw + k].
 
-Written as: integer corner indices and bilinear weights (Floor, comparisons, Where, Cast), one row
-`Gather` per corner from a channels-last table of the input (one row per image, cell and deform
-group: the index has one entry per sample and corner, not per channel), the weighted sum of the
-four corners (the mask folded into the weights), then one `MatMul` per conv group (batched) with the
-weight laid out as [groups, kh*kw*Cin/groups, Cout/groups]. Coordinates stay in cell units (no
-`GridSample` normalisation), so the values equal the reference's up to the order of float32
-additions. Forward only (inference), float32. `sample_rows` is shared with the star conv's export
-(`vfnet.interop.export.star_conv`).
+Written as: integer corner indices and bilinear weights of all 4 corners at once (Floor,
+comparisons, Where, Cast), one row `Gather` from a channels-last table of the input (one row per
+image, cell and deform group: the index has one entry per sample and corner, not per channel)
+per corner, the weighted sum of the corners (the mask folded into the weights), then one `MatMul`
+per conv group (batched) with the weight laid out as [groups, kh*kw*Cin/groups, Cout/groups].
+Coordinates stay in cell units (no `GridSample` normalisation), so the values equal the
+reference's up to the order of float32 additions. Forward only (inference), float32.
+`sample_rows` is shared with the star conv's export (`vfnet.interop.export.star_conv`).
 """
 from __future__ import annotations
 
 import torch
 
-from kernels.reference import bilinear_corners, pair
+from kernels.reference import bilinear_corner_stack, pair
 
 
 def sample_rows(table: torch.Tensor, base: torch.Tensor, py: torch.Tensor, px: torch.Tensor, height: int,
@@ -33,14 +33,14 @@ def sample_rows(table: torch.Tensor, base: torch.Tensor, py: torch.Tensor, px: t
     weights. Returns [..., dg, taps, C'] float32.
     """
     dg = py.shape[-2]
-    groups = torch.arange(dg, device=py.device).view(dg, 1) if dg > 1 else None
-    out = None
-    for index, weight in bilinear_corners(py, px, height, width):
-        rows = base + index if groups is None else (base + index) * dg + groups
-        if mask is not None:
-            weight = weight * mask
-        term = table[rows] * weight.unsqueeze(-1)
-        out = term if out is None else out + term
+    index, weight = bilinear_corner_stack(py, px, height, width)  # [..., dg, taps, 4]
+    base = base.unsqueeze(-1)
+    rows = base + index if dg == 1 else (base + index) * dg + torch.arange(dg, device=py.device).view(dg, 1, 1)
+    if mask is not None:
+        weight = weight * mask.unsqueeze(-1)
+    out = table[rows[..., 0]] * weight[..., 0, None]
+    for corner in range(1, 4):  # one corner's rows at a time: a quarter of the memory of all 4
+        out = out + table[rows[..., corner]] * weight[..., corner, None]
     return out
 
 
