@@ -55,7 +55,7 @@ MODELS = {
 
 
 def grid_sample_dcn(x, offset, mask, weight, bias, stride, padding, dilation, groups):
-    """DCNv2 by bilinear sampling (`F.grid_sample`, zero padding, corner-aligned), one tap at a
+    """DCNv2 by bilinear sampling (`F.grid_sample`, zero padding, cell-centred), one tap at a
     time: offset [B, 2*dg*k*k, Ho, Wo] as (dy, dx) per tap, mask [B, dg*k*k, Ho, Wo]. An
     implementation independent of vfnet's kernels, for the mmdetection side of the checks."""
     b, cin, h, w = x.shape
@@ -75,9 +75,11 @@ def grid_sample_dcn(x, offset, mask, weight, bias, stride, padding, dilation, gr
                 q = g * taps + k
                 py = base_y + i * dilation + offset[:, 2 * q]
                 px = base_x + j * dilation + offset[:, 2 * q + 1]
-                grid = torch.stack([2 * px / max(w - 1, 1) - 1, 2 * py / max(h - 1, 1) - 1], -1)
+                # cell-centred normalisation (align_corners=False): exact for every map size,
+                # 1-cell maps included, where the corner-aligned form divides by W - 1 = 0
+                grid = torch.stack([(2 * px + 1) / w - 1, (2 * py + 1) / h - 1], -1)
                 part = x[:, g * cin // dg:(g + 1) * cin // dg]
-                value = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+                value = F.grid_sample(part, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
                 sampled.append(value * mask[:, q:q + 1])
             columns.append(torch.cat(sampled, 1))  # [B, Cin, Ho, Wo] for tap k
     cols = torch.stack(columns, 2)  # [B, Cin, taps, Ho, Wo]

@@ -12,9 +12,8 @@ Two checks, each in its own environment, run from the repository root (not in CI
 1. `--stand-in`: mmcv-lite has no compiled ops, so the mmdetection side's DCNv2 layers and star
    conv run `mmdet_vfnet_keys.grid_sample_dcn` (bilinear sampling with `F.grid_sample`). Here it
    is compared with `torchvision.ops.deform_conv2d` on random float64 inputs (strides, paddings,
-   dilations, groups, deform groups, offsets reaching past the border, whole-number offsets);
-   every map has at least 2 cells a side (`grid_sample`'s corner-aligned normalisation needs it;
-   the zoo check's maps have too). Prints the largest absolute difference.
+   dilations, groups, deform groups, offsets reaching past the border, whole-number offsets,
+   maps 1 cell high or wide). Prints the largest absolute difference.
 2. `--zoo`: for each named architecture (`mmdet_vfnet_keys.MODELS`), mmdetection's model is built
    from its shipped config, given random weights (BatchNorm statistics, DCN offset convs and all),
    converted (`vfnet.interop.mmdet.infer_config` / `to_our_state`) into ours (`kernels="torch"`:
@@ -51,6 +50,9 @@ STAND_IN_CASES = [
     (1, 8, 4, 12, 10, 3, 1, 2, 2, 4, 2),
     (2, 16, 8, 7, 8, 3, 1, 1, 1, 4, 4),
     (1, 6, 6, 5, 6, 1, 1, 0, 1, 1, 3),
+    (2, 4, 5, 1, 7, 3, 1, 1, 1, 1, 1),  # 1-cell-high and 1-cell-wide maps (P7 of a small image)
+    (1, 4, 3, 6, 1, 3, 1, 1, 1, 1, 2),
+    (1, 4, 3, 1, 1, 3, 1, 1, 1, 1, 1),
 ]
 
 
