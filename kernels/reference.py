@@ -139,22 +139,6 @@ def star_offsets(bbox_pred: torch.Tensor, stride: float, gradient_mul: float = 0
     return torch.stack(pairs, dim=1).to(bbox_pred.dtype)
 
 
-def bilinear_sample(x: torch.Tensor, py: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of x [B, C, H, W] at points py, px [B, P] (cells) -> [B, C, P].
-
-    torchvision's boundary rule: a point with py <= -1, py >= H, px <= -1 or px >= W reads 0;
-    otherwise each of its 4 corners outside the map reads 0. Differentiable w.r.t. x and the
-    coordinates (the rule's masks are constant, so points outside get exactly zero gradient).
-    """
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w)
-    out = torch.zeros(b, c, py.shape[1], dtype=x.dtype, device=x.device)
-    for index, weight in bilinear_corners(py, px, h, w):
-        values = torch.gather(flat, 2, index.unsqueeze(1).expand(b, c, -1))
-        out = out + values * weight.unsqueeze(1)
-    return out
-
-
 def bilinear_corners(
     py: torch.Tensor, px: torch.Tensor, height: int, width: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -196,23 +180,44 @@ def bilinear_corner_stack(
     return index, weight
 
 
-def star_columns(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """The 9 star samples of every location: x [B, C, H, W] -> [B, C, 9, H, W] (tap 3*ky+kx)."""
-    b, c, h, w = x.shape
+def star_corners(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bilinear corners of the 9 star samples of every location, as rows of a channels-last
+    table: rows, cols [B, 3, H, W] (`star_coordinates`) -> (index [B*9*H*W, 4] int64 into a
+    [B*H*W, C] table, weight [B*9*H*W, 4]); sample s = (b, tap 3*ky+kx, y, x) in that order.
+    One set serves both convolutions of the pair."""
+    b, _, h, w = rows.shape
     py = rows.unsqueeze(2).expand(b, 3, 3, h, w).reshape(b, 9 * h * w)
     px = cols.unsqueeze(1).expand(b, 3, 3, h, w).reshape(b, 9 * h * w)
-    return bilinear_sample(x.to(rows.dtype), py, px).view(b, c, 9, h, w)
+    index, weight = bilinear_corner_stack(py, px, h, w)  # [B, 9HW, 4]
+    index = index + (torch.arange(b, device=rows.device) * (h * w)).view(b, 1, 1)
+    return index.reshape(-1, 4), weight.reshape(-1, 4)
 
 
-def _conv_columns(
-    columns: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+def _star_conv(
+    x: torch.Tensor, corners: tuple[torch.Tensor, torch.Tensor], weight: torch.Tensor,
+    bias: torch.Tensor | None, compute: torch.dtype,
 ) -> torch.Tensor:
-    """[B, Cin, 9, H, W] columns x weight [Cout, Cin, 3, 3] (+ bias [Cout]) -> [B, Cout, H, W]."""
-    cout, cin = weight.shape[:2]
-    out = torch.einsum("bckhw,ock->bohw", columns, weight.to(columns.dtype).reshape(cout, cin, 9))
+    """x [B, Cin, H, W] sampled at `corners` (`star_corners`) and convolved with weight
+    [Cout, Cin, 3, 3] (+ bias [Cout]) -> [B, Cout, H, W] in x's dtype.
+
+    Each corner is one `index_select` of whole rows (Cin contiguous values) from a channels-last
+    table of x, so gathering (and its backward, a row scatter-add) moves contiguous memory; the
+    weighted corners add up to the columns [B*H*W, 9*Cin] (column tap*Cin + channel), and one
+    matmul with the weight as [9*Cin, Cout] gives the output.
+    """
+    b, cin, h, w = x.shape
+    cout = weight.shape[0]
+    table = x.to(compute).permute(0, 2, 3, 1).reshape(b * h * w, cin)
+    index, corner_weight = corners
+    samples = table.index_select(0, index[:, 0]) * corner_weight[:, :1]
+    for k in range(1, 4):
+        samples = samples + table.index_select(0, index[:, k]) * corner_weight[:, k:k + 1]
+    columns = samples.view(b, 9, h * w, cin).transpose(1, 2).reshape(b * h * w, 9 * cin)
+    matrix = weight.to(compute).reshape(cout, cin, 9).permute(2, 1, 0).reshape(9 * cin, cout)
+    out = columns @ matrix
     if bias is not None:
-        out = out + bias.to(columns.dtype).view(1, cout, 1, 1)
-    return out.to(out_dtype)
+        out = out + bias.to(compute)
+    return out.view(b, h, w, cout).permute(0, 3, 1, 2).contiguous().to(x.dtype)
 
 
 def star_deform_conv2d_reference(
@@ -229,11 +234,11 @@ def star_deform_conv2d_reference(
     x [B, Cin, H, W]; bbox_pred [B, 4, H, W] (l, t, r, b) in input pixels; weight
     [Cout, Cin, 3, 3]; bias [Cout] or None; stride in input pixels per cell. Tap (ky, kx) samples
     (y + (-t, 0, b)[ky] / stride, x + (-l, 0, r)[kx] / stride) bilinearly (torchvision's
-    boundary rule). Computed in float32 (float64 for float64 inputs) with an explicit
-    [B, Cin, 9, H, W] columns tensor.
+    boundary rule). Computed in float32 (float64 for float64 inputs) with explicit
+    [B*H*W, 9*Cin] columns gathered row by row from a channels-last table (`_star_conv`).
     """
     rows, cols = star_coordinates(bbox_pred, stride, gradient_mul)
-    return _conv_columns(star_columns(x, rows, cols), weight, bias, x.dtype)
+    return _star_conv(x, star_corners(rows, cols), weight, bias, rows.dtype)
 
 
 def star_deform_conv2d_pair_reference(
@@ -250,9 +255,9 @@ def star_deform_conv2d_pair_reference(
     (star_deform_conv2d_reference(x_cls, bbox_pred, w_cls, stride),
      star_deform_conv2d_reference(x_reg, bbox_pred, w_reg, stride))."""
     rows, cols = star_coordinates(bbox_pred, stride, gradient_mul)
-    out_cls = _conv_columns(star_columns(x_cls, rows, cols), w_cls, None, x_cls.dtype)
-    out_reg = _conv_columns(star_columns(x_reg, rows, cols), w_reg, None, x_reg.dtype)
-    return out_cls, out_reg
+    corners = star_corners(rows, cols)
+    return (_star_conv(x_cls, corners, w_cls, None, rows.dtype),
+            _star_conv(x_reg, corners, w_reg, None, rows.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
