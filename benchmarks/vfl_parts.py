@@ -38,8 +38,8 @@ def measure(points: int, classes: int) -> list[tuple[str, float, float]]:
     leaf = logits.detach().requires_grad_()
     parts = {
         "copy": (lambda: grad.copy_(logits), 2 * nc_bytes),
-        "fwd": (lambda: varifocal._launch(logits, labels, scores, None, reduce=True, **args), nc_bytes),
-        "fwd_grad": (lambda: varifocal._launch(logits, labels, scores, None, reduce=True, store_grad=True,
+        "fwd": (lambda: varifocal.launch_kernel(logits, labels, scores, None, reduce=True, **args), nc_bytes),
+        "fwd_grad": (lambda: varifocal.launch_kernel(logits, labels, scores, None, reduce=True, store_grad=True,
                                                **args), 2 * nc_bytes),
         "bwd_scale": (lambda: grad * upstream, 2 * nc_bytes),
         "autograd": (lambda: torch.autograd.grad(varifocal_loss(leaf, labels, scores), leaf), 4 * nc_bytes),

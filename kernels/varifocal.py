@@ -152,7 +152,7 @@ def _vfl_kernel(
 KERNELS = {"vfl": _vfl_kernel}
 
 
-def _launch(
+def launch_kernel(
     logits: torch.Tensor,
     labels: torch.Tensor | None,
     scores: torch.Tensor | None,
@@ -167,7 +167,9 @@ def _launch(
     grad_out: torch.Tensor | None = None,
     denom: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Run `_vfl_kernel` once; returns (loss [N, C] | None, grad [N, C] | None, partials | None).
+    """Run `_vfl_kernel` once (no checks, no autograd: the autograd wrapper's launch, and what
+    `benchmarks.vfl_parts` times part by part); returns (loss [N, C] | None, grad [N, C] | None,
+    partials | None).
 
     All tensors must be contiguous and validated. The gradient is scaled by 1 / denom, or
     multiplied elementwise by grad_out when given.
@@ -234,12 +236,12 @@ class _VarifocalLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         args = dict(alpha=alpha, gamma=gamma, iou_weighted=iou_weighted)
         if reduction == "none":
-            loss, _, _ = _launch(logits, labels, scores, targets, store_loss=True, **args)
+            loss, _, _ = launch_kernel(logits, labels, scores, targets, store_loss=True, **args)
             ctx.save_for_backward(logits, labels, scores, targets)
             ctx.args = args
             ctx.reduction = reduction
             return loss
-        _, grad, partials = _launch(logits, labels, scores, targets, reduce=True,
+        _, grad, partials = launch_kernel(logits, labels, scores, targets, reduce=True,
                                     store_grad=ctx.needs_input_grad[0], denom=denom, **args)
         ctx.grad = grad
         ctx.reduction = reduction
@@ -253,7 +255,7 @@ class _VarifocalLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.reduction == "none":
             logits, labels, scores, targets = ctx.saved_tensors
-            _, grad, _ = _launch(logits, labels, scores, targets, store_grad=True,
+            _, grad, _ = launch_kernel(logits, labels, scores, targets, store_grad=True,
                                  grad_out=grad_output.contiguous(), **ctx.args)
         else:
             # always one pass over [N, C]: skipping it when grad_output == 1 would need the host

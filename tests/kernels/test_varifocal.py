@@ -273,8 +273,8 @@ def test_kernel_path_runs_under_the_interpreter(monkeypatch, seeded):
     monkeypatch.setattr(vfl_module, "varifocal_loss_reference", forbidden)
     monkeypatch.setattr(vfl_module, "varifocal_loss_dense_reference", forbidden)
     launches = []
-    real_launch = vfl_module._launch
-    monkeypatch.setattr(vfl_module, "_launch",
+    real_launch = vfl_module.launch_kernel
+    monkeypatch.setattr(vfl_module, "launch_kernel",
                         lambda *a, **k: launches.append(1) or real_launch(*a, **k))
     logits, labels, scores = make_inputs(37, 80, torch.float32, seeded)
     x = logits.requires_grad_()
