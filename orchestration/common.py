@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -55,34 +56,82 @@ class TrainingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Workers:
-    """The training workers of a run: how many, GPU or not, the logical CPUs Ray reserves for
-    each, and how their resource bundles are placed (Ray placement group strategies: PACK fills
-    few nodes, SPREAD / STRICT_SPREAD put workers on different nodes). Building one checks the
-    values (ArgumentError naming the flag); nothing checks them again."""
+    """The training workers of a run: how many, GPU or not, the logical CPUs and the memory (GiB,
+    0: none) Ray reserves for each, and how their resource bundles are placed (Ray placement
+    group strategies: PACK fills few nodes, SPREAD / STRICT_SPREAD put workers on different
+    nodes). `min_workers` makes the run elastic: it trains on as many workers between
+    `min_workers` and `num_workers` as the cluster can hold, and is resized when that changes
+    (docs/ray.md, Elastic training); None: exactly `num_workers`. Building one checks the values
+    (ArgumentError naming the flag); nothing checks them again."""
 
-    num_workers: int = 1
+    num_workers: int = 1  # the most workers (all of them for a fixed-size run)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     placement_strategy: str = "PACK"
+    min_workers: int | None = None
+    memory_per_worker: float = 0.0  # GiB
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ArgumentError(f"--num-workers must be >= 1, got {self.num_workers}")
+        if self.fewest < 1:
+            raise ArgumentError(f"--num-workers must be >= 1, got {self.count_text}")
+        if self.fewest > self.num_workers:
+            raise ArgumentError(f"--num-workers MIN-MAX needs MIN <= MAX, got {self.count_text}")
         if not self.cpus_per_worker > 0:
             raise ArgumentError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
+        if not self.memory_per_worker >= 0:
+            raise ArgumentError(f"--memory-per-worker must be >= 0, got {self.memory_per_worker}")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:
             raise ArgumentError(f"--placement-strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
                                 f"got {self.placement_strategy!r}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Workers:
-        """The flags of `add_common_arguments` (and `--num-workers`)."""
-        return cls(args.num_workers, args.use_gpu, args.cpus_per_worker, args.placement_strategy)
+        """The flags of `add_common_arguments` and `--num-workers` (an int, or the text `N` or
+        `MIN-MAX`, see `parse_worker_count`)."""
+        count = args.num_workers
+        fewest, most = parse_worker_count(count) if isinstance(count, str) else (count, count)
+        return cls(most, args.use_gpu, args.cpus_per_worker, args.placement_strategy,
+                   min_workers=fewest if fewest != most else None,
+                   memory_per_worker=args.memory_per_worker)
+
+    @property
+    def fewest(self) -> int:
+        """The fewest workers the run trains on (`num_workers` unless elastic)."""
+        return self.num_workers if self.min_workers is None else self.min_workers
+
+    @property
+    def elastic(self) -> bool:
+        return self.fewest != self.num_workers
+
+    @property
+    def count_text(self) -> str:
+        """The worker count as `--num-workers` spells it: `N` or `MIN-MAX`."""
+        return f"{self.fewest}-{self.num_workers}" if self.min_workers is not None else str(self.num_workers)
+
+    def scaling(self) -> int | tuple[int, int]:
+        """`ScalingConfig(num_workers=...)`: the count, or (min, max) for an elastic run."""
+        return (self.fewest, self.num_workers) if self.elastic else self.num_workers
 
     def check_config(self, cfg: Config) -> None:
-        """ArgumentError when the config contradicts the flags (`--use-gpu` on `train.device = 'cpu'`)."""
+        """ArgumentError when the config contradicts the flags: `--use-gpu` on
+        `train.device = 'cpu'`; an elastic run whose global batch (`global_batch`, kept at
+        every size) does not split evenly over every worker count MIN..MAX."""
         if self.use_gpu and cfg.train.device == "cpu":
             raise ArgumentError("--use-gpu with train.device = 'cpu': set train.device to 'auto' or 'cuda'")
+        counts = range(self.fewest, self.num_workers + 1)
+        uneven = [n for n in counts if self.global_batch(cfg) % n]
+        if uneven:
+            need = math.lcm(*counts)
+            raise ArgumentError(
+                f"--num-workers {self.count_text} with train.batch_size {cfg.train.batch_size}: the global "
+                f"batch of {self.global_batch(cfg)} images does not split evenly over "
+                f"{', '.join(map(str, uneven))} worker(s); use a train.batch_size that is a multiple "
+                f"of {need // math.gcd(need, self.num_workers)}")
+
+    def global_batch(self, cfg: Config) -> int:
+        """Images per iteration, all workers together: `train.batch_size` x `num_workers` (for
+        an elastic run the batch of each worker at full size; fewer workers take more each)."""
+        return cfg.train.batch_size * self.num_workers
 
     @property
     def torch_threads(self) -> int:
@@ -90,8 +139,19 @@ class Workers:
         return max(1, math.floor(self.cpus_per_worker))
 
     def resources(self) -> dict[str, float]:
-        """Ray resources of one worker."""
-        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {})}
+        """Ray resources of one worker (`memory` in bytes)."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1} if self.use_gpu else {}),
+                **({"memory": self.memory_per_worker * 2**30} if self.memory_per_worker else {})}
+
+
+def parse_worker_count(text: str) -> tuple[int, int]:
+    """`--num-workers` text -> (fewest, most): `N` -> (N, N), `MIN-MAX` -> (MIN, MAX).
+    ArgumentError for anything else; the bounds themselves are checked by `Workers`."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
+    if match is None:
+        raise ArgumentError(f"--num-workers must be N or MIN-MAX (whole numbers), got {text!r}")
+    fewest = int(match[1])
+    return fewest, int(match[2]) if match[2] is not None else fewest
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -123,6 +183,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="logical CPUs Ray reserves per training worker (default 0.5; "
                              "fractional leaves CPUs to Ray Data); also torch's thread count, "
                              "rounded down, at least 1")
+    parser.add_argument("--memory-per-worker", type=float, default=0.0, metavar="GIB",
+                        help="memory (GiB) Ray reserves per training worker (default 0: none); "
+                             "with `ray start --memory` it also caps the workers per node")
     parser.add_argument("--placement-strategy", default="PACK", choices=PLACEMENT_STRATEGIES,
                         help="how workers are placed on nodes (default PACK: as few nodes as "
                              "possible; SPREAD / STRICT_SPREAD: across nodes)")
@@ -256,14 +319,18 @@ def fit_trainer(trainer: Any) -> Any:
 
 def check_cpu_budget(workers: Workers) -> None:
     """ArgumentError when the workers would reserve all but less than one of the connected
-    cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs."""
+    cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs. An
+    elastic run is checked at the size the cluster's CPUs allow now (MIN..MAX)."""
     import ray
 
     total = ray.cluster_resources().get("CPU", 0.0)
-    free = total - workers.num_workers * workers.cpus_per_worker
+    count = workers.num_workers
+    if workers.elastic:
+        count = max(workers.fewest, min(count, math.floor(total / workers.cpus_per_worker)))
+    free = total - count * workers.cpus_per_worker
     if free < 1:
         raise ArgumentError(
-            f"--num-workers {workers.num_workers} x --cpus-per-worker {workers.cpus_per_worker:g} leaves "
+            f"--num-workers {workers.count_text} x --cpus-per-worker {workers.cpus_per_worker:g} leaves "
             f"{free:g} of the cluster's {total:g} CPUs to Ray Data, which needs at least 1 to read the "
             f"shards (the run would hang): lower --cpus-per-worker or add nodes")
 
@@ -277,15 +344,19 @@ class RayReporter:
     as a one-file `ray.train.Checkpoint`, to `report_fn` (`ray.train.report` or
     `ray.tune.report`); the engine calls it on every rank equally often, as Ray requires.
     `upload`: a `checkpoint_upload_fn` for `ray.train.report` (`storage.checkpoint_uploader`:
-    the upload retried after transient storage errors); None leaves the upload to Ray."""
+    the upload retried after transient storage errors); None leaves the upload to Ray.
+    `extra`: metrics added to every report (the worker group's `world_size`)."""
 
-    def __init__(self, report_fn: Callable[..., None], upload: Callable[[Any, str], Any] | None = None) -> None:
+    def __init__(self, report_fn: Callable[..., None], upload: Callable[[Any, str], Any] | None = None,
+                 extra: dict[str, float] | None = None) -> None:
         self.report_fn = report_fn
         self.upload = upload
+        self.extra = dict(extra or {})
 
     def __call__(self, metrics: dict[str, float], checkpoint_file: Path | None) -> None:
         from ray.train import Checkpoint
 
+        metrics = {**metrics, **self.extra}
         if checkpoint_file is None:
             self.report_fn(metrics)
             return
@@ -300,6 +371,7 @@ class Restored(NamedTuple):
 
     file: Path
     source: str  # the Ray checkpoint directory (storage path)
+    iteration: int  # the training iterations the checkpoint holds
 
 
 def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Restored | None:
@@ -320,7 +392,7 @@ def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Restored | None:
                     raise CheckpointError(f"{candidate.path}: no {CHECKPOINT_NAME} in this Ray checkpoint")
                 dest = dest_dir / CHECKPOINT_NAME
                 shutil.copyfile(source, dest)
-            load_checkpoint(dest)  # verifies the content hash
+            state = load_checkpoint(dest)  # verifies the content hash
         except CheckpointError as exc:
             log.warning("skipping Ray checkpoint %s: %s", candidate.path, exc)
             reasons.append(f"{candidate.path}: {exc}")
@@ -328,7 +400,7 @@ def restore_checkpoint(checkpoint: Any, dest_dir: Path) -> Restored | None:
         if reasons:
             log.warning("resuming from Ray checkpoint %s, the newest that verifies (skipped %d newer)",
                         candidate.path, len(reasons))
-        return Restored(dest, candidate.path)
+        return Restored(dest, candidate.path, int(state["iteration"]))
     raise CheckpointError(f"no registered checkpoint verifies: {'; '.join(reasons)}")
 
 

@@ -52,6 +52,7 @@ from orchestration.data import Shards
 from orchestration.storage import RunStorage, WorkdirSync, checkpoint_uploader, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.core.config import Config, config_from_dict, config_name
+from vfnet.core.errors import ArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ RESULT_NAME = "result.json"
 WORKERS_DIR = "workers"
 WORKDIR_NAME = "workdir"
 DATASET_NAME = "train"
+DEFAULT_RESIZE_INTERVAL = 60.0  # seconds; Ray's default elastic_resize_monitor_interval_s
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class WorkerSpec:
     storage: RunStorage
     name: str  # the run lives in storage.path(name)
     iters_per_epoch: int
+    global_batch: int  # images per iteration, all workers together, at every worker-group size
     cat_ids: list[int]  # contiguous label -> COCO category id of the training shards
     class_names: list[str]  # contiguous label -> class name of the training shards
     torch_threads: int  # intra-op threads per worker
@@ -80,7 +83,8 @@ class WorkerSpec:
 # Worker side (runs inside Ray worker processes)
 
 
-def write_worker_record(storage: RunStorage, name: str, resumed_from: str | None) -> str:
+def write_worker_record(storage: RunStorage, name: str, restored: common.Restored | None,
+                        batch_per_worker: int) -> str:
     """Record this worker process's start in `<run>/workers/` (see the module docstring)."""
     import ray
     import ray.train
@@ -96,8 +100,10 @@ def write_worker_record(storage: RunStorage, name: str, resumed_from: str | None
         "node_ip": ray.util.get_node_ip_address(),
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
-        "started": time.time(),
-        "resumed_from": resumed_from,
+        "started": time.time(),  # seconds since the epoch
+        "resumed_from": storage.display(restored.source) if restored is not None else None,
+        "iteration": restored.iteration if restored is not None else 0,  # where this group starts
+        "batch_per_worker": batch_per_worker,
     }
     path = storage.path(name, WORKERS_DIR, f"rank{rank}-{os.getpid()}-{time.time_ns()}.json")
     if storage.is_local:
@@ -116,11 +122,17 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     from vfnet.train.engine import Observers, TrainData, train
 
     torch.set_num_threads(spec.torch_threads)
-    cfg = config_from_dict(spec.config, source="ray worker config")
     storage = spec.storage
     context = ray.train.get_context()
-    rank = context.get_world_rank()
-    report = common.RayReporter(ray.train.report, upload=checkpoint_uploader(storage.retry))
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    # The global batch is kept at every size (docs/ray.md, Elastic training): the engine's lr
+    # (scaled to batch_size x world size), iterations and epochs mean the same images throughout.
+    batch_per_worker = spec.global_batch // world_size
+    raw = spec.config
+    cfg = config_from_dict({**raw, "train": {**raw["train"], "batch_size": batch_per_worker}},
+                           source="ray worker config")
+    report = common.RayReporter(ray.train.report, upload=checkpoint_uploader(storage.retry),
+                                extra={"world_size": float(world_size)})
     sync = None
     if storage.is_local:
         workdir = Path(storage.path(spec.name, WORKDIR_NAME))
@@ -132,7 +144,10 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
             report = sync.pushing(report)
     with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
         restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
-        write_worker_record(storage, spec.name, storage.display(restored.source) if restored is not None else None)
+        previous = _group_sizes(storage, spec.name)[-1:] if rank == 0 else []  # before this group's
+        write_worker_record(storage, spec.name, restored, batch_per_worker)
+        if rank == 0:
+            _record_group_size(cfg, workdir, previous, world_size, restored.iteration if restored else 0)
         resume_from = restored.file if restored is not None else None
         data = TrainData(ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
                          spec.iters_per_epoch, spec.class_names)
@@ -155,10 +170,12 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
 
 
 def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: str, shards: Shards,
-                  callbacks: Sequence[Any] = (), mlflow_run: tuple[str, str] | None = None) -> Any:
+                  callbacks: Sequence[Any] = (), mlflow_run: tuple[str, str] | None = None,
+                  resize_interval: float = DEFAULT_RESIZE_INTERVAL) -> Any:
     """A `TorchTrainer` running `train_loop_per_worker` on `workers` over `shards`, its run in
     `storage.path(name)`. `cfg` must have absolute paths. `mlflow_run`:
-    (tracking URI, run id) that rank 0 logs into."""
+    (tracking URI, run id) that rank 0 logs into. `resize_interval`: seconds between Ray's
+    checks for room to grow an elastic run (`ScalingConfig.elastic_resize_monitor_interval_s`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -170,6 +187,7 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: s
         storage=storage,
         name=name,
         iters_per_epoch=iters_per_epoch(count_rows(shards), workers.num_workers, cfg.train.batch_size),
+        global_batch=workers.global_batch(cfg),
         cat_ids=cat_ids,
         class_names=class_names,
         torch_threads=workers.torch_threads,
@@ -179,9 +197,10 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: s
         train_loop_per_worker,
         train_loop_config=spec,
         torch_config=TorchConfig(backend="nccl" if workers.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers.num_workers, use_gpu=workers.use_gpu,
+        scaling_config=ScalingConfig(num_workers=workers.scaling(), use_gpu=workers.use_gpu,
                                      resources_per_worker=workers.resources(),
-                                     placement_strategy=workers.placement_strategy),
+                                     placement_strategy=workers.placement_strategy,
+                                     elastic_resize_monitor_interval_s=resize_interval),
         run_config=RunConfig(
             name=name,
             storage_path=storage.root,
@@ -204,14 +223,18 @@ class TrainPlan:
     storage: RunStorage
     name: str
     mlflow: MlflowTarget | None = None
+    resize_interval: float = DEFAULT_RESIZE_INTERVAL  # seconds (`build_trainer`)
 
 
 def plan_training(cfg: Config, workers: Workers, storage: str | Path | RunStorage = common.DEFAULT_STORAGE,
-                  name: str | None = None, mlflow: MlflowTarget | None = None) -> TrainPlan:
+                  name: str | None = None, mlflow: MlflowTarget | None = None,
+                  resize_interval: float = DEFAULT_RESIZE_INTERVAL) -> TrainPlan:
     """Check `cfg` against the flags and resolve its paths and the storage (no Ray needed)."""
     workers.check_config(cfg)
+    if not resize_interval > 0:
+        raise ArgumentError(f"--resize-interval must be > 0 seconds, got {resize_interval:g}")
     return TrainPlan(common.absolute_paths(cfg), workers, RunStorage.parse(storage),
-                     name or common.default_name(), mlflow)
+                     name or common.default_name(), mlflow, resize_interval)
 
 
 def execute_training(plan: TrainPlan) -> dict[str, Any]:
@@ -228,16 +251,18 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
         ensure_synth(cfg.data)
     shards = prepare_train_shards(cfg.data, storage.child(common.PACKED_DIR))
     mlflow_run = (mlflow.uri, start_train_run(mlflow, name, run_dir, cfg)) if mlflow else None
-    trainer = build_trainer(cfg, workers, storage=storage, name=name, shards=shards, mlflow_run=mlflow_run)
-    starts_before = _rank0_starts(storage, name)
-    log.info("training %s on %d worker(s) (%s) in %s", name, workers.num_workers,
-             "GPU" if workers.use_gpu else "CPU", run_dir)
+    trainer = build_trainer(cfg, workers, storage=storage, name=name, shards=shards, mlflow_run=mlflow_run,
+                            resize_interval=plan.resize_interval)
+    starts_before = len(_group_sizes(storage, name))
+    log.info("training %s on %s worker(s) (%s%s) in %s", name, workers.count_text,
+             "GPU" if workers.use_gpu else "CPU", ", elastic" if workers.elastic else "", run_dir)
     try:
         result = common.fit_trainer(trainer)
     finally:
         if mlflow_run is not None:
             end_train_run(mlflow, mlflow_run[1], ok=sys.exc_info()[0] is None)
-    restarts = max(0, _rank0_starts(storage, name) - starts_before - 1)
+    sizes = _group_sizes(storage, name)[starts_before:]
+    restarts = max(0, len(sizes) - 1)
     if result.checkpoint is None or not isinstance(result.return_value, dict):
         raise common.TrainingFailed(f"run {name} finished without metrics or checkpoint")
     summary = dict(result.return_value)
@@ -245,6 +270,8 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
         restarts=restarts,
         checkpoint=storage.display(f"{result.checkpoint.path}/{CHECKPOINT_NAME}"),
         num_workers=workers.num_workers,
+        min_workers=workers.fewest,
+        world_sizes=sizes,
         run_dir=run_dir,
     )
     storage.write_json(storage.path(name, RESULT_NAME), summary)
@@ -255,15 +282,36 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
 def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
                  cpus_per_worker: float = 0.5, storage: str | Path | RunStorage = common.DEFAULT_STORAGE,
                  name: str | None = None, placement_strategy: str = "PACK",
-                 mlflow: MlflowTarget | None = None) -> dict[str, Any]:
+                 mlflow: MlflowTarget | None = None, min_workers: int | None = None,
+                 resize_interval: float = DEFAULT_RESIZE_INTERVAL) -> dict[str, Any]:
     """Python entry: plan and execute a training run on the connected Ray cluster (see
-    `execute_training`)."""
-    workers = Workers(num_workers, use_gpu, cpus_per_worker, placement_strategy)
-    return execute_training(plan_training(cfg, workers, storage, name, mlflow))
+    `execute_training`); `min_workers` (< `num_workers`) trains elastically."""
+    workers = Workers(num_workers, use_gpu, cpus_per_worker, placement_strategy, min_workers=min_workers)
+    return execute_training(plan_training(cfg, workers, storage, name, mlflow, resize_interval))
 
 
-def _rank0_starts(storage: RunStorage, name: str) -> int:
-    return sum(n.startswith("rank0-") for n in storage.list(storage.path(name, WORKERS_DIR)))
+def _group_sizes(storage: RunStorage, name: str) -> list[int]:
+    """The world size of every worker-group start of the run so far, oldest first (from the
+    rank-0 records in `<run>/workers/`)."""
+    records = [storage.read_json(storage.path(name, WORKERS_DIR, n))
+               for n in storage.list(storage.path(name, WORKERS_DIR)) if n.startswith("rank0-")]
+    return [r["world_size"] for r in sorted(records, key=lambda r: r["started"])]
+
+
+def _record_group_size(cfg: Config, workdir: Path, previous: list[int], world_size: int, iteration: int) -> None:
+    """Rank 0 at a worker-group start: log a resize (the group before had `previous[0]`
+    workers), and write the size as the TensorBoard scalar `ray/world_size` at `iteration`
+    (into `<workdir>/tensorboard/ray`, beside the engine's events; with train.tensorboard)."""
+    if previous and previous[0] != world_size:
+        log.warning("worker group resized: %d -> %d workers, resuming at iteration %d (global batch "
+                    "%d images kept: %d per worker)", previous[0], world_size, iteration,
+                    cfg.train.batch_size * world_size, cfg.train.batch_size)
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: a writer of an earlier group hides its values past this iteration (redone)
+        with SummaryWriter(log_dir=str(workdir / "tensorboard" / "ray"), purge_step=iteration) as writer:
+            writer.add_scalar("ray/world_size", world_size, global_step=iteration)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +320,12 @@ def _rank0_starts(storage: RunStorage, name: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `orchestration.train` besides `common.add_common_arguments`."""
-    parser.add_argument("--num-workers", type=int, required=True, help="training workers (DDP ranks)")
+    parser.add_argument("--num-workers", required=True, metavar="N|MIN-MAX",
+                        help="training workers (DDP ranks); MIN-MAX trains elastically on as many as "
+                             "the cluster holds, resized as nodes come and go (docs/ray.md)")
+    parser.add_argument("--resize-interval", type=float, default=DEFAULT_RESIZE_INTERVAL, metavar="SECONDS",
+                        help="with MIN-MAX: seconds between checks for room to grow "
+                             f"(default {DEFAULT_RESIZE_INTERVAL:g})")
     parser.add_argument("--name", default=None, help="run name (default: the config file's stem); "
                         "re-using a name resumes that run")
 
@@ -290,7 +343,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m orchestration
         argv, prog=prog, description="Train VFNet on a Ray cluster (Ray Train).", add_arguments=add_arguments,
         plan=lambda args, cfg, workers: plan_training(cfg, workers, args.storage,
                                                       args.name or command_run_name(args.config),
-                                                      common.mlflow_target(args)),
+                                                      common.mlflow_target(args), args.resize_interval),
         run=execute_training,
     )
 
