@@ -1,150 +1,41 @@
 """Real multi-process Ray clusters: `ray start` heads, `ray job submit`, two nodes, a SIGKILLed worker.
 
-The module starts its own cluster with the `ray` CLI in subprocesses: a head on 127.0.0.2 and a
-second raylet on 127.0.0.3 (two real nodes on one machine, docs/design.md §8), on free ports and in a
-temp dir of their own, so it neither joins nor disturbs any other Ray on the machine (nor the
-in-process session cluster of the other test modules). Token authentication is on, with the
-test session's token (conftest.py) in the environment of every command (the project's policy,
-see docs/ray.md, Authentication).
-Each `ray start --block` runs in its own process group, which teardown terminates (then kills),
-so no Ray process outlives the module.
+The module starts its own cluster (`ray_cluster.Cluster`): a head on 127.0.0.2 and a second
+raylet on 127.0.0.3, two real nodes on one machine, stopped at the end of the module.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from holding_proxy import HoldingProxy
+from ray_cluster import (
+    HEAD_IP,
+    Cluster,
+    assert_registered_checkpoints_verify,
+    load_run_checkpoint,
+    node_ip,
+    registered_checkpoints,
+    run_storage,
+)
 
 from orchestration import common
 from orchestration import train as otrain
 from orchestration.storage import RunStorage
-from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.config import Config, save_config
-from vfnet.core.errors import EnvError
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
-HEAD_IP, NODE_IP = "127.0.0.2", "127.0.0.3"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-class Cluster:
-    """A head and one more node, each a `ray start --block` process group."""
-
-    def __init__(self) -> None:
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="vr-"))  # short: Ray's socket paths
-        self.port, self.dashboard_port = _free_port(), _free_port()
-        self.env = {
-            **os.environ,
-            "RAY_AUTH_MODE": "token",  # with the session's token (conftest.py) or ~/.ray's
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",  # faster checkpoint registration, failure detection
-            # `python` in job entrypoints is this interpreter
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        }
-        self.env.pop("RAY_ADDRESS", None)
-        self.procs: list[subprocess.Popen] = []
-        self.dead: list[subprocess.Popen] = []  # nodes killed by a test
-
-    @property
-    def address(self) -> str:
-        return f"{HEAD_IP}:{self.port}"
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def _start(self, args: list[str], name: str) -> None:
-        common = ["--block", "--num-cpus=2", "--object-store-memory=80000000",
-                  f"--dashboard-agent-listen-port={_free_port()}",
-                  f"--dashboard-agent-grpc-port={_free_port()}",
-                  f"--runtime-env-agent-port={_free_port()}",
-                  f"--metrics-export-port={_free_port()}", "--disable-usage-stats"]
-        log = open(self.temp_dir / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-
-    def start(self) -> None:
-        self._start(["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp_dir}"],
-                    "head")
-        self._wait_nodes(1)
-        self._start([f"--address={self.address}", f"--node-ip-address={NODE_IP}"], "node")
-        self._wait_nodes(2)
-
-    def kill_node(self) -> None:
-        """SIGKILL the second node's whole process group (raylet, its workers): a lost machine."""
-        node = self.procs[1]
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait(timeout=30)
-        self.dead.append(node)
-        self.procs.remove(node)
-
-    def add_node(self) -> None:
-        """Start a (new) second node again and wait until two nodes are active."""
-        self._start([f"--address={self.address}", f"--node-ip-address={NODE_IP}"], f"node{len(self.dead)}")
-        self._wait_nodes(2)
-
-    def _wait_nodes(self, count: int, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                assert proc.poll() is None, f"ray start exited: {self.logs()}"
-            out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status",
-                                  f"--address={self.address}"], env=self.env,
-                                 capture_output=True, text=True)
-            active = out.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
-            if out.returncode == 0 and active.count(" node_") >= count:
-                return
-            time.sleep(2)
-        raise TimeoutError(f"{count} Ray node(s) not up after {timeout} s: {self.logs()}")
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text()[-2000:] for p in sorted(self.temp_dir.glob("*.log")))
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-            for proc in self.procs:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and any(_group_alive(p) for p in self.procs):
-                time.sleep(0.5)
-        for proc in self.procs:
-            proc.wait(timeout=10)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _group_alive(proc: subprocess.Popen) -> bool:
-    proc.poll()  # reap the leader: a zombie still counts as a group member
-    try:
-        os.killpg(proc.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+NODE_IP = node_ip(0)
 
 
 @pytest.fixture(scope="module")
@@ -163,35 +54,9 @@ def _config_file(cfg: Config, directory: Path) -> Path:
     return path
 
 
-def _run(run: Path | RunStorage) -> RunStorage:
-    """A run directory as a storage: a local path, or a RunStorage (e.g. on the S3 server)."""
-    return run if isinstance(run, RunStorage) else RunStorage.parse(run)
-
-
 def _records(run_dir: Path | RunStorage) -> list[dict]:
-    run = _run(run_dir)
+    run = run_storage(run_dir)
     return [run.read_json(run.path(otrain.WORKERS_DIR, n)) for n in run.list(run.path(otrain.WORKERS_DIR))]
-
-
-def _registered_checkpoints(run_dir: Path | RunStorage) -> list[dict]:
-    """The checkpoints Ray Train's controller has registered (its snapshot file), or []."""
-    run = _run(run_dir)
-    try:
-        snapshot = run.read_json(run.path("checkpoint_manager_snapshot.json"))
-    except (EnvError, ValueError):  # not written yet, or caught mid-write
-        return []
-    return snapshot.get("checkpoint_results", [])
-
-
-def _load_checkpoint(run_dir: Path | RunStorage, checkpoint_dir: str) -> dict:
-    """The engine checkpoint in a Ray checkpoint directory of the run's storage (a local path,
-    or a URI of the object store as worker records and result.json name it)."""
-    run = _run(run_dir)
-    with tempfile.TemporaryDirectory() as tmp, \
-            run.fs.open_input_stream(f"{checkpoint_dir.split('://', 1)[-1]}/{common.CHECKPOINT_NAME}") as src:
-        local = Path(tmp) / common.CHECKPOINT_NAME
-        local.write_bytes(src.read())
-        return load_checkpoint(local)
 
 
 def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
@@ -254,17 +119,6 @@ def _trained_iterations(run_dir: Path) -> int:
     return max(iters, default=0)
 
 
-def _assert_registered_checkpoints_verify(run_dir: Path | RunStorage) -> list[int]:
-    """Every checkpoint Ray registered loads and verifies (content hash): never a partial one.
-    Returns their iterations."""
-    iterations = []
-    for entry in _registered_checkpoints(run_dir):
-        state = _load_checkpoint(run_dir, _run(run_dir).path(entry["checkpoint_dir_name"]))
-        iterations.append(state["iteration"])
-    assert iterations
-    return iterations
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -292,9 +146,9 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "ft",
                    "--num-workers", "1", "--cpus-per-worker", "1")
     try:
-        _wait_until(proc, lambda: proxy.held.is_set() and bool(_registered_checkpoints(run_dir)))
+        _wait_until(proc, lambda: proxy.held.is_set() and bool(registered_checkpoints(run_dir)))
         held_dir = proxy.held_path.decode().split("/")[-2]  # the checkpoint being uploaded
-        registered_before = [e["checkpoint_dir_name"] for e in _registered_checkpoints(run_dir)]
+        registered_before = [e["checkpoint_dir_name"] for e in registered_checkpoints(run_dir)]
         victim = _records(run_dir)[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         proxy.release()
@@ -306,7 +160,7 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
             proc.wait()
     assert proc.returncode == 0, output[-6000:]
     assert held_dir not in registered_before and len(registered_before) == 1
-    registered = [e["checkpoint_dir_name"] for e in _registered_checkpoints(run_dir)]
+    registered = [e["checkpoint_dir_name"] for e in registered_checkpoints(run_dir)]
     assert held_dir not in registered, "the checkpoint killed mid-upload was registered"
     assert not run_dir.exists(run_dir.path(held_dir, common.CHECKPOINT_NAME))  # never completed
     result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
@@ -318,8 +172,8 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     assert resumed and all(r["pid"] != victim for r in resumed)
     # resumed from the first checkpoint (iteration 4), the newest registered: one interval redone
     assert resumed[0]["resumed_from"].endswith(f"/ft/{registered_before[0]}")
-    assert _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
-    _assert_registered_checkpoints_verify(run_dir)
+    assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
+    assert_registered_checkpoints_verify(run_dir)
     # the work dir came back from S3: every iteration's record once, the redone ones replaced
     with run_dir.fs.open_input_stream(run_dir.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
         lines = [json.loads(line) for line in src.read().decode().splitlines()]
@@ -340,12 +194,12 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     proc = _driver(cluster, config, storage, name, "--num-workers", "2", "--cpus-per-worker", "0.5",
                    "--placement-strategy", "SPREAD")
     try:
-        _wait_until(proc, lambda: len(_records(run_dir)) == 2 and bool(_registered_checkpoints(run_dir)))
+        _wait_until(proc, lambda: len(_records(run_dir)) == 2 and bool(registered_checkpoints(run_dir)))
         assert {r["node_ip"] for r in _records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
         # Lower bounds on the progress at the kill: iterations logged, and the newest checkpoint
         # registered (the run must resume from it or from one registered after this read).
         at_kill = _trained_iterations(run_dir)
-        newest_registered = max(_assert_registered_checkpoints_verify(run_dir))
+        newest_registered = max(assert_registered_checkpoints_verify(run_dir))
         cluster.kill_node()
         output = _finish(proc)
     finally:
@@ -357,9 +211,9 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     assert result["restarts"] >= 1 and result["iterations"] == 16
     resumed = [r for r in _records(run_dir) if r["resumed_from"] is not None]
     assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
-    resumed_at = _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
+    resumed_at = load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
     assert resumed_at >= max(newest_registered, 4)
-    assert resumed_at in _assert_registered_checkpoints_verify(run_dir)
+    assert resumed_at in assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():
         print(f"\nlost node: killed at iteration >= {max(at_kill, newest_registered)}, resumed from "
               f"{resumed_at}: {max(at_kill - resumed_at, 0)}+ iterations redone")
@@ -376,7 +230,7 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
     flags = ("--num-workers", "1", "--cpus-per-worker", "1")
     proc = _driver(cluster, config, storage, None, *flags)
     try:
-        _wait_until(proc, lambda: bool(_records(run_dir)) and bool(_registered_checkpoints(run_dir)))
+        _wait_until(proc, lambda: bool(_records(run_dir)) and bool(registered_checkpoints(run_dir)))
         at_kill = _trained_iterations(run_dir)
         proc.kill()
         proc.wait(timeout=30)
@@ -391,9 +245,9 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
     assert result["iterations"] == 16 and result["restarts"] == 0  # a re-run, not a restart
     resumed = [r for r in _records(run_dir) if r["pid"] not in first]
     assert resumed and resumed[0]["resumed_from"] is not None
-    resumed_at = _load_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
+    resumed_at = load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
     assert 4 <= resumed_at
-    _assert_registered_checkpoints_verify(run_dir)
+    assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():
         print(f"\nkilled driver: killed at iteration >= {at_kill}, resumed from {resumed_at}: "
               f"{max(at_kill - resumed_at, 0)}+ iterations redone")
