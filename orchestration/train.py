@@ -1,26 +1,37 @@
 """Distributed training on Ray Train: `python -m orchestration.train` (the `ray job submit` entry).
 
-    python -m orchestration.train [--config FILE] [--set key=value ...] --num-workers N
-        [--use-gpu] [--cpus-per-worker C] [--placement-strategy S] [--storage DIR|URI] [--name NAME]
-        [--address ADDR]
+    python -m orchestration.train [--config FILE] [--set key=value ...] --num-workers N|MIN-MAX
+        [--use-gpu] [--cpus-per-worker C] [--memory-per-worker GIB] [--placement-strategy S]
+        [--resize-interval SECONDS] [--storage DIR|URI] [--name NAME] [--address ADDR]
 
 A `TorchTrainer` runs `vfnet.train.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
 Ray sets up the process group, the engine wraps the model). Each worker trains on its share of
 the Ray Data stream of the packed Parquet shards (`orchestration.data`); the engine's report hook
 forwards metrics and rank 0's checkpoints to `ray.train.report`, and a restarted worker group
-resumes from `ray.train.get_checkpoint()`. The run lives in `<storage>/<name>/`:
+resumes from `ray.train.get_checkpoint()`. With `--num-workers MIN-MAX` the run is elastic (Ray
+Train's elastic scaling policy): it trains on as many workers as the cluster holds, between MIN
+and MAX, shrinks when a worker is lost and grows when room appears (checked every
+`--resize-interval` seconds), each time restarting the worker group from the latest registered
+checkpoint. The global batch (`train.batch_size` x MAX images) is kept at every size, each worker
+taking its share, so an iteration, the lr schedule and the epochs mean the same images throughout
+(docs/ray.md, Elastic training). The run lives in `<storage>/<name>/`:
 
 - `checkpoint_*/checkpoint.pt`: the checkpoints Ray has registered (the last
   `train.keep_checkpoints` are kept);
 - `workdir/`: the engine's work dir on rank 0 (`config.toml`, `metrics.jsonl`, `eval.json`, ...);
-- `workers/rank<R>-<pid>-<time>.json`: one file per worker per worker-group start (rank, pid,
-  node id and IP, the checkpoint it resumed from);
+- `workers/rank<R>-<pid>-<time>.json`: one file per worker per worker-group start (rank,
+  world size, batch per worker, pid, node id and IP, the checkpoint it resumed from and its
+  iteration);
+- `workdir/tensorboard/ray/`: the TensorBoard scalar `ray/world_size` at the iteration each
+  worker group started from;
 - `result.json`: written by the driver at the end: the final metrics by name (`bbox_mAP`, ...),
-  `iterations`, `restarts` and `checkpoint` (the last registered checkpoint file).
+  `iterations`, `restarts`, `world_sizes`, `num_workers` and `min_workers` (the flag's MAX and
+  MIN) and `checkpoint` (the last registered checkpoint file).
 
-`restarts` counts worker-group starts of this invocation beyond the first, from the rank-0 files
-in `workers/` (every group start writes one before training); re-running a finished or
-interrupted run under the same name resumes it and is not counted as a restart.
+`restarts` counts worker-group starts of this invocation beyond the first (after a failure or a
+resize), `world_sizes` lists their sizes in order, both from the rank-0 files in `workers/`
+(every group start writes one before training); re-running a finished or interrupted run under
+the same name resumes it and is not counted as a restart.
 
 `<storage>` is a path every node can read and write (a shared file system on a real cluster)
 or a `pyarrow.fs` URI (`s3://bucket/prefix`, `gs://...`; `orchestration.storage`): then the
@@ -34,6 +45,7 @@ checkpoints, also when a worker raised it; an unreachable cluster); 1 with a tra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -41,7 +53,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +65,7 @@ from orchestration.storage import RunStorage, WorkdirSync, checkpoint_uploader, 
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.core.config import Config, config_from_dict, config_name
 from vfnet.core.errors import ArgumentError
+from vfnet.core.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +74,8 @@ WORKERS_DIR = "workers"
 WORKDIR_NAME = "workdir"
 DATASET_NAME = "train"
 DEFAULT_RESIZE_INTERVAL = 60.0  # seconds; Ray's default elastic_resize_monitor_interval_s
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+ELASTIC_START_TIMEOUT = 30.0  # seconds (`_elastic_start_timeout`)
 
 
 @dataclass(frozen=True)
@@ -257,7 +272,8 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
     log.info("training %s on %s worker(s) (%s%s) in %s", name, workers.count_text,
              "GPU" if workers.use_gpu else "CPU", ", elastic" if workers.elastic else "", run_dir)
     try:
-        result = common.fit_trainer(trainer)
+        with _elastic_start_timeout(workers):
+            result = common.fit_trainer(trainer)
     finally:
         if mlflow_run is not None:
             end_train_run(mlflow, mlflow_run[1], ok=sys.exc_info()[0] is None)
@@ -290,6 +306,23 @@ def run_training(cfg: Config, *, num_workers: int, use_gpu: bool = False,
     return execute_training(plan_training(cfg, workers, storage, name, mlflow, resize_interval))
 
 
+@contextlib.contextmanager
+def _elastic_start_timeout(workers: Workers) -> Iterator[None]:
+    """For an elastic run, Ray Train's wait for a new worker group's resources (the environment
+    variable START_TIMEOUT_ENV, Ray's default 60 s) is `ELASTIC_START_TIMEOUT` unless set: after
+    a node is lost, Ray's view of the cluster is up to 20 s old (its autoscaling coordinator's
+    refresh), so the first restart asks for the old size and waits this long for it before it
+    decides again on what is left. Restored afterwards; Ray hands it to its controller."""
+    if not workers.elastic or START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = f"{ELASTIC_START_TIMEOUT:g}"
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
+
+
 def _group_sizes(storage: RunStorage, name: str) -> list[int]:
     """The world size of every worker-group start of the run so far, oldest first (from the
     rank-0 records in `<run>/workers/`)."""
@@ -307,6 +340,7 @@ def _record_group_size(cfg: Config, workdir: Path, previous: list[int], world_si
                     "%d images kept: %d per worker)", previous[0], world_size, iteration,
                     cfg.train.batch_size * world_size, cfg.train.batch_size)
     if cfg.train.tensorboard:
+        require("tensorboard", "TensorBoard logging (train.tensorboard = false turns it off)")
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: a writer of an earlier group hides its values past this iteration (redone)
