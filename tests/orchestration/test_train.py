@@ -93,6 +93,13 @@ def test_restore_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path: Pat
     (["--num-workers", "1", "--set", "train.nope=1"], "train.nope"),
     (["--num-workers", "1", "--config", "missing.toml"], "missing.toml"),
     (["--num-workers", "0"], "--num-workers"),
+    (["--num-workers", "3-2"], "--num-workers MIN-MAX needs MIN <= MAX, got 3-2"),
+    (["--num-workers", "0-2"], "--num-workers must be >= 1, got 0-2"),
+    (["--num-workers", "a-b"], "--num-workers must be N or MIN-MAX (whole numbers), got 'a-b'"),
+    (["--num-workers", "2-4", "--set", "train.batch_size=2"],
+     "global batch of 8 images does not split evenly over 3 worker(s); use a train.batch_size that is a multiple of 3"),
+    (["--num-workers", "2-3", "--resize-interval", "0"], "--resize-interval must be > 0"),
+    (["--num-workers", "1", "--memory-per-worker", "-1"], "--memory-per-worker"),
     (["--num-workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
     (["--num-workers", "1", "--use-gpu", "--set", "train.device=cpu"], "--use-gpu"),
 ])

@@ -1,0 +1,192 @@
+"""Elastic Ray Train on a real loopback cluster: `--num-workers 2-3` on three raylets.
+
+Every raylet (the head included) offers 3 GiB of Ray `memory` and every worker reserves 2 GiB
+(`--memory-per-worker 2`), so a node holds exactly one worker: the cluster's size is the run's
+size. The run starts on 3 workers; a raylet is SIGKILLed and the run goes on at 2; a raylet is
+started again and the run grows back to 3 and completes. The seconds from the node's loss (and
+from the new node's arrival) to the next trained iteration, and the iterations redone, are
+printed: docs/ray.md, Elastic training, quotes them.
+
+The run is held still (its workers SIGSTOPped) once it has trained at 2 workers, until it has
+grown back: otherwise a fast machine could finish the run before Ray notices the new node, and
+the test's verdict would depend on the machine's speed. Ray ends the stopped workers itself
+when it resizes the group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from ray_cluster import Cluster, assert_registered_checkpoints_verify, registered_checkpoints
+
+from orchestration import train as otrain
+from vfnet.core.checkpoint import load_checkpoint
+from vfnet.core.config import save_config
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[2]
+GIB = 2**30
+MAX_ITERS = 24  # global batch 6 (2 x 3 workers) on 96 images: 16 iterations an epoch
+INTERVAL = 4  # checkpoint interval, iterations
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    """A head and two raylets, each with room for one training worker."""
+    cluster = Cluster(nodes=2, node_args=[f"--memory={3 * GIB}"])
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _rank0_groups(run_dir: Path) -> list[dict]:
+    """The rank-0 worker records (one per worker-group start), oldest first."""
+    records = []
+    for path in (run_dir / otrain.WORKERS_DIR).glob("rank0-*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except ValueError:  # caught mid-write
+            continue
+    return sorted(records, key=lambda r: r["started"])
+
+
+def _train_iters(run_dir: Path) -> list[int]:
+    """The iterations of the train records in the run's metrics.jsonl, in file order."""
+    try:
+        lines = (run_dir / otrain.WORKDIR_NAME / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    records = [json.loads(line) for line in lines if line.strip().endswith("}")]
+    return [r["iter"] for r in records if r.get("mode") == "train"]
+
+
+def _wait(proc: subprocess.Popen, what: str, ready: Callable[[], object], timeout: float = 400) -> float:
+    """Poll `ready()` until true (the driver must stay alive); the time.monotonic() it was seen."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the driver exited while waiting for {what}: {proc.stdout.read()[-6000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def _trained_from(run_dir: Path, group: dict) -> bool:
+    """The group has trained an iteration: metrics.jsonl, written since the group started (its
+    rank 0 drops the records past the iteration it resumed at, then appends), logs one past it."""
+    try:
+        written = (run_dir / otrain.WORKDIR_NAME / "metrics.jsonl").stat().st_mtime
+    except OSError:
+        return False
+    return written > group["started"] and max(_train_iters(run_dir), default=0) > group["iteration"]
+
+
+def _stop(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tiny_config, tmp_path: Path,
+                                                           capsys) -> None:
+    from vfnet.data.synth import synthesize
+
+    data_dir = tmp_path / "shapes"
+    synthesize(data_dir, images=96, size=64, seed=1)
+    config = tmp_path / "config.toml"
+    save_config(tiny_config(data_dir, **{"train.max_iters": MAX_ITERS, "train.checkpoint_interval": INTERVAL,
+                                         "train.keep_checkpoints": 20, "train.max_failures": 4}), config)
+    storage, name = tmp_path / "runs", "elastic"
+    run_dir = storage / name
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
+         "--name", name, "--address", cluster.address, "--num-workers", "2-3", "--cpus-per-worker", "0.5",
+         "--memory-per-worker", "2", "--resize-interval", "5"],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped: list[int] = []
+    try:
+        # 3 workers, one per node; a checkpoint registered (iteration 4) before the loss
+        _wait(proc, "3 workers training", lambda: [g["world_size"] for g in _rank0_groups(run_dir)] == [3]
+              and INTERVAL in _train_iters(run_dir))
+        at_loss = max(_train_iters(run_dir))
+        cluster.kill_node()
+        lost = time.monotonic()
+        _wait(proc, "a group of 2", lambda: len(_rank0_groups(run_dir)) == 2)
+        shrunk = _rank0_groups(run_dir)[1]
+        assert shrunk["world_size"] == 2 and shrunk["batch_per_worker"] == 3  # the global batch kept
+        trained_at_2 = _wait(proc, "training at 2 workers", lambda: _trained_from(run_dir, shrunk))
+        # a checkpoint of the 2 workers registered (the Ray metrics carry the size), then the run
+        # is held still (see the module docstring) and the cluster gets its third node back
+        _wait(proc, "a checkpoint at 2 workers", lambda: [
+            e for e in registered_checkpoints(run_dir)
+            if e["metrics"]["iteration"] > shrunk["iteration"] and e["metrics"]["world_size"] == 2])
+        records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).glob("rank*.json")]
+        stopped = [r["pid"] for r in records if r["world_size"] == 2]
+        _stop(stopped, signal.SIGSTOP)
+        at_hold = max(_train_iters(run_dir))
+        cluster.add_node()
+        added = time.monotonic()
+        _wait(proc, "a group of 3 again", lambda: len(_rank0_groups(run_dir)) == 3)
+        grown = _rank0_groups(run_dir)[2]
+        stopped = []  # Ray ended them when it resized the group
+        trained_at_3 = _wait(proc, "training at 3 workers again", lambda: _trained_from(run_dir, grown))
+        output, _ = proc.communicate(timeout=400)
+        costs = (f"elastic 3 -> 2: node lost at iteration >= {at_loss}, training again after "
+                 f"{trained_at_2 - lost:.1f} s, resumed from {shrunk['iteration']} "
+                 f"({max(at_loss - shrunk['iteration'], 0)}+ iterations redone)\n"
+                 f"elastic 2 -> 3: node added at iteration {at_hold} (held), training at 3 after "
+                 f"{trained_at_3 - added:.1f} s, resumed from {grown['iteration']} "
+                 f"({at_hold - grown['iteration']} iterations redone)")
+        with capsys.disabled():
+            print(f"\n{costs}")
+    finally:
+        _stop(stopped, signal.SIGCONT)  # those Ray has not ended already
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (tmp_path / "driver.log").write_text(output)  # Ray's resize decisions, with times, for a look afterwards
+    assert proc.returncode == 0, output[-6000:]
+    assert grown["world_size"] == 3 and grown["batch_per_worker"] == 2
+    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    assert result["iterations"] == MAX_ITERS and result["world_sizes"] == [3, 2, 3] and result["restarts"] == 2
+    assert "worker group resized: 3 -> 2 workers" in output and "worker group resized: 2 -> 3 workers" in output
+    # every iteration's metrics once (the redone ones replaced), at the one global batch's lr
+    train_iters = _train_iters(run_dir)
+    assert train_iters == list(range(1, MAX_ITERS + 1))
+    records = [json.loads(line) for line in (run_dir / otrain.WORKDIR_NAME / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["lr"] for r in records if r["mode"] == "train" and r["iter"] > 1}) == 1
+    # resumed from registered checkpoints that verify; the final one holds the whole run
+    assert 0 < shrunk["iteration"] < grown["iteration"] < MAX_ITERS
+    for group in (shrunk, grown):
+        assert load_checkpoint(Path(group["resumed_from"]) / "checkpoint.pt")["iteration"] == group["iteration"]
+    assert load_checkpoint(Path(result["checkpoint"]))["iteration"] == MAX_ITERS
+    assert MAX_ITERS in assert_registered_checkpoints_verify(run_dir)
+    # the sizes in TensorBoard: ray/world_size at the iteration each group started from
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / otrain.WORKDIR_NAME / "tensorboard" / "ray"))
+    events.Reload()
+    sizes = [(e.step, e.value) for e in events.Scalars("ray/world_size")]
+    assert sizes == [(0, 3), (shrunk["iteration"], 2), (grown["iteration"], 3)]
+
+
+def test_elastic_cpu_budget_counts_the_workers_the_cluster_holds_now(ray_session) -> None:
+    from orchestration import common
+    from vfnet.core.errors import ArgumentError
+
+    # the session cluster has 4 CPUs: 2-8 workers of 1.5 CPUs start with the 2 that fit, leaving 1
+    common.check_cpu_budget(common.Workers(8, cpus_per_worker=1.5, min_workers=2))
+    # of 1 CPU, 4 fit and leave none to Ray Data (the run would hang)
+    with pytest.raises(ArgumentError, match=r"--num-workers 2-8 x --cpus-per-worker 1 leaves 0 of the cluster's 4"):
+        common.check_cpu_budget(common.Workers(8, cpus_per_worker=1.0, min_workers=2))
