@@ -1,6 +1,11 @@
 """ONNX and torch.export programs against the PyTorch model: BCCD test images and crowded
 synthetic scenes, raw head outputs and detections.
 
+Each export costs about a minute on one core, so the tests share three: the tiny model exported by
+`vfnet export` in both formats as a user would (detections compared), and the DCN model exported
+with its raw head outputs appended (head outputs and detections compared; it has the star conv
+too, so the head-output check covers both kinds of deformable layer).
+
 Tolerances (float32): the exported star conv sums its products in another order than the
 reference (gather + matmul instead of einsum), and onnxruntime's convolutions and matmuls use their
 own kernels, so raw head outputs differ by float32 rounding accumulated over the network: we
@@ -11,6 +16,8 @@ number of detections and their order must be equal (a score within rounding of a
 the nms_pre-th score, an NMS IoU within rounding of nms_iou, or exactly equal scores — ordered by
 index here, by torch.sort in predict — could flip a decision; the checked scenes have none).
 """
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -94,8 +101,10 @@ def reference(model: VFNet, images: torch.Tensor):
 
 
 def check(outputs, head, detections, what: str) -> int:
-    """Compare one run's outputs (boxes, scores, labels, num, cls, init, refine) with the
-    reference; returns the number of detections checked."""
+    """Compare one run's outputs (boxes, scores, labels, num, and cls, init, refine where the
+    export has its head outputs appended) with the reference; returns the number of detections
+    checked."""
+    assert len(outputs) in (4, 7), f"{what}: {len(outputs)} outputs"
     boxes, scores, labels, num = (torch.as_tensor(np.asarray(o)) for o in outputs[:4])
     for got, want, name in zip(outputs[4:], head, ("cls_logits", "bbox_init", "bbox_refine")):
         got = torch.as_tensor(np.asarray(got))
@@ -136,23 +145,29 @@ def test_the_wrapper_swaps_the_star_conv_of_a_copy_of_the_model(one_thread):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny model, and its torch.export program (saved and loaded) and ONNX model (built from
-    that program), both with the raw head outputs appended."""
+    """The tiny model saved as a checkpoint and exported by `vfnet export` in both formats, as a
+    user would: the model, the loaded torch.export program, an onnxruntime session on the ONNX
+    file, the ONNX file, and what each command printed ({format: stdout})."""
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
     import vfnet.interop.export  # noqa: F401  (registers vfnet::non_max_suppression before the load)
+    from vfnet.cli import main
+    from vfnet.core.checkpoint import save_checkpoint
 
     model = tiny_model()
     out = tmp_path_factory.mktemp("export")
-    program = export_program(model, with_head=True)
-    torch_file = export_torch(model, out / "model.pt2", program=program)
-    onnx_file = export_onnx(model, out / "model.onnx", program=program)
-    loaded = torch.export.load(torch_file).module()
+    checkpoint = save_checkpoint(out, model=model, optimizer=None, iteration=0, epoch=0, config=model.cfg)
+    files = {"onnx": out / "model.onnx", "torch": out / "model.pt2"}
+    printed = {}
+    for fmt, path in files.items():
+        with contextlib.redirect_stdout(io.StringIO()) as stdout:
+            assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(path)]) == 0
+        printed[fmt] = stdout.getvalue()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
-    session = onnxruntime.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
-    return model, loaded, session, onnx_file
+    session = onnxruntime.InferenceSession(str(files["onnx"]), options, providers=["CPUExecutionProvider"])
+    return model, torch.export.load(files["torch"]).module(), session, files, printed
 
 
 SCENES = {
@@ -164,7 +179,7 @@ SCENES = {
 
 @pytest.mark.parametrize("scene", list(SCENES))
 def test_onnxruntime_and_torch_export_match_pytorch(exported, scene, one_thread):
-    model, program, session, _ = exported
+    model, program, session, _, _ = exported
     images = SCENES[scene]()
     head, detections = reference(model, images)
     with torch.no_grad():
@@ -176,7 +191,7 @@ def test_onnxruntime_and_torch_export_match_pytorch(exported, scene, one_thread)
 def test_crowded_scene_exercises_the_top_k_rule(exported, one_thread):
     """The crowded scene has levels with more than nms_pre passing pairs and full images
     (max_per_img detections), so the top-k and the cap are both tested above."""
-    model, _, _, _ = exported
+    model, _, _, _, _ = exported
     images = crowded_batch(2, (256, 224))
     head, detections = reference(model, images)
     passing = (head[0].sigmoid() > model.cfg.infer.score_thr).sum(dim=(1, 2))
@@ -187,45 +202,31 @@ def test_crowded_scene_exercises_the_top_k_rule(exported, one_thread):
 def test_onnx_graph_uses_standard_operators(exported):
     import onnx
 
-    _, _, session, onnx_file = exported
+    _, _, session, files, _ = exported
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()][:4] == ["boxes", "scores", "labels", "num_detections"]
-    ops = {(node.domain, node.op_type) for node in onnx.load(str(onnx_file)).graph.node}
+    ops = {(node.domain, node.op_type) for node in onnx.load(str(files["onnx"])).graph.node}
     assert {("", "NonMaxSuppression"), ("", "TopK"), ("", "Gather"), ("", "MatMul")} <= ops
     assert {domain for domain, _ in ops} <= {"", "ai.onnx"}, ops  # no custom or vendor operators
 
 
 def test_small_images_run_in_onnxruntime(exported):
     """ONNX has no minimum size (torch.export programs need MIN_SIDE px per side)."""
-    _, _, session, _ = exported
+    _, _, session, _, _ = exported
     boxes, scores, labels, num, *_ = session.run(None, {"images": crowded_batch(1, (MIN_SIDE - 40, 64)).numpy()})
     assert boxes.shape == (1, 100, 4) and num.shape == (1,) and 0 <= num[0] <= 100
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torch"])
-def test_vfnet_export_command_writes_the_same_model(fmt, tmp_path, capsys, one_thread):
-    """`vfnet export` of a checkpoint: the file it writes gives the PyTorch model's detections."""
-    pytest.importorskip("onnxruntime")
-    import onnxruntime
-
-    from vfnet.cli import main
-    from vfnet.core.checkpoint import save_checkpoint
-
-    model = tiny_model()
-    checkpoint = save_checkpoint(tmp_path, model=model, optimizer=None, iteration=0, epoch=0, config=model.cfg)
-    out = tmp_path / ("model.onnx" if fmt == "onnx" else "model.pt2")
-    assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
-    assert f"wrote {out}" in capsys.readouterr().out
-    images = crowded_batch(1, (256, 224))
-    head, detections = reference(model, images)
-    if fmt == "onnx":
-        outputs = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
-            None, {"images": images.numpy()})
-    else:
-        with torch.no_grad():
-            outputs = torch.export.load(out).module()(images)
-    assert len(outputs) == 4  # boxes, scores, labels, num_detections: no head outputs in a user's export
-    assert check(outputs, head, detections, f"vfnet export --format {fmt}") > 0
+def test_vfnet_export_command_writes_user_files(exported):
+    """`vfnet export` of a checkpoint (the fixture ran it): one line per written file, and the files
+    give the detection outputs only (boxes, scores, labels, num_detections; their values are
+    checked against PyTorch above)."""
+    _, program, session, files, printed = exported
+    for fmt, path in files.items():
+        assert f"wrote {path}" in printed[fmt]
+    assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels", "num_detections"]
+    with torch.no_grad():
+        assert len(program(crowded_batch(1, (256, 224)))) == 4
 
 
 # --- DCN models: every DCNv2 layer (backbone stages, head towers) exported in standard operators ---
