@@ -153,9 +153,13 @@ def test_run_suite_saves_first_carries_on_after_a_broken_precompile_and_needs_no
 def test_exit_status_counts_only_the_steps_that_ran(tmp_path, monkeypatch):
     """Skipped steps and a step cut short by the budget do not fail the run; a failure or a
     step over its own cap does."""
-    scripts = {"ok": "print('ok')", "long": "import time; time.sleep(30)", "bad": "raise SystemExit(3)"}
+    scripts = {"ok": "print('ok')", "long": "import time; time.sleep(60)", "bad": "raise SystemExit(3)"}
     monkeypatch.setattr(suite.Suite, "command", lambda self, step: [sys.executable, "-c", scripts[step.name]])
-    run = suite.Suite(tmp_path / "out", budget=suite.SAVE_RESERVE_S + suite.MIN_STEP_S + 2, work=tmp_path / "w")
+    # the real reserve and minimum scaled down so that "long" is cut after seconds, not half a minute;
+    # "ok" may take up to 4 s (a loaded machine) and still leave "long" its minimum
+    monkeypatch.setattr(suite, "SAVE_RESERVE_S", 1)
+    monkeypatch.setattr(suite, "MIN_STEP_S", 3)
+    run = suite.Suite(tmp_path / "out", budget=suite.SAVE_RESERVE_S + suite.MIN_STEP_S + 4, work=tmp_path / "w")
     run.run(suite.Step("ok", "bench", (), 20, "quick"))
     run.run(suite.Step("long", "bench", (), 300, "longer than the budget"))  # cut at what is left
     run.run(suite.Step("ok", "bench", (), 20, "no time left"))
