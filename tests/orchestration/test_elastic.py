@@ -15,10 +15,12 @@ when it resizes the group.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,11 +72,45 @@ def _train_iters(run_dir: Path) -> list[int]:
     return [r["iter"] for r in records if r.get("mode") == "train"]
 
 
-def _wait(proc: subprocess.Popen, what: str, ready: Callable[[], object], timeout: float = 400) -> float:
+class _Driver:
+    """`python -m orchestration.train` in a subprocess; its output lines are read as they come,
+    each with the time.monotonic() it arrived (Ray forwards its controller's log lines to the
+    driver within about a second)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestration.train", *argv], cwd=REPO, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[tuple[float, str]] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append((time.monotonic(), line))
+
+    def output(self) -> str:
+        return "".join(line for _, line in list(self.lines))
+
+    def first(self, text: str) -> float:
+        """When the first line containing `text` arrived (inf: none yet)."""
+        return next((t for t, line in list(self.lines) if text in line), math.inf)
+
+    def finish(self, timeout: float) -> str:
+        """Wait up to `timeout` seconds for the driver to exit, then kill it; its whole output."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.reader.join(timeout=30)
+        return self.output()
+
+
+def _wait(driver: _Driver, what: str, ready: Callable[[], object], timeout: float = 400) -> float:
     """Poll `ready()` until true (the driver must stay alive); the time.monotonic() it was seen."""
     deadline = time.monotonic() + timeout
     while not ready():
-        assert proc.poll() is None, f"the driver exited while waiting for {what}: {proc.stdout.read()[-6000:]}"
+        assert driver.proc.poll() is None, f"the driver exited while waiting for {what}: {driver.output()[-6000:]}"
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
     return time.monotonic()
@@ -109,26 +145,24 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
                                          "train.keep_checkpoints": 20, "train.max_failures": 4}), config)
     storage, name = tmp_path / "runs", "elastic"
     run_dir = storage / name
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
-         "--name", name, "--address", cluster.address, "--num-workers", "2-3", "--cpus-per-worker", "0.5",
-         "--memory-per-worker", "2", "--resize-interval", "5"],
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = _Driver(["--config", str(config), "--storage", str(storage), "--name", name,
+                      "--address", cluster.address, "--num-workers", "2-3", "--cpus-per-worker", "0.5",
+                      "--memory-per-worker", "2", "--resize-interval", "5"], cluster.env)
     stopped: list[int] = []
     try:
         # 3 workers, one per node; a checkpoint registered (iteration 4) before the loss
-        _wait(proc, "3 workers training", lambda: [g["world_size"] for g in _rank0_groups(run_dir)] == [3]
+        _wait(driver, "3 workers training", lambda: [g["world_size"] for g in _rank0_groups(run_dir)] == [3]
               and INTERVAL in _train_iters(run_dir))
         at_loss = max(_train_iters(run_dir))
         cluster.kill_node()
         lost = time.monotonic()
-        _wait(proc, "a group of 2", lambda: len(_rank0_groups(run_dir)) == 2)
+        _wait(driver, "a group of 2", lambda: len(_rank0_groups(run_dir)) == 2)
         shrunk = _rank0_groups(run_dir)[1]
         assert shrunk["world_size"] == 2 and shrunk["batch_per_worker"] == 3  # the global batch kept
-        trained_at_2 = _wait(proc, "training at 2 workers", lambda: _trained_from(run_dir, shrunk))
+        trained_at_2 = _wait(driver, "training at 2 workers", lambda: _trained_from(run_dir, shrunk))
         # a checkpoint of the 2 workers registered (the Ray metrics carry the size), then the run
         # is held still (see the module docstring) and the cluster gets its third node back
-        _wait(proc, "a checkpoint at 2 workers", lambda: [
+        _wait(driver, "a checkpoint at 2 workers", lambda: [
             e for e in registered_checkpoints(run_dir)
             if e["metrics"]["iteration"] > shrunk["iteration"] and e["metrics"]["world_size"] == 2])
         records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).glob("rank*.json")]
@@ -137,26 +171,26 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
         at_hold = max(_train_iters(run_dir))
         cluster.add_node()
         added = time.monotonic()
-        _wait(proc, "a group of 3 again", lambda: len(_rank0_groups(run_dir)) == 3)
+        _wait(driver, "a group of 3 again", lambda: len(_rank0_groups(run_dir)) == 3)
         grown = _rank0_groups(run_dir)[2]
         stopped = []  # Ray ended them when it resized the group
-        trained_at_3 = _wait(proc, "training at 3 workers again", lambda: _trained_from(run_dir, grown))
-        output, _ = proc.communicate(timeout=400)
-        costs = (f"elastic 3 -> 2: node lost at iteration >= {at_loss}, training again after "
-                 f"{trained_at_2 - lost:.1f} s, resumed from {shrunk['iteration']} "
-                 f"({max(at_loss - shrunk['iteration'], 0)}+ iterations redone)\n"
-                 f"elastic 2 -> 3: node added at iteration {at_hold} (held), training at 3 after "
-                 f"{trained_at_3 - added:.1f} s, resumed from {grown['iteration']} "
-                 f"({at_hold - grown['iteration']} iterations redone)")
+        trained_at_3 = _wait(driver, "training at 3 workers again", lambda: _trained_from(run_dir, grown))
+        driver.finish(timeout=400)
+        shrink_decided = driver.first("Detected ready resources for 2 workers") - lost
+        grow_decided = driver.first("Deciding to resize the worker group from 2 -> 3") - added
+        costs = (f"elastic 3 -> 2: node lost at iteration >= {at_loss}, Ray decided on 2 after "
+                 f"{shrink_decided:.1f} s, training again after {trained_at_2 - lost:.1f} s, resumed from "
+                 f"{shrunk['iteration']} ({max(at_loss - shrunk['iteration'], 0)}+ iterations redone)\n"
+                 f"elastic 2 -> 3: node added at iteration {at_hold} (held), Ray decided on 3 after "
+                 f"{grow_decided:.1f} s, training at 3 after {trained_at_3 - added:.1f} s, resumed from "
+                 f"{grown['iteration']} ({at_hold - grown['iteration']} iterations redone)")
         with capsys.disabled():
             print(f"\n{costs}")
     finally:
         _stop(stopped, signal.SIGCONT)  # those Ray has not ended already
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    (tmp_path / "driver.log").write_text(output)  # Ray's resize decisions, with times, for a look afterwards
-    assert proc.returncode == 0, output[-6000:]
+        output = driver.finish(timeout=0)  # ended already, unless the test failed
+    (tmp_path / "driver.log").write_text(output)  # Ray's resize decisions, for a look afterwards
+    assert driver.proc.returncode == 0, output[-6000:]
     assert grown["world_size"] == 3 and grown["batch_per_worker"] == 2
     result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
     assert result["iterations"] == MAX_ITERS and result["world_sizes"] == [3, 2, 3] and result["restarts"] == 2
