@@ -101,6 +101,7 @@ class Workers:
 
     @property
     def elastic(self) -> bool:
+        """MIN < MAX: Ray sizes the worker group to the cluster, and resizes it."""
         return self.fewest != self.num_workers
 
     @property
