@@ -85,11 +85,17 @@ class Workers:
                                 f"got {self.placement_strategy!r}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Workers:
+    def from_args(cls, args: argparse.Namespace, cfg: Config) -> Workers:
         """The flags of `add_common_arguments` and `--num-workers` (an int, or the text `N` or
-        `MIN-MAX`, see `parse_worker_count`)."""
-        count = args.num_workers
-        fewest, most = parse_worker_count(count) if isinstance(count, str) else (count, count)
+        `MIN-MAX`, see `parse_worker_count`); without `--num-workers` (None), the config's
+        `train.num_workers`, which must then be set."""
+        count, source = args.num_workers, "--num-workers"
+        if count is None:
+            count, source = cfg.train.num_workers, "train.num_workers"
+            if not count:
+                raise ArgumentError("how many workers? give --num-workers N|MIN-MAX or set train.num_workers "
+                                    "in the config")
+        fewest, most = parse_worker_count(count, source) if isinstance(count, str) else (count, count)
         return cls(most, args.use_gpu, args.cpus_per_worker, args.placement_strategy,
                    min_workers=fewest if fewest != most else None,
                    memory_per_worker=args.memory_per_worker)
@@ -145,14 +151,20 @@ class Workers:
                 **({"memory": self.memory_per_worker * 2**30} if self.memory_per_worker else {})}
 
 
-def parse_worker_count(text: str) -> tuple[int, int]:
-    """`--num-workers` text -> (fewest, most): `N` -> (N, N), `MIN-MAX` -> (MIN, MAX).
-    ArgumentError for anything else; the bounds themselves are checked by `Workers`."""
+def parse_worker_count(text: str, source: str = "--num-workers") -> tuple[int, int]:
+    """A worker count as `--num-workers` or `train.num_workers` (`source`, named in errors)
+    spells it -> (fewest, most): `N` -> (N, N), `MIN-MAX` -> (MIN, MAX). ArgumentError for
+    anything else, a count below 1 or MIN > MAX."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if match is None:
-        raise ArgumentError(f"--num-workers must be N or MIN-MAX (whole numbers), got {text!r}")
+        raise ArgumentError(f"{source} must be N or MIN-MAX (whole numbers), got {text!r}")
     fewest = int(match[1])
-    return fewest, int(match[2]) if match[2] is not None else fewest
+    most = int(match[2]) if match[2] is not None else fewest
+    if fewest < 1:
+        raise ArgumentError(f"{source} must be >= 1, got {text.strip()}")
+    if fewest > most:
+        raise ArgumentError(f"{source} MIN-MAX needs MIN <= MAX, got {text.strip()}")
+    return fewest, most
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
@@ -264,8 +276,11 @@ def command_main(argv: Sequence[str] | None, *, prog: str, description: str,
     add_common_arguments(parser)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return run_command(
-        args.address, lambda: plan(args, load_config(args.config, args.overrides), Workers.from_args(args)), run)
+    def planned() -> Plan:
+        cfg = load_config(args.config, args.overrides)
+        return plan(args, cfg, Workers.from_args(args, cfg))
+
+    return run_command(args.address, planned, run)
 
 
 def run_command(address: str | None, plan: Callable[[], Plan], run: Callable[[Plan], object]) -> int:

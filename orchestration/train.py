@@ -1,6 +1,6 @@
 """Distributed training on Ray Train: `python -m orchestration.train` (the `ray job submit` entry).
 
-    python -m orchestration.train [--config FILE] [--set key=value ...] --num-workers N|MIN-MAX
+    python -m orchestration.train [--config FILE] [--set key=value ...] [--num-workers N|MIN-MAX]
         [--use-gpu] [--cpus-per-worker C] [--memory-per-worker GIB] [--placement-strategy S]
         [--resize-interval SECONDS] [--storage DIR|URI] [--name NAME] [--address ADDR]
 
@@ -8,7 +8,8 @@ A `TorchTrainer` runs `vfnet.train.engine.train` in every worker (DDP over gloo 
 Ray sets up the process group, the engine wraps the model). Each worker trains on its share of
 the Ray Data stream of the packed Parquet shards (`orchestration.data`); the engine's report hook
 forwards metrics and rank 0's checkpoints to `ray.train.report`, and a restarted worker group
-resumes from `ray.train.get_checkpoint()`. With `--num-workers MIN-MAX` the run is elastic (Ray
+resumes from `ray.train.get_checkpoint()`. The worker count is `--num-workers`, else the
+config's `train.num_workers` (one of them is needed). With `MIN-MAX` the run is elastic (Ray
 Train's elastic scaling policy): it trains on as many workers as the cluster holds, between MIN
 and MAX, shrinks when a worker is lost and grows when room appears (checked every
 `--resize-interval` seconds), each time restarting the worker group from the latest registered
@@ -354,9 +355,10 @@ def _record_group_size(cfg: Config, workdir: Path, previous: list[int], world_si
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `orchestration.train` besides `common.add_common_arguments`."""
-    parser.add_argument("--num-workers", required=True, metavar="N|MIN-MAX",
+    parser.add_argument("--num-workers", default=None, metavar="N|MIN-MAX",
                         help="training workers (DDP ranks); MIN-MAX trains elastically on as many as "
-                             "the cluster holds, resized as nodes come and go (docs/ray.md)")
+                             "the cluster holds, resized as nodes come and go (docs/ray.md); "
+                             "default: the config's train.num_workers")
     parser.add_argument("--resize-interval", type=float, default=DEFAULT_RESIZE_INTERVAL, metavar="SECONDS",
                         help="with MIN-MAX: seconds between checks for room to grow "
                              f"(default {DEFAULT_RESIZE_INTERVAL:g})")

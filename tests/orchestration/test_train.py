@@ -102,6 +102,9 @@ def test_restore_checkpoint_falls_back_to_the_newest_that_verifies(tmp_path: Pat
     (["--num-workers", "1", "--memory-per-worker", "-1"], "--memory-per-worker"),
     (["--num-workers", "1", "--cpus-per-worker", "0"], "--cpus-per-worker"),
     (["--num-workers", "1", "--use-gpu", "--set", "train.device=cpu"], "--use-gpu"),
+    ([], "how many workers? give --num-workers N|MIN-MAX or set train.num_workers in the config"),
+    (["--set", 'train.num_workers="two"'], "train.num_workers must be N or MIN-MAX (whole numbers), got 'two'"),
+    (["--set", 'train.num_workers="3-2"'], "train.num_workers MIN-MAX needs MIN <= MAX, got 3-2"),
 ])
 def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypatch) -> None:
     def no_connect(address):
@@ -111,6 +114,17 @@ def test_bad_input_exits_2_without_starting_ray(argv, message, capsys, monkeypat
     assert otrain.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vfnet: error:") and message in err[0]
+
+
+@pytest.mark.parametrize("flag, configured, expected", [
+    (None, "2-3", (2, 3)), (None, "4", (4, 4)), ("1", "2-3", (1, 1)), ("2-4", "", (2, 4))])
+def test_worker_count_from_the_flag_else_the_config(flag, configured, expected, tiny_config) -> None:
+    import argparse
+
+    args = argparse.Namespace(num_workers=flag, use_gpu=False, cpus_per_worker=0.5, placement_strategy="PACK",
+                              memory_per_worker=0.0)
+    workers = common.Workers.from_args(args, tiny_config(**{"train.num_workers": configured}))
+    assert (workers.fewest, workers.num_workers) == expected and workers.elastic == (expected[0] < expected[1])
 
 
 def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:

@@ -144,6 +144,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # per-epoch checkpoints kept (last.pt is always kept)
     tensorboard: bool = True  # TensorBoard event files in WORKDIR/tensorboard (rank 0)
     max_failures: int = 3  # Ray Train: restarts after a worker failure
+    num_workers: str = ""  # Ray Train: "N" or "MIN-MAX" (elastic); --num-workers overrides it
 
 
 @dataclass
