@@ -163,21 +163,23 @@ def _size(entry: dict[str, Any], key: str, where: str) -> int:
     return value
 
 
+def _finite_float(v: Any) -> float | None:
+    """A JSON number (not a bool) as a finite float; None for anything else, an integer too
+    large for a float (10**400) included."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _bbox(ann: dict[str, Any], where: str) -> tuple[float, float, float, float]:
     """An annotation's bbox [x, y, w, h] as 4 finite floats; DatasetError otherwise."""
     bbox = _field(ann, "bbox", list, where)
-    values = []
-    for v in bbox if len(bbox) == 4 else ():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            break
-        try:
-            f = float(v)
-        except OverflowError:  # an integer too large for a float
-            break
-        if not math.isfinite(f):
-            break
-        values.append(f)
-    if len(values) != 4:
+    values = [_finite_float(v) for v in bbox] if len(bbox) == 4 else []
+    if len(values) != 4 or None in values:
         raise DatasetError(f"{where}: field 'bbox' must be 4 finite numbers, got {_preview(bbox)}")
     return values[0], values[1], values[2], values[3]
 
@@ -354,11 +356,11 @@ def evaluation_dataset(data: dict[str, Any]) -> dict[str, Any]:
     annotations = []
     for i, ann in enumerate(data["annotations"]):
         bbox = _bbox(ann, "")
-        area = ann.get("area")
-        if isinstance(area, bool) or not isinstance(area, (int, float)) or not 0 <= float(area) < math.inf:
+        area = _finite_float(ann.get("area"))
+        if area is None or area < 0:
             area = bbox[2] * bbox[3]
         annotations.append({"id": i + 1, "image_id": ann["image_id"], "category_id": ann["category_id"],
-                            "bbox": list(bbox), "area": float(area), "iscrowd": int(_crowd(ann, ""))})
+                            "bbox": list(bbox), "area": area, "iscrowd": int(_crowd(ann, ""))})
     return {
         "images": [{k: img[k] for k in ("id", "file_name", "width", "height")} for img in data["images"]],
         "categories": [{"id": c["id"], "name": c["name"]} for c in data["categories"]],

@@ -151,3 +151,18 @@ def test_collate_pads_to_divisor():
 def test_batch_pin_memory():
     pinned = collate([sample(4, 4, 1)]).pin_memory()
     assert pinned.images.is_pinned() and pinned.boxes[0].is_pinned()
+
+
+@pytest.mark.parametrize("area, expected", [
+    (12.5, 12.5),  # the file's own area
+    (0, 0.0),
+    (10 ** 400, 50.0),  # an integer too large for a float: w * h (found by the reader fuzzing)
+    (1e308 * 10, 50.0),  # inf
+    (-3, 50.0), ("12", 50.0), (True, 50.0), (None, 50.0),
+], ids=["float", "zero", "int_past_float", "inf", "negative", "string", "bool", "null"])
+def test_evaluation_area_is_the_files_when_usable_else_w_times_h(tmp_path, make_coco, make_rgb, area, expected):
+    annotation = box(1, 7, [1, 2, 10, 5])
+    annotation["area"] = area
+    ann, images = make_coco(tmp_path, [("a.png", make_rgb(40, 30))], [annotation], [{"id": 7, "name": "seven"}])
+    index = CocoDetection(ann, images).coco
+    assert index.anns[1]["area"] == expected and isinstance(index.anns[1]["area"], float)
