@@ -70,12 +70,13 @@ class Workers:
     placement_strategy: str = "PACK"
     min_workers: int | None = None
     memory_per_worker: float = 0.0  # GiB
+    count_source: str = "--num-workers"  # where the count came from (or train.num_workers), for errors
 
     def __post_init__(self) -> None:
         if self.fewest < 1:
-            raise ArgumentError(f"--num-workers must be >= 1, got {self.count_text}")
+            raise ArgumentError(f"{self.count_source} must be >= 1, got {self.count_text}")
         if self.fewest > self.num_workers:
-            raise ArgumentError(f"--num-workers MIN-MAX needs MIN <= MAX, got {self.count_text}")
+            raise ArgumentError(f"{self.count_source} MIN-MAX needs MIN <= MAX, got {self.count_text}")
         if not self.cpus_per_worker > 0:
             raise ArgumentError(f"--cpus-per-worker must be > 0, got {self.cpus_per_worker}")
         if not self.memory_per_worker >= 0:
@@ -98,7 +99,7 @@ class Workers:
         fewest, most = parse_worker_count(count, source) if isinstance(count, str) else (count, count)
         return cls(most, args.use_gpu, args.cpus_per_worker, args.placement_strategy,
                    min_workers=fewest if fewest != most else None,
-                   memory_per_worker=args.memory_per_worker)
+                   memory_per_worker=args.memory_per_worker, count_source=source)
 
     @property
     def fewest(self) -> int:
@@ -154,17 +155,12 @@ class Workers:
 def parse_worker_count(text: str, source: str = "--num-workers") -> tuple[int, int]:
     """A worker count as `--num-workers` or `train.num_workers` (`source`, named in errors)
     spells it -> (fewest, most): `N` -> (N, N), `MIN-MAX` -> (MIN, MAX). ArgumentError for
-    anything else, a count below 1 or MIN > MAX."""
+    anything else; the bounds are checked by `Workers`."""
     match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
     if match is None:
         raise ArgumentError(f"{source} must be N or MIN-MAX (whole numbers), got {text!r}")
     fewest = int(match[1])
-    most = int(match[2]) if match[2] is not None else fewest
-    if fewest < 1:
-        raise ArgumentError(f"{source} must be >= 1, got {text.strip()}")
-    if fewest > most:
-        raise ArgumentError(f"{source} MIN-MAX needs MIN <= MAX, got {text.strip()}")
-    return fewest, most
+    return fewest, int(match[2]) if match[2] is not None else fewest
 
 
 def absolute_paths(cfg: Config, base: Path | None = None) -> Config:
