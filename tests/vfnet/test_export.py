@@ -4,7 +4,8 @@ synthetic scenes, raw head outputs and detections.
 Each export costs about a minute on one core, so the tests share three: the tiny model exported by
 `vfnet export` in both formats as a user would (detections compared), and the DCN model exported
 with its raw head outputs appended (head outputs and detections compared; it has the star conv
-too, so the head-output check covers both kinds of deformable layer).
+too, so the head-output check covers both kinds of deformable layer); a narrow Res2Net-50 is
+exported to torch.export only (its ceil-mode pools are what the trace has to get through).
 
 Tolerances (float32): the exported star conv sums its products in another order than the
 reference (gather + matmul instead of einsum), and onnxruntime's convolutions and matmuls use their
@@ -349,3 +350,23 @@ def test_dcn_model_exports_to_standard_onnx_operators_and_matches_pytorch(export
     small = crowded_batch(1, (MIN_SIDE - 40, 64))
     head, detections = reference(model, small)
     check(session.run(None, {"images": small.numpy()}), head, detections, "onnxruntime DCN small")
+
+
+def test_res2net_exports_with_dynamic_sizes(one_thread):
+    """Res2Net v1d's avg-down shortcuts pool in ceil mode: torch.export has to see that the padded
+    input is a multiple of 32 (every pooled side even) or it rejects the trace. A narrow-width
+    Res2Net-50 (the full block structure, 2 scales of width 4) exported once with dynamic sizes,
+    then run on sides that are and are not multiples of 32: head outputs and detections as PyTorch."""
+    cfg = apply_overrides(tiny_model().cfg, ["model.backbone='res2net'", "model.depth=50", "model.base_width=4",
+                                             "model.scales=2"])
+    torch.manual_seed(0)
+    model = VFNet.from_config(cfg).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.cls.weight, std=0.5)
+        model.head.cls.bias.fill_(-2.5)
+    program = export_program(model, with_head=True).module()
+    for size in ((256, 224), (MIN_SIDE + 2, 161)):
+        images = crowded_batch(1, size, seed=size[0])
+        head, detections = reference(model, images)
+        with torch.no_grad():
+            assert check(program(images), head, detections, f"Res2Net {size}") > 0

@@ -86,7 +86,9 @@ class ExportableVFNet(nn.Module):
         h, w = images.shape[-2:]
         x = (images.float() - self.mean) / self.std
         d = self.size_divisor
-        x = F.pad(x, (0, (d - w % d) % d, 0, (d - h % d) % d))
+        # the padded side written as d * ceil(side / d): torch.export's symbolic shapes then know it
+        # is a multiple of d, which Res2Net's ceil-mode avg-down pools need to be traced
+        x = F.pad(x, (0, (w + d - 1) // d * d - w, 0, (h + d - 1) // d * d - h))
         outputs = self.model(x)
         boxes, scores, labels = [], [], []
         for level, (logits, refine) in enumerate(zip(outputs.cls_scores, outputs.bbox_refine)):
