@@ -158,11 +158,27 @@ def test_from_config_builds_each_backbone_kind():
         assert build_backbone(cfg.model, TORCH).describe() == "ResNeXt-50 64x4d (DCN)"
 
 
+def test_base_channels_scales_every_resnet_width():
+    """mmdetection's base_channels: the stem and stage 1 are that wide, each later stage doubles it."""
+    net = ResNet(18, base_channels=32, frozen_stages=0)
+    assert net.conv1.out_channels == 32 and net.layer1[0].conv1.out_channels == 32
+    assert net.out_channels == [64, 128, 256] and net.describe() == "ResNet-18 (32 base channels)"
+    assert [c.shape[1] for c in net(torch.randn(1, 3, 64, 64))] == net.out_channels
+    assert ResNet(50, base_channels=16, frozen_stages=0).out_channels == [128, 256, 512]
+    with pytest.raises(ValueError, match="64 for ResNeXt"):
+        ResNet(50, groups=32, base_width=4, base_channels=32)
+    assert load_config("shapes_tiny", ["model.base_channels=32"]).model.base_channels == 32
+    for other in (["model.backbone='res2net'", "model.depth=50"], ["model.pretrained='r18.pth'"]):
+        with pytest.raises(ConfigError, match="model.base_channels = 32 is invalid"):
+            load_config("shapes_tiny", ["model.base_channels=32", *other])
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("model.stage_with_dcn", "[false, true, true, true]", "model.depth = 18 is invalid"),
     ("model.groups", "4", "model.depth = 18 is invalid"),
     ("model.backbone", "res2net", "model.depth = 18 is invalid"),
     ("model.backbone", "resnest", "model.backbone = 'resnest' is invalid"),
+    ("model.base_channels", "0", "model.base_channels = 0 is invalid"),
     ("model.stage_with_dcn", "[false]", "model.stage_with_dcn = [False] is invalid"),
     ("data.scale_range", "[[1333, 480]]", "data.scale_range"),
 ])

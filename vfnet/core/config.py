@@ -39,6 +39,7 @@ class ModelConfig:
     depth: int = 50  # 18, 34, 50 or 101 (ResNeXt, Res2Net, DCN: 50 or 101)
     groups: int = 1  # ResNeXt cardinality (X-101-64x4d: 64); 1 = ResNet
     base_width: int = 64  # bottleneck width per group for 64 channels (ResNet 64, X-101-64x4d 4, Res2Net 26)
+    base_channels: int = 64  # ResNet stem and first-stage width, doubled per stage (mmdetection's base_channels)
     scales: int = 4  # Res2Net scales (R2-101 26w x 4s: 4)
     stage_with_dcn: list[bool] = field(default_factory=lambda: [False] * 4)  # DCNv2 3x3 convs per stage 1-4
     dcn_on_last_conv: bool = False  # the last conv of both head towers as DCNv2
@@ -295,6 +296,9 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("model.groups", cfg.model.groups >= 1 and (cfg.model.groups == 1 or cfg.model.backbone == "resnet"),
          ">= 1 (1 for Res2Net)"),
         ("model.base_width", cfg.model.base_width >= 1, ">= 1"),
+        ("model.base_channels", cfg.model.base_channels == 64 or (
+            cfg.model.base_channels >= 1 and cfg.model.backbone == "resnet" and cfg.model.groups == 1
+            and not cfg.model.pretrained), ">= 1; 64 for Res2Net, ResNeXt and ImageNet weights (model.pretrained)"),
         ("model.scales", cfg.model.scales >= 2, ">= 2"),
         ("model.stage_with_dcn", len(cfg.model.stage_with_dcn) == 4, "4 flags (stages 1-4)"),
         ("model.num_classes", cfg.model.num_classes >= 1, ">= 1"),

@@ -193,12 +193,16 @@ class ResNet(Backbone):
 
     forward(x [B, 3, H, W]) -> [C3 [B, c, H/8, W/8], C4 [.., H/16, ..], C5 [.., H/32, ..]] with
     c = 128, 256, 512 (ResNet-18/34) or 512, 1024, 2048 (bottleneck depths); see `out_channels`.
+    `base_channels` (mmdetection's name, default 64) is the stem's and the first stage's width;
+    each later stage doubles it, so 32 halves every width (a quarter of the arithmetic) and
+    every C3-C5 channel count. Only ResNet (groups 1): ResNeXt's widths are defined for 64.
     `stage_with_dcn` (4 flags) and `deform_conv` (the DCNv2 op, needed when any flag is set):
     see the module docstring.
     """
 
     def __init__(self, depth: int, *, frozen_stages: int = 1, norm_eval: bool = True, groups: int = 1,
-                 base_width: int = 64, stage_with_dcn: Sequence[bool] = (False, False, False, False),
+                 base_width: int = 64, base_channels: int = 64,
+                 stage_with_dcn: Sequence[bool] = (False, False, False, False),
                  deform_conv: DeformConv2dOp | None = None):
         super().__init__()
         if depth not in _ARCHS:
@@ -211,17 +215,19 @@ class ResNet(Backbone):
             raise ValueError(f"ResNet-{depth} (basic blocks) has no groups, base_width or DCN")
         if groups < 1 or base_width < 1:
             raise ValueError(f"groups and base_width must be >= 1, got {groups}, {base_width}")
-        self.depth, self.groups, self.base_width = depth, groups, base_width
+        if base_channels < 1 or (base_channels != 64 and groups != 1):
+            raise ValueError(f"base_channels must be >= 1 (64 for ResNeXt), got {base_channels}")
+        self.depth, self.groups, self.base_width, self.base_channels = depth, groups, base_width, base_channels
         self.stage_with_dcn = stage_with_dcn
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, base_channels, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        in_channels = 64
+        in_channels = base_channels
         for index, (count, stride) in enumerate(zip(blocks, (1, 2, 2, 2))):
-            channels = 64 * 2**index
+            channels = base_channels * 2**index
             extra = {}
             if kind == "bottleneck":
                 extra = {"groups": groups, "base_width": base_width,
@@ -240,7 +246,7 @@ class ResNet(Backbone):
                 in_channels = channels * block.expansion
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
         expansion = 1 if kind == "basic" else 4
-        self.out_channels = [64 * expansion * 2**i for i in (1, 2, 3)]
+        self.out_channels = [base_channels * expansion * 2**i for i in (1, 2, 3)]
         self._finish()
 
     def _stem_modules(self) -> list[nn.Module]:
@@ -248,6 +254,8 @@ class ResNet(Backbone):
 
     def describe(self) -> str:
         name = f"ResNeXt-{self.depth} {self.groups}x{self.base_width}d" if self.groups > 1 else f"ResNet-{self.depth}"
+        if self.base_channels != 64:
+            name += f" ({self.base_channels} base channels)"
         return name + (" (DCN)" if any(self.stage_with_dcn) else "")
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -19,13 +19,13 @@ from vfnet.model.res2net import Res2Net
 
 
 def build_backbone(m: ModelConfig, ops: Ops) -> Backbone:
-    """The backbone `m` configures (`model.backbone`, `depth`, `groups`, `base_width`, `scales`,
+    """The backbone `m` configures (`model.backbone`, `depth`, `groups`, `base_width`, `base_channels`, `scales`,
     `stage_with_dcn`, `frozen_stages`, `norm_eval`); DCN layers run `ops.deform_conv2d`."""
     common = {"frozen_stages": m.frozen_stages, "norm_eval": m.norm_eval,
               "stage_with_dcn": m.stage_with_dcn, "deform_conv": ops.deform_conv2d}
     if m.backbone == "res2net":
         return Res2Net(m.depth, scales=m.scales, base_width=m.base_width, **common)
-    return ResNet(m.depth, groups=m.groups, base_width=m.base_width, **common)
+    return ResNet(m.depth, groups=m.groups, base_width=m.base_width, base_channels=m.base_channels, **common)
 
 
 def level_points(shape: tuple[int, int], stride: int, device: torch.device) -> torch.Tensor:
