@@ -21,7 +21,13 @@ import pytest  # noqa: E402
 from kernels.dispatch import interpreter_enabled  # noqa: E402
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's test command): each worker process gets one of the two cores
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    _group_for_workers(items)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interpret = pytest.mark.skip(reason="runs the Triton kernels through the interpreter: "
                                       "TRITON_INTERPRET=1 (the default without CUDA)")
@@ -31,6 +37,23 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip_gpu)
         elif "interpret" in item.keywords and not interpreter_enabled():
             item.add_marker(skip_interpret)
+
+
+def _group_for_workers(items) -> None:
+    """Scheduling for pytest-xdist's `--dist loadgroup`: every test of a module runs in one worker,
+    so module fixtures (the exports) are built once; every Ray test in one more group, "ray", so one
+    local Ray runs at a time (the cluster tests start and kill raylets on this machine). The long
+    groups go first, each worker takes the next group when it is nearly done with its own: "ray"
+    (mostly waiting for Ray's start-up and failure detection), then modules with `slow` tests, then
+    the rest in collection order. Without xdist the markers do nothing and only the order changes."""
+    def group(item) -> str:
+        return "ray" if "ray" in item.keywords else item.nodeid.split("::")[0]
+
+    slow = {group(item) for item in items if "slow" in item.keywords}
+    rank = {name: (name != "ray", name not in slow) for name in map(group, items)}
+    items.sort(key=lambda item: rank[group(item)])  # stable: collection order within a rank
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
 
 
 @pytest.fixture
