@@ -20,7 +20,6 @@ import pytest  # noqa: E402
 
 from kernels.dispatch import interpreter_enabled  # noqa: E402
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` (the README's test command): each worker process gets one of the two cores
     torch.set_num_threads(1)
