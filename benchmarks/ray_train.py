@@ -7,8 +7,8 @@ batch 4 per worker, `--iters` iterations, log every iteration) with the plain en
 worker (and the plain run) holding `--cpus-per-worker` CPUs (torch threads) or one GPU
 (`--use-gpu`). Throughput is read from the rank-0 `metrics.jsonl`: images/s of one step =
 batch * workers / time_per_iter (data wait + step), quantiles over the iterations after the
-first `--skip` (warm-up); the first step of each Ray Data epoch, which waits for the data
-pipeline to start, is part of the sample. Rows (mode `train_step`, metric `img_per_s`) go to
+first `--skip` (warm-up); the first step of each epoch, which reads its first row groups,
+is part of the sample. Rows (mode `train_step`, metric `img_per_s`) go to
 <out-dir>/ray_train.csv and the chart to <out-dir>/ray_train.png (default benchmarks/results).
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[harness.Row]:
             results.add([_row("engine", 1, cfg, rates, device)])
             log.info("plain engine: %.1f s wall, %.2f img/s (p50)", time.perf_counter() - tic,
                      results.rows[-1].p50)
-        # room for Ray Data beside the workers: 2 more logical CPUs than they hold
+        # 2 more logical CPUs than the workers hold (the driver's and Ray's own tasks)
         ray.init(address="local", num_cpus=int(max(args.workers) * args.cpus_per_worker) + 2,
                  include_dashboard=False, log_to_driver=False)
         try:

@@ -189,9 +189,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5,
-                        help="logical CPUs Ray reserves per training worker (default 0.5; "
-                             "fractional leaves CPUs to Ray Data); also torch's thread count, "
-                             "rounded down, at least 1")
+                        help="logical CPUs Ray reserves per training worker (default 0.5); also "
+                             "torch's thread count, rounded down, at least 1")
     parser.add_argument("--memory-per-worker", type=float, default=0.0, metavar="GIB",
                         help="memory (GiB) Ray reserves per training worker (default 0: none); "
                              "with `ray start --memory` it also caps the workers per node")
@@ -327,24 +326,6 @@ def fit_trainer(trainer: Any) -> Any:
             raise type(user)(one_line(user)) from result.error
         raise TrainingFailed(str(result.error)) from result.error
     return result
-
-
-def check_cpu_budget(workers: Workers) -> None:
-    """ArgumentError when the workers would reserve all but less than one of the connected
-    cluster's CPUs: Ray Data's read tasks need a whole CPU, and without one the run hangs. An
-    elastic run is checked at the size the cluster's CPUs allow now (MIN..MAX)."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 0.0)
-    count = workers.num_workers
-    if workers.elastic:
-        count = max(workers.fewest, min(count, math.floor(total / workers.cpus_per_worker)))
-    free = total - count * workers.cpus_per_worker
-    if free < 1:
-        raise ArgumentError(
-            f"--num-workers {workers.count_text} x --cpus-per-worker {workers.cpus_per_worker:g} leaves "
-            f"{free:g} of the cluster's {total:g} CPUs to Ray Data, which needs at least 1 to read the "
-            f"shards (the run would hang): lower --cpus-per-worker or add nodes")
 
 
 # ---------------------------------------------------------------------------------------------

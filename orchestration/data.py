@@ -1,12 +1,17 @@
-"""Training data for Ray Train: the Parquet shards of `vfnet data pack`, read with Ray Data.
+"""Training data for Ray Train: the Parquet shards of `vfnet data pack`, read by row group.
 
 The driver resolves the shards (`prepare_train_shards`: `data.train_parquet` when set, else the
-COCO json + images packed once into a cache directory keyed by their content) and hands
-`ray.data.read_parquet` of them to the `TorchTrainer` (`datasets={"train": ...}`). Ray splits the
-stream between the workers (an equal number of rows each); every worker turns its rows into
-`Sample`s with `vfnet.data.parquet.decode_row` and collates them into `Batch`es
-(`ShardBatches`). Only the Parquet files need to be readable by the Ray Data tasks, so the images
-need not sit on every node's disk; the COCO json stays the evaluation ground truth (rank 0).
+COCO json + images packed once into a cache directory keyed by their content) and lists their
+row groups from the Parquet footers (`row_groups`). Every worker then reads the rows it needs
+straight from the shards' file system (local disk or object store), so the images need not sit
+on every node's disk; the COCO json stays the evaluation ground truth (rank 0).
+
+Which images an iteration trains on is a pure function of the seed, the epoch and the iteration,
+whatever the number of workers (`epoch_order`, `ShardBatches`): the epoch's order of the rows,
+then iteration j takes positions j x G .. (j + 1) x G - 1 of it (G = the global batch) and rank
+r of W workers its G / W consecutive positions. A run that resumes at iteration i, after a
+restart or a resize of an elastic run, trains on exactly the images of the epoch not seen before
+i: nothing is skipped or repeated but the iterations since the last registered checkpoint.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,76 +138,108 @@ def _pack_local(data_cfg: DataConfig, cache_dir: Path, key: str, marker: str) ->
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def count_rows(shards: Shards) -> int:
-    """Images in the shards, from the Parquet footers (no data read)."""
-    total = 0
-    for path in shards.files():
-        read_categories(path, shards.fs)  # a readable shard with the vfnet columns
-        try:
-            total += pq.ParquetFile(path, filesystem=shards.fs).metadata.num_rows
-        except (OSError, ValueError, pa.ArrowException) as exc:
-            raise DatasetError(f"{path}: not a readable Parquet file: {one_line(exc)}") from None
-    return total
-
-
-def shard_categories(shards: Shards) -> tuple[list[int], list[str]]:
-    """(cat_ids, class_names) by contiguous label (cat_ids[label] the COCO category id), from the
-    first shard's schema metadata."""
-    return read_categories(shards.files()[0], shards.fs)
-
-
 def iters_per_epoch(num_rows: int, world_size: int, batch_size: int) -> int:
-    """Steps per epoch when `num_rows` images are split equally between `world_size` workers
-    (Ray Data's equal streaming split drops the remainder) and each drops its last partial batch."""
+    """Iterations per epoch when each iteration takes `world_size` x `batch_size` images (the
+    global batch) of the `num_rows`; the rest of the epoch's order is not used that epoch."""
     if world_size < 1 or batch_size < 1:
         raise ValueError(f"world_size and batch_size must be >= 1, got {world_size}, {batch_size}")
-    steps = (num_rows // world_size) // batch_size
+    steps = num_rows // (world_size * batch_size)
     if steps < 1:
         raise DatasetError(f"the training set has {num_rows} images, fewer than one step needs "
                          f"(train.batch_size {batch_size} x {world_size} workers)")
     return steps
 
 
-def read_train_dataset(shards: Shards) -> Any:
-    """A `ray.data.Dataset` of the shards' rows (lazy; read by Ray Data tasks, which get the
-    file system pickled)."""
-    import ray.data
+@dataclass(frozen=True)
+class RowGroup:
+    """One Parquet row group of the shards: `rows` images at row group `index` of `file`."""
 
-    return ray.data.read_parquet(shards.files(), filesystem=shards.fs)
+    file: str
+    index: int
+    rows: int
+
+
+def row_groups(shards: Shards) -> list[RowGroup]:
+    """Every row group of the shards, in file order, from the Parquet footers (no data read);
+    DatasetError for a shard that is not a readable vfnet shard."""
+    groups = []
+    for path in shards.files():
+        read_categories(path, shards.fs)  # a readable shard with the vfnet columns
+        try:
+            meta = pq.ParquetFile(path, filesystem=shards.fs).metadata
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise DatasetError(f"{path}: not a readable Parquet file: {one_line(exc)}") from None
+        groups.extend(RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups))
+    return groups
+
+
+def count_rows(shards: Shards) -> int:
+    """Images in the shards, from the Parquet footers (no data read)."""
+    return sum(group.rows for group in row_groups(shards))
+
+
+def shard_categories(shards: Shards) -> tuple[list[int], list[str]]:
+    """(cat_ids, class_names) of the shards (label -> COCO category id and name), from the
+    first shard's schema metadata."""
+    return read_categories(shards.files()[0], shards.fs)
+
+
+def epoch_order(group_rows: Sequence[int], seed: int, epoch: int) -> np.ndarray:
+    """The order in which `epoch` visits the rows: [N, 2] int64 (row group, row in the group),
+    N = sum(group_rows). The row groups come in a random order and the rows of each in a random
+    order (both drawn from (seed, epoch)), so that consecutive positions share row groups and a
+    worker reads each of its row groups about once (a uniform shuffle of all rows would read a
+    whole row group, 16 images with `vfnet data pack`'s default, per image)."""
+    rng = np.random.default_rng((seed & ((1 << 63) - 1), epoch))
+    parts = []
+    for group in rng.permutation(len(group_rows)):
+        rows = rng.permutation(group_rows[group])
+        parts.append(np.stack([np.full_like(rows, group), rows], axis=1))
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
 
 
 class ShardBatches:
-    """`TrainData.batches` for one Ray Train worker: `(epoch, start_batch) -> Batch`es.
+    """`TrainData.batches` for rank `rank` of `world_size` workers: `(epoch, start_batch) -> Batch`es.
 
-    `shard` is the worker's `ray.train.get_dataset_shard(...)` iterator. Each call starts a new
-    pass over the shard (all workers start their passes together, as the engine's lock-step
-    loop does); rows are shuffled within a local buffer (seeded by seed, epoch and rank), and
-    the first `start_batch` batches are skipped without decoding them, so a resumed epoch has the
-    right length. Which rows reach which worker is decided by Ray Data's streaming split and is
-    not reproducible between runs: a resumed epoch continues with equally many batches, not
-    with exactly the images the failed attempt had not seen yet."""
+    Iteration j of an epoch is positions j x G .. (j + 1) x G - 1 of `epoch_order` (G =
+    `global_batch`, the same at every worker-group size) and this rank takes its G / W of them:
+    positions j x G + rank x G / W onwards. A call yields iterations `start_batch` ..
+    `iters_per_epoch` - 1 (the rows // G), so a resumed epoch continues with exactly the images the
+    epoch has not had yet, at any worker-group size. Each image's augmentation is drawn from
+    (seed, epoch, position): the same whichever worker reads it. Rows are read from the shards'
+    file system one row group at a time (the last two are kept)."""
 
-    def __init__(self, shard: Any, cfg: Config, cat_ids: list[int], rank: int) -> None:
-        self.shard = shard
-        self.cfg = cfg
-        self.cat_ids = list(cat_ids)
-        self.rank = rank
+    def __init__(self, shards: Shards, groups: Sequence[RowGroup], cfg: Config, cat_ids: list[int], *,
+                 rank: int, world_size: int, global_batch: int) -> None:
+        if not 0 <= rank < world_size or global_batch % world_size:
+            raise ValueError(f"rank {rank} of {world_size} workers cannot split a global batch of {global_batch}")
+        self.shards, self.groups, self.cfg, self.cat_ids = shards, list(groups), cfg, list(cat_ids)
+        self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
+        self.iters_per_epoch = iters_per_epoch(sum(g.rows for g in self.groups), world_size,
+                                               global_batch // world_size)
         self.transform = build_transform(cfg.data, train=True)
+        self._cache: dict[int, list[dict[str, Any]]] = {}
 
     def __call__(self, epoch: int, start_batch: int) -> Iterator[Batch]:
-        batch_size = self.cfg.train.batch_size
+        order = epoch_order([g.rows for g in self.groups], self.cfg.train.seed, epoch)
+        share = self.global_batch // self.world_size
         seed = self.cfg.train.seed & ((1 << 63) - 1)
-        tables = self.shard.iter_batches(
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=max(8 * batch_size, 32),
-            local_shuffle_seed=(seed * 1_000_003 + epoch * 1_009 + self.rank) % (2**31),
-        )
-        for index, table in enumerate(tables):
-            if index < start_batch:
-                continue
-            rng = np.random.default_rng((seed, epoch, self.rank, index))
-            samples = [decode_row(row, self.transform, self.cat_ids, rng,
-                                  max_image_pixels=self.cfg.data.max_image_pixels) for row in table.to_pylist()]
+        for iteration in range(start_batch, self.iters_per_epoch):
+            start = iteration * self.global_batch + self.rank * share
+            samples = [decode_row(self._row(int(group), int(row)), self.transform, self.cat_ids,
+                                  np.random.default_rng((seed, epoch, position)),
+                                  max_image_pixels=self.cfg.data.max_image_pixels)
+                       for position, (group, row) in enumerate(order[start:start + share], start)]
             yield collate(samples, size_divisor=self.cfg.data.size_divisor)
+
+    def _row(self, group: int, row: int) -> dict[str, Any]:
+        if group not in self._cache:
+            where = self.groups[group]
+            try:
+                table = pq.ParquetFile(where.file, filesystem=self.shards.fs).read_row_group(where.index)
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise DatasetError(f"{where.file}: cannot read row group {where.index}: {one_line(exc)}") from None
+            if len(self._cache) >= 2:
+                del self._cache[next(iter(self._cache))]
+            self._cache[group] = table.to_pylist()
+        return self._cache[group][row]

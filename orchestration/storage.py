@@ -3,7 +3,7 @@
 `--storage` of the Ray commands names it. Ray stores checkpoints and Tune results there through
 the same `pyarrow.fs` file system (passed as `storage_filesystem`), and the orchestration writes
 its own files through `RunStorage`: `result.json`, the worker records, the packed Parquet shards
-(which Ray Data then reads from there) and rank 0's work dir (synced by `WorkdirSync`). On a
+(which the workers then read from there) and rank 0's work dir (synced by `WorkdirSync`). On a
 multi-node cluster without a shared disk this is what makes a run resumable on any node.
 
 Transient errors of the store (throttling, 5xx answers, dropped connections, timeouts:

@@ -5,8 +5,9 @@
         [--resize-interval SECONDS] [--storage DIR|URI] [--name NAME] [--address ADDR]
 
 A `TorchTrainer` runs `vfnet.train.engine.train` in every worker (DDP over gloo on CPU, nccl on GPU;
-Ray sets up the process group, the engine wraps the model). Each worker trains on its share of
-the Ray Data stream of the packed Parquet shards (`orchestration.data`); the engine's report hook
+Ray sets up the process group, the engine wraps the model). Each worker reads its share of every
+iteration's images from the packed Parquet shards (`orchestration.data`: the same images per
+iteration at any worker count); the engine's report hook
 forwards metrics and rank 0's checkpoints to `ray.train.report`, and a restarted worker group
 resumes from `ray.train.get_checkpoint()`. The worker count is `--num-workers`, else the
 config's `train.num_workers` (one of them is needed). With `MIN-MAX` the run is elastic (Ray
@@ -61,7 +62,7 @@ from typing import Any
 
 from orchestration import common
 from orchestration.common import CHECKPOINT_NAME, Workers
-from orchestration.data import Shards
+from orchestration.data import RowGroup, Shards
 from orchestration.storage import RunStorage, WorkdirSync, checkpoint_uploader, local_workdir
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.core.config import Config, config_from_dict, config_name
@@ -73,7 +74,6 @@ log = logging.getLogger(__name__)
 RESULT_NAME = "result.json"
 WORKERS_DIR = "workers"
 WORKDIR_NAME = "workdir"
-DATASET_NAME = "train"
 DEFAULT_RESIZE_INTERVAL = 60.0  # seconds; Ray's default elastic_resize_monitor_interval_s
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 ELASTIC_START_TIMEOUT = 30.0  # seconds (`_elastic_start_timeout`)
@@ -87,7 +87,8 @@ class WorkerSpec:
     config: dict[str, Any]  # Config.to_dict() with absolute data paths
     storage: RunStorage
     name: str  # the run lives in storage.path(name)
-    iters_per_epoch: int
+    shards: Shards  # the packed training shards ...
+    row_groups: list[RowGroup]  # ... and their row groups, listed once by the driver
     global_batch: int  # images per iteration, all workers together, at every worker-group size
     cat_ids: list[int]  # contiguous label -> COCO category id of the training shards
     class_names: list[str]  # contiguous label -> class name of the training shards
@@ -165,8 +166,9 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
         if rank == 0:
             _record_group_size(cfg, workdir, previous, world_size, restored.iteration if restored else 0)
         resume_from = restored.file if restored is not None else None
-        data = TrainData(ShardBatches(ray.train.get_dataset_shard(DATASET_NAME), cfg, spec.cat_ids, rank),
-                         spec.iters_per_epoch, spec.class_names)
+        batches = ShardBatches(spec.shards, spec.row_groups, cfg, spec.cat_ids, rank=rank, world_size=world_size,
+                               global_batch=spec.global_batch)
+        data = TrainData(batches, batches.iters_per_epoch, spec.class_names)
         observers = Observers(
             report=report,
             record=(MlflowRecorder(*spec.mlflow, cfg.train.batch_size * context.get_world_size())
@@ -195,14 +197,17 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: s
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestration.data import count_rows, iters_per_epoch, read_train_dataset, shard_categories
+    from orchestration.data import iters_per_epoch, row_groups, shard_categories
 
     cat_ids, class_names = shard_categories(shards)
+    groups = row_groups(shards)
+    iters_per_epoch(sum(g.rows for g in groups), workers.num_workers, cfg.train.batch_size)  # DatasetError if < 1
     spec = WorkerSpec(
         config=cfg.to_dict(),
         storage=storage,
         name=name,
-        iters_per_epoch=iters_per_epoch(count_rows(shards), workers.num_workers, cfg.train.batch_size),
+        shards=shards,
+        row_groups=groups,
         global_batch=workers.global_batch(cfg),
         cat_ids=cat_ids,
         class_names=class_names,
@@ -225,7 +230,6 @@ def build_trainer(cfg: Config, workers: Workers, *, storage: RunStorage, name: s
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=list(callbacks) or None,
         ),
-        datasets={DATASET_NAME: read_train_dataset(shards)},
     )
 
 
@@ -262,7 +266,6 @@ def execute_training(plan: TrainPlan) -> dict[str, Any]:
 
     cfg, workers, name, mlflow, storage = plan.cfg, plan.workers, plan.name, plan.mlflow, plan.storage
     run_dir = storage.display(storage.path(name))
-    common.check_cpu_budget(workers)
     if cfg.data.synth:
         ensure_synth(cfg.data)
     shards = prepare_train_shards(cfg.data, storage.child(common.PACKED_DIR))

@@ -8,7 +8,7 @@ The search space is the config's `[tune.space]` table: a dotted config key -> {t
 "loguniform", low, high} or {type = "choice", values = [...]}; each sampled value is set with
 `vfnet.core.config.set_value`. Every trial is one training run of the engine: with `--num-workers` 1
 the engine runs inside the trial itself (its own data loader), with more a `TorchTrainer`
-(`orchestration.train.build_trainer`, Ray Data shards) whose reports reach Tune through
+(`orchestration.train.build_trainer`, the packed shards) whose reports reach Tune through
 `TuneReportCallback`. ASHA (`tune.grace_period`, `tune.reduction_factor`) stops trials whose
 `tune.metric` (maximised) lags behind at a rung; its time axis is the training iteration, and a
 rung is `grace_period * reduction_factor^k` evaluations of `train.eval_interval` iterations
@@ -215,7 +215,6 @@ def execute_sweep(plan: SweepPlan) -> list[dict[str, Any]]:
         ensure_synth(cfg.data)
     shards = None
     if workers.num_workers > 1:
-        common.check_cpu_budget(workers)  # for one trial at a time
         shards = prepare_train_shards(cfg.data, plan.storage.child(common.PACKED_DIR))
     setup = TrialSetup(base=cfg.to_dict(), workers=workers, shards=shards, storage=plan.storage)
     # A trial driving a TorchTrainer only waits for it; a trial that trains holds a worker's share.

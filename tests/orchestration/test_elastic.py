@@ -213,14 +213,3 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
     events.Reload()
     sizes = [(e.step, e.value) for e in events.Scalars("ray/world_size")]
     assert sizes == [(0, 3), (shrunk["iteration"], 2), (grown["iteration"], 3)]
-
-
-def test_elastic_cpu_budget_counts_the_workers_the_cluster_holds_now(ray_session) -> None:
-    from orchestration import common
-    from vfnet.core.errors import ArgumentError
-
-    # the session cluster has 4 CPUs: 2-8 workers of 1.5 CPUs start with the 2 that fit, leaving 1
-    common.check_cpu_budget(common.Workers(8, cpus_per_worker=1.5, min_workers=2))
-    # of 1 CPU, 4 fit and leave none to Ray Data (the run would hang)
-    with pytest.raises(ArgumentError, match=r"--num-workers 2-8 x --cpus-per-worker 1 leaves 0 of the cluster's 4"):
-        common.check_cpu_budget(common.Workers(8, cpus_per_worker=1.0, min_workers=2))

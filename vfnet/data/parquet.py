@@ -136,7 +136,7 @@ def _check_labels(record: ImageRecord, num_classes: int, name: str) -> None:
 
 def decode_row(row: dict[str, Any], transform: Transform, cat_ids: list[int],
                rng: np.random.Generator | None = None, *, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Sample:
-    """A `Sample` from one shard row (e.g. a Ray Data row); a pure function of its arguments
+    """A `Sample` from one shard row (e.g. read by a Ray worker); a pure function of its arguments
     (and `rng`). `cat_ids` (label -> COCO id) checks the labels' range; an image of more than
     `max_image_pixels` pixels is a DatasetError."""
     record = record_from_row(row)

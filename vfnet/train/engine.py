@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainData:
-    """A training data source in place of `build_train_loader` (e.g. a Ray Data shard).
+    """A training data source in place of `build_train_loader` (e.g. a Ray worker's share of the packed shards).
 
     batches(epoch, start_batch): this rank's batches of `epoch` (0-based) from batch
     `start_batch` on (a resumed epoch), at least `iters_per_epoch - start_batch` of them.
