@@ -25,8 +25,36 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+RAY_TESTS = "tests/orchestration/"  # the Ray tests, and a few quick ones beside them
+
+
+def worker_group(nodeid: str) -> str:
+    """Which tests one pytest-xdist worker runs together (`pytest -n 2`, the README's command):
+    all of a test module, so its module fixtures (the exports) are built once, and every test under
+    `RAY_TESTS` in one group, "ray", so that one local Ray runs at a time (the cluster tests start
+    and kill raylets on this machine)."""
+    path = nodeid.split("::", 1)[0]
+    return "ray" if path.startswith(RAY_TESTS) else path
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's scheduling by scope (whatever `--dist` says), the scope being `worker_group`; the
+    groups go out in collection order (not xdist's largest-first), which
+    `pytest_collection_modifyitems` sets: the long ones first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    _group_for_workers(items)
+    _long_groups_first(items)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     skip_interpret = pytest.mark.skip(reason="runs the Triton kernels through the interpreter: "
                                       "TRITON_INTERPRET=1 (the default without CUDA)")
@@ -38,21 +66,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_interpret)
 
 
-def _group_for_workers(items) -> None:
-    """Scheduling for pytest-xdist's `--dist loadgroup`: every test of a module runs in one worker,
-    so module fixtures (the exports) are built once; every Ray test in one more group, "ray", so one
-    local Ray runs at a time (the cluster tests start and kill raylets on this machine). The long
-    groups go first, each worker takes the next group when it is nearly done with its own: "ray"
-    (mostly waiting for Ray's start-up and failure detection), then modules with `slow` tests, then
-    the rest in collection order. Without xdist the markers do nothing and only the order changes."""
-    def group(item) -> str:
-        return "ray" if "ray" in item.keywords else item.nodeid.split("::")[0]
-
-    slow = {group(item) for item in items if "slow" in item.keywords}
-    rank = {name: (name != "ray", name not in slow) for name in map(group, items)}
-    items.sort(key=lambda item: rank[group(item)])  # stable: collection order within a rank
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group(group(item)))
+def _long_groups_first(items) -> None:
+    """Order the tests so that each xdist worker takes the next group when it is nearly done with
+    its own, longest first: "ray" (mostly waiting for Ray's start-up and failure detection), then
+    the modules with `slow` tests, then the rest in collection order (stable within a group).
+    Without xdist only the order changes."""
+    slow = {worker_group(item.nodeid) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: (worker_group(item.nodeid) != "ray", worker_group(item.nodeid) not in slow))
 
 
 @pytest.fixture

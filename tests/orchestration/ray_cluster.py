@@ -40,6 +40,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _StartTimedOut(Exception):
+    """`ray start` exited because its raylet did not register with the GCS within Ray's 30 s."""
+
+
 class Cluster:
     """A head and `nodes` more raylets, each a `ray start --block` process group with 2 logical
     CPUs; `node_args`: more `ray start` flags for every raylet, the head included (e.g.
@@ -62,6 +66,7 @@ class Cluster:
         self.env.pop("RAY_ADDRESS", None)
         self.procs: list[subprocess.Popen] = []  # the head first, then the live raylets
         self.ips: dict[int, str] = {}  # raylet pid -> its address
+        self.log_files: dict[int, Path] = {}  # raylet pid -> its `ray start` output
         self.dead: list[subprocess.Popen] = []  # nodes killed by a test
 
     @property
@@ -72,28 +77,44 @@ class Cluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    def _start_and_wait(self, args: list[str], name: str, ip: str, count: int, attempts: int = 3) -> None:
+        """`_start` a node, then wait until `count` nodes are active. `ray start` gives a new
+        raylet 30 s (hard-coded in Ray) to register with the GCS and exits when a loaded machine
+        takes longer ("timed out during startup"): that node is started again, up to `attempts`
+        times in all; any other exit fails the test."""
+        for attempt in range(attempts):
+            self._start(args, f"{name}-{attempt}", ip)
+            try:
+                self._wait_nodes(count)
+                return
+            except _StartTimedOut:
+                proc = self.procs.pop()
+                self.ips.pop(proc.pid)
+                proc.wait(timeout=30)
+        raise TimeoutError(f"Ray node {name} timed out during startup {attempts} times: {self.logs()}")
+
     def _start(self, args: list[str], name: str, ip: str) -> None:
         common = ["--block", "--num-cpus=2", "--object-store-memory=80000000",
                   f"--dashboard-agent-listen-port={_free_port()}",
                   f"--dashboard-agent-grpc-port={_free_port()}",
                   f"--runtime-env-agent-port={_free_port()}",
                   f"--metrics-export-port={_free_port()}", "--disable-usage-stats", *self.node_args]
-        log = open(self.temp_dir / f"{name}.log", "w")
+        log_file = self.temp_dir / f"{name}.log"
+        log = open(log_file, "w")
         proc = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args, f"--node-ip-address={ip}", *common],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         self.ips[proc.pid] = ip
+        self.log_files[proc.pid] = log_file
 
     def start(self) -> None:
-        self._start(["--head", f"--port={self.port}",
-                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                     f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp_dir}"],
-                    "head", HEAD_IP)
-        self._wait_nodes(1)
+        self._start_and_wait(["--head", f"--port={self.port}",
+                              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                              f"--ray-client-server-port={_free_port()}", f"--temp-dir={self.temp_dir}"],
+                             "head", HEAD_IP, 1)
         for index in range(self.nodes):  # one at a time: raylets starting together can time out
-            self._start([f"--address={self.address}"], f"node{index}", node_ip(index))
-            self._wait_nodes(2 + index)
+            self._start_and_wait([f"--address={self.address}"], f"node{index}", node_ip(index), 2 + index)
 
     def kill_node(self) -> str:
         """SIGKILL the newest raylet's whole process group (raylet, its workers): a lost
@@ -109,15 +130,18 @@ class Cluster:
         """Start a (new) raylet on the lowest free address and wait until it is active.
         Returns its address."""
         ip = next(node_ip(i) for i in range(len(self.procs)) if node_ip(i) not in self.ips.values())
-        self._start([f"--address={self.address}"], f"node-{len(self.dead)}-{ip}", ip)
-        self._wait_nodes(len(self.procs))
+        self._start_and_wait([f"--address={self.address}"], f"node-{len(self.dead)}-{ip}", ip, len(self.procs) + 1)
         return ip
 
     def _wait_nodes(self, count: int, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for proc in self.procs:
-                assert proc.poll() is None, f"ray start exited: {self.logs()}"
+                if proc.poll() is not None:
+                    log = self.log_files[proc.pid].read_text()
+                    if "timed out during startup" in log:
+                        raise _StartTimedOut(log[-2000:])
+                    raise AssertionError(f"ray start exited: {self.logs()}")
             out = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "status",
                                   f"--address={self.address}"], env=self.env,
                                  capture_output=True, text=True)
