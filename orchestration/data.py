@@ -173,11 +173,6 @@ def row_groups(shards: Shards) -> list[RowGroup]:
     return groups
 
 
-def count_rows(shards: Shards) -> int:
-    """Images in the shards, from the Parquet footers (no data read)."""
-    return sum(group.rows for group in row_groups(shards))
-
-
 def shard_categories(shards: Shards) -> tuple[list[int], list[str]]:
     """(cat_ids, class_names) of the shards (label -> COCO category id and name), from the
     first shard's schema metadata."""
@@ -214,22 +209,20 @@ class ShardBatches:
         if not 0 <= rank < world_size or global_batch % world_size:
             raise ValueError(f"rank {rank} of {world_size} workers cannot split a global batch of {global_batch}")
         self.shards, self.groups, self.cfg, self.cat_ids = shards, list(groups), cfg, list(cat_ids)
-        self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
-        self.iters_per_epoch = iters_per_epoch(sum(g.rows for g in self.groups), world_size,
-                                               global_batch // world_size)
+        self.rank, self.global_batch, self.share = rank, global_batch, global_batch // world_size
+        self.iters_per_epoch = iters_per_epoch(sum(g.rows for g in self.groups), world_size, self.share)
         self.transform = build_transform(cfg.data, train=True)
         self._cache: dict[int, list[dict[str, Any]]] = {}
 
     def __call__(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         order = epoch_order([g.rows for g in self.groups], self.cfg.train.seed, epoch)
-        share = self.global_batch // self.world_size
         seed = self.cfg.train.seed & ((1 << 63) - 1)
         for iteration in range(start_batch, self.iters_per_epoch):
-            start = iteration * self.global_batch + self.rank * share
+            start = iteration * self.global_batch + self.rank * self.share
             samples = [decode_row(self._row(int(group), int(row)), self.transform, self.cat_ids,
                                   np.random.default_rng((seed, epoch, position)),
                                   max_image_pixels=self.cfg.data.max_image_pixels)
-                       for position, (group, row) in enumerate(order[start:start + share], start)]
+                       for position, (group, row) in enumerate(order[start:start + self.share], start)]
             yield collate(samples, size_divisor=self.cfg.data.size_divisor)
 
     def _row(self, group: int, row: int) -> dict[str, Any]:
