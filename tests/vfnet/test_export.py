@@ -42,13 +42,14 @@ SCORE_ATOL = 1e-5
 pytestmark = pytest.mark.slow
 
 
-def tiny_model() -> VFNet:
+def tiny_model(*overrides: str) -> VFNet:
     """R-18 VFNet with a narrow head, 3 classes, random weights whose class scores spread over
-    (0, 1) (a trained model's do; the reference init puts them all below the threshold)."""
+    (0, 1) (a trained model's do; the reference init puts them all below the threshold);
+    `overrides` change its config (e.g. another backbone)."""
     cfg = apply_overrides(Config(), [
         "model.depth=18", "model.num_classes=3", "model.fpn_channels=16", "model.head_channels=16",
         "model.gn_groups=4", "model.stacked_convs=1", "model.kernels='torch'", "infer.nms_pre=100",
-        "data.img_scale=[320, 240]",
+        "data.img_scale=[320, 240]", *overrides,
     ])
     torch.manual_seed(0)
     model = VFNet.from_config(cfg).eval()
@@ -357,13 +358,7 @@ def test_res2net_exports_with_dynamic_sizes(one_thread):
     input is a multiple of 32 (every pooled side even) or it rejects the trace. A narrow-width
     Res2Net-50 (the full block structure, 2 scales of width 4) exported once with dynamic sizes,
     then run on sides that are and are not multiples of 32: head outputs and detections as PyTorch."""
-    cfg = apply_overrides(tiny_model().cfg, ["model.backbone='res2net'", "model.depth=50", "model.base_width=4",
-                                             "model.scales=2"])
-    torch.manual_seed(0)
-    model = VFNet.from_config(cfg).eval()
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.cls.weight, std=0.5)
-        model.head.cls.bias.fill_(-2.5)
+    model = tiny_model("model.backbone='res2net'", "model.depth=50", "model.base_width=4", "model.scales=2")
     program = export_program(model, with_head=True).module()
     for size in ((256, 224), (MIN_SIDE + 2, 161)):
         images = crowded_batch(1, size, seed=size[0])
