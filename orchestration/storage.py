@@ -26,7 +26,8 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -202,8 +203,13 @@ class RunStorage:
 
     def upload(self, local_dir: Path, path: str) -> None:
         """Copy the files under `local_dir` to `path` (same relative names)."""
-        self._call(path, lambda: pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
-                                                 destination_filesystem=self.fs))
+
+        def copy() -> None:
+            self.fs.create_dir(path)  # a local file system needs it
+            pafs.copy_files(str(local_dir), path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+
+        self._call(path, copy)
 
     def download(self, path: str, local_dir: Path) -> bool:
         """Copy the files under `path` into `local_dir`; False when `path` does not exist."""
@@ -238,7 +244,6 @@ class WorkdirSync:
         self.storage, self.remote, self.local = storage, remote, local
 
     def pull(self) -> None:
-        shutil.rmtree(self.local, ignore_errors=True)  # a failed attempt's leftovers on this node
         if self.storage.download(self.remote, self.local):
             log.info("work dir restored from %s", self.storage.display(self.remote))
 
@@ -290,6 +295,33 @@ def checkpoint_uploader(policy: RetryPolicy) -> Callable[[Any, str], Any]:
     return upload
 
 
-def local_workdir(name: str) -> Path:
-    """A node-local directory for rank 0's work dir of the run `name` (object-store runs)."""
-    return Path(tempfile.gettempdir()) / f"vfnet-workdir-{os.getuid()}" / name.replace("/", "_")
+@contextmanager
+def attempt_workdir(name: str) -> Iterator[Path]:
+    """A new, empty node-local directory for one attempt's work dir of the run `name` (rank 0 of a
+    Ray Train run on an object store, a Tune trial), removed when the attempt ends.
+
+    One directory per attempt, not per run: when Ray restarts a worker group, the abandoned
+    attempt's rank 0 can still be running for a moment on this node, and in a shared directory
+    its last appends to `metrics.jsonl` would land after the new attempt had pulled and trimmed
+    the file (seen under load: iterations 1, 2, 3, 4, 3, 4). The directories of attempts whose
+    process is gone (SIGKILLed) are removed when the next attempt of the run starts here."""
+    parent = Path(tempfile.gettempdir()) / f"vfnet-workdir-{os.getuid()}" / name.replace("/", "_")
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob("attempt-*"):
+        if not _process_alive(int(old.name.split("-")[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    local = Path(tempfile.mkdtemp(prefix=f"attempt-{os.getpid()}-", dir=parent))
+    try:
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

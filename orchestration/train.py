@@ -63,7 +63,7 @@ from typing import Any
 from orchestration import common
 from orchestration.common import CHECKPOINT_NAME, Workers
 from orchestration.data import RowGroup, Shards
-from orchestration.storage import RunStorage, WorkdirSync, checkpoint_uploader, local_workdir
+from orchestration.storage import RunStorage, WorkdirSync, attempt_workdir, checkpoint_uploader
 from orchestration.tracking import MlflowRecorder, MlflowTarget, end_train_run, start_train_run
 from vfnet.core.config import Config, config_from_dict, config_name
 from vfnet.core.errors import ArgumentError
@@ -151,16 +151,17 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
     report = common.RayReporter(ray.train.report, upload=checkpoint_uploader(storage.retry),
                                 extra={"world_size": float(world_size)})
     sync = None
-    if storage.is_local:
-        workdir = Path(storage.path(spec.name, WORKDIR_NAME))
-    else:  # rank 0 writes locally and copies its files to <run>/workdir before every report
-        workdir = local_workdir(spec.name)
-        if rank == 0:
-            sync = WorkdirSync(storage, storage.path(spec.name, WORKDIR_NAME), workdir)
-            sync.pull()
-            report = sync.pushing(report)
-    with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
-        restored = common.restore_checkpoint(ray.train.get_checkpoint(), Path(tmp))
+    with contextlib.ExitStack() as stack:
+        if storage.is_local:
+            workdir = Path(storage.path(spec.name, WORKDIR_NAME))
+        else:  # rank 0 writes locally and copies its files to <run>/workdir before every report
+            workdir = stack.enter_context(attempt_workdir(spec.name))
+            if rank == 0:
+                sync = WorkdirSync(storage, storage.path(spec.name, WORKDIR_NAME), workdir)
+                sync.pull()
+                report = sync.pushing(report)
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vfnet-resume-")))
+        restored = common.restore_checkpoint(ray.train.get_checkpoint(), tmp)
         previous = _group_sizes(storage, spec.name)[-1:] if rank == 0 else []  # before this group's
         write_worker_record(storage, spec.name, restored, batch_per_worker)
         if rank == 0:
@@ -178,8 +179,8 @@ def train_loop_per_worker(spec: WorkerSpec) -> dict[str, float]:
         # wrote after it is not used (recovery is at-least-once from what Ray registered).
         final = train(cfg, workdir, resume=resume_from is not None, data=data, observers=observers,
                       resume_from=resume_from)
-    if sync is not None:
-        sync.push()
+        if sync is not None:
+            sync.push()
     return final
 
 

@@ -27,7 +27,6 @@ import copy
 import logging
 import math
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from orchestration import common
 from orchestration.common import Workers
 from orchestration.data import Shards
 from orchestration.search import build_search, check_search, keep_checkpoints, trial_base
-from orchestration.storage import RunStorage, WorkdirSync, local_workdir
+from orchestration.storage import RunStorage, WorkdirSync, attempt_workdir
 from orchestration.tracking import MlflowTarget, tune_callback
 from orchestration.train import WORKDIR_NAME, build_trainer
 from vfnet.core.atomic import atomic_write
@@ -151,17 +150,16 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
         torch.set_num_threads(setup.workers.torch_threads)
         # the engine's work dir is node-local; all but its checkpoints/ is kept in the trial dir
-        workdir = local_workdir(f"{context.get_experiment_name()}/{trial_dir.name}")
         trial = RunStorage.parse(trial_dir)
-        sync = WorkdirSync(trial, trial.path(WORKDIR_NAME), workdir)
-        sync.pull()
-        with tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp:
+        with (attempt_workdir(f"{context.get_experiment_name()}/{trial_dir.name}") as workdir,
+              tempfile.TemporaryDirectory(prefix="vfnet-resume-") as tmp):
+            sync = WorkdirSync(trial, trial.path(WORKDIR_NAME), workdir)
+            sync.pull()
             restored = common.restore_checkpoint(ray.tune.get_checkpoint(), Path(tmp))
             resume_from = restored.file if restored is not None else None
             observers = Observers(report=sync.pushing(common.RayReporter(ray.tune.report)))
             final = train(cfg, workdir, resume=resume_from is not None, observers=observers, resume_from=resume_from)
-        sync.push()
-        shutil.rmtree(workdir, ignore_errors=True)
+            sync.push()
     ray.tune.report({**final, "iteration": final["iterations"], FINISHED: 1.0})
 
 

@@ -109,16 +109,6 @@ def _wait_until(proc: subprocess.Popen, ready, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
-def _trained_iterations(run_dir: Path) -> int:
-    """The last iteration logged in the run's metrics.jsonl (0 if none yet)."""
-    try:
-        lines = (run_dir / otrain.WORKDIR_NAME / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    iters = [json.loads(line).get("iter", 0) for line in lines if line.strip().endswith("}")]
-    return max(iters, default=0)
-
-
 def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
     try:
         output, _ = proc.communicate(timeout=timeout)
@@ -127,6 +117,15 @@ def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
             proc.kill()
             proc.wait()
     return output
+
+
+# the request line of a checkpoint file's upload (HoldingProxy's pattern)
+_CHECKPOINT_PUT = rb"PUT /[^ ]*/checkpoint_[^/ ]*/" + re.escape(common.CHECKPOINT_NAME.encode()) + rb"[ ?]"
+
+
+def _s3_port() -> int:
+    """The port of the S3 test server (the one `s3_storage` names)."""
+    return int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
 
 
 def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_path: Path,
@@ -140,9 +139,7 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     `ray.train.report`, mid-write, when it is killed."""
     config = _faulty_run_config(tiny_config, tmp_path)
     run_dir = RunStorage.parse(s3_storage).child("ft")  # the test reads the server directly
-    checkpoint_put = rb"PUT /[^ ]*/checkpoint_[^/ ]*/" + re.escape(common.CHECKPOINT_NAME.encode()) + rb"[ ?]"
-    s3_port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])  # the server of s3_storage
-    proxy = HoldingProxy(s3_port, checkpoint_put, skip=1)
+    proxy = HoldingProxy(_s3_port(), _CHECKPOINT_PUT, skip=1)
     proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "ft",
                    "--num-workers", "1", "--cpus-per-worker", "1")
     try:
@@ -184,70 +181,82 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
 
 
 def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
-                                                            capsys) -> None:
+                                                            s3_storage: str, capsys) -> None:
     """Two workers spread over the two nodes; the second node's raylet and workers are SIGKILLed
     after a checkpoint was registered. The run restarts on the head node from the latest
-    registered checkpoint, completes, and result.json counts the restart."""
+    registered checkpoint, completes, and result.json counts the restart.
+
+    The run is held before it can end: the run storage is on the S3 server behind `HoldingProxy`,
+    which freezes the upload of the second checkpoint (iteration 8 of 16), so the node is always
+    lost while the run still needs it, however late Ray registers the first checkpoint on a
+    loaded machine. The frozen upload is let go once the new worker group has started."""
     config = _faulty_run_config(tiny_config, tmp_path)
-    storage, name = tmp_path / "runs", "lost-node"
-    run_dir = storage / name
-    proc = _driver(cluster, config, storage, name, "--num-workers", "2", "--cpus-per-worker", "0.5",
-                   "--placement-strategy", "SPREAD")
+    run_dir = RunStorage.parse(s3_storage).child("lost-node")  # the test reads the server directly
+    proxy = HoldingProxy(_s3_port(), _CHECKPOINT_PUT, skip=1)
+    proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "lost-node",
+                   "--num-workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD")
     try:
-        _wait_until(proc, lambda: len(_records(run_dir)) == 2 and bool(registered_checkpoints(run_dir)))
+        _wait_until(proc, lambda: proxy.held.is_set() and len(_records(run_dir)) == 2
+                    and bool(registered_checkpoints(run_dir)))
         assert {r["node_ip"] for r in _records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
-        # Lower bounds on the progress at the kill: iterations logged, and the newest checkpoint
-        # registered (the run must resume from it or from one registered after this read).
-        at_kill = _trained_iterations(run_dir)
-        newest_registered = max(assert_registered_checkpoints_verify(run_dir))
+        registered_before = assert_registered_checkpoints_verify(run_dir)
         cluster.kill_node()
+        _wait_until(proc, lambda: any(r["resumed_from"] for r in _records(run_dir)))
+        proxy.release()
         output = _finish(proc)
     finally:
+        proxy.close()
         if proc.poll() is None:
             proc.kill()
         cluster.add_node()  # for the tests after this one
     assert proc.returncode == 0, output[-6000:]
-    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    assert registered_before == [4]
+    result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["restarts"] >= 1 and result["iterations"] == 16
     resumed = [r for r in _records(run_dir) if r["resumed_from"] is not None]
     assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
-    resumed_at = load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
-    assert resumed_at >= max(newest_registered, 4)
-    assert resumed_at in assert_registered_checkpoints_verify(run_dir)
+    assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
+    assert 16 in assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():
-        print(f"\nlost node: killed at iteration >= {max(at_kill, newest_registered)}, resumed from "
-              f"{resumed_at}: {max(at_kill - resumed_at, 0)}+ iterations redone")
+        print("\nlost node: killed during the upload of the checkpoint of iteration 8, resumed from 4 "
+              "on the head node")
 
 
 def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_config, tmp_path: Path,
-                                                     capsys) -> None:
+                                                     s3_storage: str, capsys) -> None:
     """SIGKILL the driver (its Ray Train controller and workers go with it) after a checkpoint
     was registered; the same command (no --name: the run is named after the config file) run
-    again resumes that run from it, not a new run."""
+    again resumes that run from it, not a new run.
+
+    As in the lost-node test, the upload of the second checkpoint is frozen (`HoldingProxy`), so
+    the driver is always killed before the run could end and with exactly one checkpoint
+    registered; the proxy lets everything through again before the second command."""
     config = _faulty_run_config(tiny_config, tmp_path)
-    storage = tmp_path / "runs"
-    run_dir = storage / config.stem
+    run_dir = RunStorage.parse(s3_storage).child(config.stem)
+    proxy = HoldingProxy(_s3_port(), _CHECKPOINT_PUT, skip=1)
+    storage = proxy.uri(s3_storage.removeprefix("s3://"))
     flags = ("--num-workers", "1", "--cpus-per-worker", "1")
     proc = _driver(cluster, config, storage, None, *flags)
     try:
-        _wait_until(proc, lambda: bool(_records(run_dir)) and bool(registered_checkpoints(run_dir)))
-        at_kill = _trained_iterations(run_dir)
+        _wait_until(proc, lambda: proxy.held.is_set() and bool(_records(run_dir))
+                    and bool(registered_checkpoints(run_dir)))
         proc.kill()
         proc.wait(timeout=30)
+        proxy.release()
+        first = {r["pid"] for r in _records(run_dir)}
+        again = _driver(cluster, config, storage, None, *flags)
+        output = _finish(again)
     finally:
+        proxy.close()
         if proc.poll() is None:
             proc.kill()
-    first = {r["pid"] for r in _records(run_dir)}
-    again = _driver(cluster, config, storage, None, *flags)
-    output = _finish(again)
     assert again.returncode == 0, output[-6000:]
-    result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
+    result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["iterations"] == 16 and result["restarts"] == 0  # a re-run, not a restart
     resumed = [r for r in _records(run_dir) if r["pid"] not in first]
     assert resumed and resumed[0]["resumed_from"] is not None
-    resumed_at = load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"]
-    assert 4 <= resumed_at
-    assert_registered_checkpoints_verify(run_dir)
+    assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
+    assert 16 in assert_registered_checkpoints_verify(run_dir)
     with capsys.disabled():
-        print(f"\nkilled driver: killed at iteration >= {at_kill}, resumed from {resumed_at}: "
-              f"{max(at_kill - resumed_at, 0)}+ iterations redone")
+        print("\nkilled driver: killed during the upload of the checkpoint of iteration 8, the same command "
+              "resumed from 4")

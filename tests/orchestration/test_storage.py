@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -15,10 +17,11 @@ from pyarrow.fs import FileSelector
 
 from orchestration import common
 from orchestration import train as otrain
-from orchestration.storage import RetryPolicy, RunStorage, WorkdirSync, is_transient, redact
+from orchestration.storage import RetryPolicy, RunStorage, WorkdirSync, attempt_workdir, is_transient, redact
 from vfnet.core.atomic import atomic_write
 from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.errors import ArgumentError
+from vfnet.train.metrics_log import MetricsLog
 
 
 def test_local_path_and_uri_parsing(tmp_path: Path) -> None:
@@ -65,6 +68,55 @@ def test_files_on_s3(s3_storage: str, tmp_path: Path) -> None:
     assert sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file()) == [
         "metrics.jsonl", "tensorboard/events.out.tfevents.1"]
     assert (again / "tensorboard" / "events.out.tfevents.1").read_bytes() == b"\0\1"
+
+
+def test_an_abandoned_attempt_writes_outside_the_next_attempts_work_dir(tmp_path: Path) -> None:
+    """When Ray restarts a worker group, the old rank 0 can still run for a moment on the node
+    where the new rank 0 starts: the new attempt pulls the run's work dir and drops the iterations
+    it will redo, and the old attempt's late appends must not land in the new attempt's
+    `metrics.jsonl` (with one directory per run they did: iterations 1, 2, 3, 4, 3, 4)."""
+    storage = RunStorage.parse(tmp_path / "store")
+    remote = storage.path("run", otrain.WORKDIR_NAME)
+    name = f"test-run-{os.getpid()}-{tmp_path.name}"
+
+    def train_record(log: MetricsLog, iteration: int) -> None:
+        log.write({"mode": "train", "iter": iteration})
+
+    with attempt_workdir(name) as old_dir:
+        old = MetricsLog(old_dir / "metrics.jsonl", resume_iter=None)
+        train_record(old, 1)
+        train_record(old, 2)
+        WorkdirSync(storage, remote, old_dir).push()  # before the report of the checkpoint of iteration 2
+        with attempt_workdir(name) as new_dir:  # the restarted group's rank 0, resuming from 2
+            assert new_dir != old_dir and not any(new_dir.iterdir())
+            sync = WorkdirSync(storage, remote, new_dir)
+            sync.pull()
+            new = MetricsLog(new_dir / "metrics.jsonl", resume_iter=2)
+            train_record(old, 3)  # the abandoned attempt, not yet ended by Ray
+            train_record(old, 4)
+            train_record(new, 3)
+            train_record(new, 4)
+            sync.push()
+        assert not new_dir.exists() and old_dir.is_dir()
+    old_dir.parent.rmdir()
+    lines = Path(storage.path("run", otrain.WORKDIR_NAME, "metrics.jsonl")).read_text().splitlines()
+    assert [json.loads(line)["iter"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_work_dirs_of_ended_attempts_are_removed(tmp_path: Path) -> None:
+    """A SIGKILLed attempt cannot remove its work dir; the next attempt of the run on the node
+    removes it, and leaves alone the one of an attempt whose process still runs."""
+    name = f"test-run-{os.getpid()}-{tmp_path.name}"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    with attempt_workdir(name) as running:
+        parent = running.parent
+        killed = parent / f"attempt-{int(ended.stdout)}-abc"
+        (killed / "checkpoints").mkdir(parents=True)
+        with attempt_workdir(name) as current:
+            assert not killed.exists() and running.is_dir() and current.is_dir()
+    assert not any(parent.iterdir())
+    parent.rmdir()
 
 
 def load_remote_checkpoint(storage: RunStorage, uri: str) -> dict:
