@@ -1,10 +1,12 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
-from vfnet.core.config import TrainConfig
+from vfnet.core.config import TrainConfig, load_config
+from vfnet.core.errors import ConfigError
 from vfnet.train.optim import LrSchedule, build_optimizer, param_groups, scaled_lr
 
 
@@ -50,6 +52,26 @@ def test_linear_scaling_and_optimizer_lrs():
     assert all(g["momentum"] == 0.9 for g in opt.param_groups)
     with pytest.raises(ValueError, match="world_size"):
         scaled_lr(cfg, world_size=0)
+
+
+def test_adamw_keeps_the_groups_and_decouples_weight_decay():
+    """`train.optimizer = "adamw"`: the same groups and lrs as SGD; a parameter with zero gradient
+    only decays, by lr * weight_decay of its value per step (decoupled, not through the moments)."""
+    cfg = TrainConfig(lr=0.01, base_batch_size=16, batch_size=2, optimizer="adamw", weight_decay=0.05)
+    net = _Net()
+    opt = build_optimizer(net, cfg, world_size=4)
+    assert isinstance(opt, torch.optim.AdamW)
+    sgd = build_optimizer(net, replace(cfg, optimizer="sgd"), world_size=4)
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
+        (g["lr"], g["weight_decay"]) for g in sgd.param_groups]
+    weight = _group_of(opt.param_groups, net.conv.weight)
+    before = net.conv.weight.detach().clone()
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(net.conv.weight, before * (1 - weight["lr"] * weight["weight_decay"]))
+    with pytest.raises(ConfigError, match="train.optimizer = 'adam' is invalid"):
+        load_config("shapes_tiny", ["train.optimizer='adam'"])
 
 
 def test_step_schedule_with_warmup_known_values():

@@ -126,6 +126,7 @@ class TrainConfig:
     max_iters: int = 0  # > 0: train this many iterations instead of `epochs`
     lr: float = 0.01  # for `base_batch_size` images; scaled linearly to the global batch
     base_batch_size: int = 16
+    optimizer: str = "sgd"  # "sgd" (with `momentum`) or "adamw" (betas 0.9, 0.999; decoupled weight decay)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     bias_lr_mult: float = 2.0
@@ -336,6 +337,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         ("train.epochs", cfg.train.epochs >= 1 or cfg.train.max_iters > 0, ">= 1"),
         ("train.max_iters", cfg.train.max_iters >= 0, ">= 0"),
         ("train.lr", cfg.train.lr > 0, "> 0"),
+        ("train.optimizer", cfg.train.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
         ("train.schedule", cfg.train.schedule in ("step", "cosine"), "'step' or 'cosine'"),
         ("train.warmup_ratio", 0 < cfg.train.warmup_ratio <= 1, "in (0, 1]"),
         ("train.grad_clip", cfg.train.grad_clip >= 0, ">= 0"),

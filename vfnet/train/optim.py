@@ -1,4 +1,4 @@
-"""SGD parameter groups and the learning-rate schedule.
+"""The optimiser (SGD or AdamW), its parameter groups and the learning-rate schedule.
 
 Parameter groups follow the reference VFNet optimiser (SGD with `bias_lr_mult=2`,
 `bias_decay_mult=0` applied parameter-wise): the bias of every layer that is not a normalisation
@@ -56,8 +56,10 @@ def param_groups(model: nn.Module, train_cfg: TrainConfig) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, train_cfg: TrainConfig, world_size: int = 1) -> torch.optim.SGD:
-    """SGD (momentum, weight decay) over `param_groups(model)`, lr scaled to the global batch.
+def build_optimizer(model: nn.Module, train_cfg: TrainConfig, world_size: int = 1) -> torch.optim.Optimizer:
+    """`train_cfg.optimizer` over `param_groups(model)`, lr scaled to the global batch: SGD with
+    momentum (the reference's), or AdamW (betas 0.9, 0.999; weight decay decoupled from the
+    gradient, per group as for SGD).
 
     The group lrs are set by `LrSchedule.apply` before every step.
     """
@@ -65,6 +67,8 @@ def build_optimizer(model: nn.Module, train_cfg: TrainConfig, world_size: int = 
     groups = param_groups(model, train_cfg)
     for group in groups:
         group["lr"] = base * group["lr_mult"]
+    if train_cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=base, weight_decay=train_cfg.weight_decay)
     return torch.optim.SGD(groups, lr=base, momentum=train_cfg.momentum,
                            weight_decay=train_cfg.weight_decay)
 
