@@ -1,11 +1,12 @@
 """The main job's training step and inference on the CPU, this tree against an earlier revision,
 side by side: `python -m benchmarks.cpu_step [--baseline REV]`.
 
-The main job is `vfnet train` on the embedded default (`shapes_tiny`: ResNet-18, 64-channel FPN
-and head, 8 images of 192x192 a step). Its model is built from the config (random weights, seed
-0) and timed on a synthetic batch of the config's size (3 boxes per image; the data pipeline and
-the evaluation are not in these figures): one training step (`vfnet.train.step.train_step`, SGD
-with lr 0 so every step does the same work) and one `predict` of the batch in eval mode.
+The main job is `vfnet train` on the embedded default (`shapes_tiny`: a half-width ResNet-18,
+32-channel FPN and head, 8 images of 192x192 a step). Its model is built from the config (random
+weights, seed 0) and timed on a synthetic batch of the config's size (3 boxes per image; the data
+pipeline and the evaluation are not in these figures): one training step
+(`vfnet.train.step.train_step`, the config's optimiser with lr 0 so every step does the same
+work) and one `predict` of the batch in eval mode.
 
 Side by side: the baseline revision (default `HEAD~1`) is checked out into a temporary git
 worktree, and each round runs one worker process per tree, alternating which goes first, so

@@ -1,7 +1,7 @@
 """Where one training step's time goes: `python -m benchmarks.profile_step`.
 
 Runs the engine's training step (`vfnet.train.step.train_step` through benchmarks.workload:
-forward, ATSS assignment, loss, backward, SGD step; bf16 autocast on CUDA) under
+forward, ATSS assignment, loss, backward, optimiser step; bf16 autocast on CUDA) under
 `torch.profiler` and groups the time by the model's `record_function` ranges: backbone
 (`vfnet.backbone`), FPN (`vfnet.fpn`), head convs (`vfnet.head` outside the star conv), star
 conv (`vfnet.star_conv`), ATSS assignment (`vfnet.model.assign`), losses (`vfnet.loss`) and

@@ -1,7 +1,7 @@
 """Training throughput: `python -m benchmarks.train_throughput`.
 
 One training step (the engine's `vfnet.train.step.train_step`) = forward (bf16 autocast on
-CUDA) + ATSS assignment + loss + backward + SGD step, on a synthetic batch already in device
+CUDA) + ATSS assignment + loss + backward + optimiser step, on a synthetic batch already in device
 memory (benchmarks.workload), for the providers `triton` (model.kernels = "triton") and
 `torch` (PyTorch reference ops, torchvision's deform_conv2d for the star conv where it loads),
 with the same weights and the same batch; `--channels-last both` adds channels-last models

@@ -158,11 +158,12 @@ def use_amp(device: torch.device) -> bool:
 
 def train_step(model: VFNet, data: Batch) -> Callable[[], None]:
     """A closure running `vfnet.train.step.train_step` on `data` (on the model's device) with `model`'s training config
-    (bf16 autocast on CUDA with `train.amp`, `train.grad_clip`) and an SGD optimiser over the
-    reference parameter groups; it leaves the step statistics on the device, as the engine does.
+    (bf16 autocast on CUDA with `train.amp`, `train.grad_clip`) and its optimiser (`train.optimizer`,
+    SGD by default) over the reference parameter groups; it leaves the step statistics on the
+    device, as the engine does.
 
-    The optimiser's learning rate is 0: it runs exactly the same kernels (momentum, weight decay,
-    update), but the weights stay put, so every timed step does the same data-dependent work and
+    The optimiser's learning rate is 0: it runs exactly the same kernels (momentum or moments,
+    weight decay, update), but the weights stay put, so every timed step does the same data-dependent work and
     random data cannot make the run diverge.
     """
     model.train()
