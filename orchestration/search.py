@@ -84,6 +84,7 @@ def build_search(cfg: Config, space: dict[str, Any], unit: int) -> tuple[Any, An
             perturbation_interval=cfg.tune.perturbation_interval * unit,
             hyperparam_mutations={k: space[k] for k in pbt_keys(cfg.tune.space)},
             require_attrs=False,  # checkpoint-only reports before the first evaluation lack the metric
+            synch=cfg.tune.pbt_synch,
         )
         return None, scheduler
     scheduler = ASHAScheduler(time_attr="iteration", grace_period=cfg.tune.grace_period * unit,

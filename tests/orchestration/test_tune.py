@@ -220,8 +220,10 @@ def test_tpe_sweep_through_vfnet_tune(tiny_config_toml, tmp_path: Path, ray_sess
 
 
 def test_pbt_sweep_exploits_and_explores(tiny_config, tmp_path: Path, ray_session) -> None:
+    """Synchronous PBT, so that the trials are compared whatever their timing (asynchronous PBT
+    compared nothing on a loaded machine: one trial had finished before the other reported)."""
     cfg = tiny_config(**{"train.eval_interval": 1, "train.max_iters": 4, "tune.search": "pbt",
-                         "tune.perturbation_interval": 1})
+                         "tune.perturbation_interval": 2, "tune.pbt_synch": True})
     cfg.tune.space = {"train.lr": {"type": "loguniform", "low": 0.005, "high": 0.04},
                       "loss.alpha": SPACE["loss.alpha"]}
     out = tmp_path / "out"

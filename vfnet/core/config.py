@@ -169,6 +169,7 @@ class TuneConfig:
     metric: str = "bbox_mAP"
     search: str = "random"  # "random" (+ ASHA), "tpe" (Optuna TPE + ASHA), "pbt" (population-based training)
     perturbation_interval: int = 2  # PBT: evaluations between exploit/explore steps
+    pbt_synch: bool = False  # PBT: perturb only once every trial has reached the interval (Ray's `synch`)
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
 
