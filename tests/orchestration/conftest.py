@@ -18,19 +18,22 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray", reason="the orchestration tests need Ray")
-
-from vfnet.core.config import Config, config_from_dict  # noqa: E402
-
 # Token authentication (Ray's default since 2.59) with a fresh token of this test session: the
 # tests neither read nor write ~/.ray/auth_token, and every cluster they start, in process or by
-# `ray start`, uses this token. Ray reads the mode when it is imported: if something imported it
-# already, Ray's own default (a token in ~/.ray/auth_token) applies instead.
-if "ray" not in sys.modules and not os.environ.get("RAY_AUTH_MODE"):
+# `ray start`, uses this token. Ray reads the mode when it is imported, so this comes before the
+# first import of Ray (the skip below imports it); if something imported Ray already, Ray's own
+# default (a token in ~/.ray/auth_token) would apply instead, and the session stops here.
+if not os.environ.get("RAY_AUTH_MODE"):
+    if "ray" in sys.modules:
+        raise RuntimeError("Ray was imported before tests/orchestration/conftest.py set its token "
+                           "authentication; set RAY_AUTH_MODE (and RAY_AUTH_TOKEN) yourself")
     os.environ["RAY_AUTH_MODE"] = "token"
     if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
+pytest.importorskip("ray", reason="the orchestration tests need Ray")
+
+from vfnet.core.config import Config, config_from_dict  # noqa: E402
 
 # MLflow >= 3 refuses its file store (the tests' tracking store) unless this is set; set before
 # the session's Ray starts so that its workers (rank 0 logs to MLflow) inherit it.
