@@ -12,10 +12,13 @@ reference (gather + matmul instead of einsum), and onnxruntime's convolutions an
 own kernels, so raw head outputs differ by float32 rounding accumulated over the network: we
 require max |a - b| <= 1e-5 * max |b| per output. Detections are decoded from those outputs:
 boxes = point -/+ exp(.) * distance, so a 1e-6 relative distance error is ~1e-4 px on a 100 px
-box: we require 2e-3 px absolute; scores are sigmoids (slope <= 1/4): 1e-5 absolute. Labels, the
-number of detections and their order must be equal (a score within rounding of a threshold or of
-the nms_pre-th score, an NMS IoU within rounding of nms_iou, or exactly equal scores — ordered by
-index here, by torch.sort in predict — could flip a decision; the checked scenes have none).
+box: we require 2e-3 px absolute; scores are sigmoids (slope <= 1/4): 1e-5 absolute. The number
+of detections must be equal and the scores, in their order, within that tolerance; each detection
+must have its own partner among the reference's (same label, box and score within tolerance):
+two detections whose scores are equal up to rounding may come out in either order (the DCN
+scene has such a pair under Pillow 13's drawing). A score within rounding of a threshold or of the
+nms_pre-th score, or an NMS IoU within rounding of nms_iou, could still flip a decision; the
+checked scenes have none.
 """
 import contextlib
 import io
@@ -102,6 +105,23 @@ def reference(model: VFNet, images: torch.Tensor):
     return head, detections
 
 
+def unpaired(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, reference: dict) -> list[int]:
+    """Rows of one image's detections (boxes [n, 4], scores [n], labels [n]) left without a partner
+    when each takes the first unused reference detection with its label, its box within BOX_ATOL
+    and its score within SCORE_ATOL (a one-to-one pairing in score order)."""
+    free = torch.ones(len(reference["scores"]), dtype=torch.bool)
+    missing = []
+    for row in range(len(scores)):
+        fits = (free & (reference["labels"] == labels[row])
+                & ((reference["scores"] - scores[row]).abs() <= SCORE_ATOL)
+                & ((reference["boxes"] - boxes[row]).abs().amax(dim=1) <= BOX_ATOL))
+        if fits.any():
+            free[fits.nonzero()[0, 0]] = False
+        else:
+            missing.append(row)
+    return missing
+
+
 def check(outputs, head, detections, what: str) -> int:
     """Compare one run's outputs (boxes, scores, labels, num, and cls, init, refine where the
     export has its head outputs appended) with the reference; returns the number of detections
@@ -117,13 +137,26 @@ def check(outputs, head, detections, what: str) -> int:
     for i, det in enumerate(detections):
         n = int(num[i])
         assert n == len(det["scores"]), f"{what} image {i}: {n} detections, PyTorch {len(det['scores'])}"
-        assert torch.equal(labels[i, :n], det["labels"]), f"{what} image {i}: labels differ"
-        torch.testing.assert_close(boxes[i, :n], det["boxes"], rtol=0, atol=BOX_ATOL, msg=f"{what} image {i}")
         torch.testing.assert_close(scores[i, :n], det["scores"], rtol=0, atol=SCORE_ATOL, msg=f"{what} image {i}")
+        unmatched = unpaired(boxes[i, :n], scores[i, :n], labels[i, :n], det)
+        assert not unmatched, f"{what} image {i}: detections {unmatched} have no partner in PyTorch's"
         # padding convention
         assert (labels[i, n:] == -1).all() and (scores[i, n:] == 0).all() and (boxes[i, n:] == 0).all()
         total += n
     return total
+
+
+def test_pairing_accepts_tied_detections_in_either_order_and_nothing_else():
+    reference = {"boxes": torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [1, 1, 4, 4]]),
+                 "scores": torch.tensor([0.5, 0.5, 0.3]), "labels": torch.tensor([1, 1, 2])}
+    swapped = [1, 0, 2]
+    got = (reference["boxes"][swapped], reference["scores"][swapped], reference["labels"][swapped])
+    assert unpaired(*got, reference) == []
+    moved = got[0].clone()
+    moved[2, 0] += 3 * BOX_ATOL
+    assert unpaired(moved, got[1], got[2], reference) == [2]
+    assert unpaired(got[0], got[1], torch.tensor([1, 1, 0]), reference) == [2]
+    assert unpaired(reference["boxes"][[0, 0, 2]], got[1], got[2], reference) == [1]  # one partner each
 
 
 def test_the_wrapper_swaps_the_star_conv_of_a_copy_of_the_model(one_thread):
