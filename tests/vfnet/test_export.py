@@ -16,7 +16,8 @@ box: we require 2e-3 px absolute; scores are sigmoids (slope <= 1/4): 1e-5 absol
 of detections must be equal and the scores, in their order, within that tolerance; each detection
 must have its own partner among the reference's (same label, box and score within tolerance):
 two detections whose scores are equal up to rounding may come out in either order (the DCN
-scene has such a pair under Pillow 13's drawing). A score within rounding of a threshold or of the
+scene has a pair 1 ulp apart, swapped on one machine and not on another: the CPU's float32
+kernels decide). A score within rounding of a threshold or of the
 nms_pre-th score, or an NMS IoU within rounding of nms_iou, could still flip a decision; the
 checked scenes have none.
 """
