@@ -45,6 +45,7 @@ ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
 INPUT_NAMES = ["images"]
 OUTPUT_NAMES = ["boxes", "scores", "labels", "num_detections"]
 HEAD_OUTPUT_NAMES = ["cls_logits", "bbox_init", "bbox_refine"]
+SKIPPED_REWRITE_RULES = ("SlicesSplit",)  # onnxscript rules the ONNX export leaves out (`_without_rewrite_rules`)
 
 
 def require_onnx() -> None:
@@ -90,7 +91,8 @@ def export_onnx(model: VFNet, path: str | Path, *, program: torch.export.Exporte
     require_onnx()
     program = program if program is not None else export_program(model)
     names = OUTPUT_NAMES + (HEAD_OUTPUT_NAMES if len(program.graph_signature.user_outputs) > 4 else [])
-    with _quiet("onnxscript", "onnx_ir"):  # INFO lists every rewrite (thousands of lines)
+    # _quiet: onnxscript's INFO lists every rewrite (thousands of lines)
+    with _quiet("onnxscript", "onnx_ir"), _without_rewrite_rules(SKIPPED_REWRITE_RULES):
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=ONNX_OPSET, custom_translation_table=onnx_translation(),
             input_names=INPUT_NAMES, output_names=names, verbose=False)
@@ -98,6 +100,27 @@ def export_onnx(model: VFNet, path: str | Path, *, program: torch.export.Exporte
         fh.write(onnx_program.model_proto.SerializeToString())
     log.info("wrote %s", path)
     return Path(path)
+
+
+@contextlib.contextmanager
+def _without_rewrite_rules(names: tuple[str, ...]) -> Iterator[None]:
+    """onnxscript's default rewrite rules (those `torch.onnx.export` applies when it optimises
+    the graph) less the rules called `names`, for the block.
+
+    Why SKIPPED_REWRITE_RULES: SlicesSplit (two Slices of one tensor -> one Split) is the one
+    default rule whose pattern has two output nodes, and onnxscript 0.7 matches such a pattern by
+    listing the whole graph for every node it tries, so its cost grows with the square of the
+    graph. It rewrites nothing in our graphs (the DCN test model's ONNX file is the same, byte
+    for byte, without it), and it was half of the ONNX export of the R-50 DCN zoo model (4,162
+    nodes, one thread: 151.8 s with it, 76.5 s without; docs/export.md)."""
+    from onnxscript import rewriter
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    rewriter._DEFAULT_REWRITE_RULES = tuple(rule for rule in rules if rule.name not in names)
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 @contextlib.contextmanager
