@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from orchestration import common
@@ -47,9 +47,10 @@ class _StartTimedOut(Exception):
 class Cluster:
     """A head and `nodes` more raylets, each a `ray start --block` process group with 2 logical
     CPUs; `node_args`: more `ray start` flags for every raylet, the head included (e.g.
-    `--memory=...`)."""
+    `--memory=...`); `env`: more environment variables for every raylet (so for the Ray Train
+    controller and workers it starts) and for the commands of the test (`self.env`)."""
 
-    def __init__(self, nodes: int = 1, node_args: Sequence[str] = ()) -> None:
+    def __init__(self, nodes: int = 1, node_args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> None:
         self.nodes = nodes
         self.node_args = list(node_args)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="vr-"))  # short: Ray's socket paths
@@ -62,6 +63,7 @@ class Cluster:
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",  # faster checkpoint registration, failure detection
             # `python` in job entrypoints is this interpreter
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(env or {}),
         }
         self.env.pop("RAY_ADDRESS", None)
         self.procs: list[subprocess.Popen] = []  # the head first, then the live raylets

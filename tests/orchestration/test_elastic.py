@@ -10,7 +10,9 @@ printed: docs/ray.md, Elastic training, quotes them.
 The run is held still (its workers SIGSTOPped) once it has trained at 2 workers, until it has
 grown back: otherwise a fast machine could finish the run before Ray notices the new node, and
 the test's verdict would depend on the machine's speed. Ray ends the stopped workers itself
-when it resizes the group.
+when it resizes the group, after asking them to tear down their torch process group: stopped,
+they never answer, so the cluster's Ray waits `SHUTDOWN_TIMEOUT` seconds for that instead of its
+default 30 s (`TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`; healthy workers answer at once).
 """
 from __future__ import annotations
 
@@ -38,12 +40,14 @@ REPO = Path(__file__).resolve().parents[2]
 GIB = 2**30
 MAX_ITERS = 24  # global batch 6 (2 x 3 workers) on 96 images: 16 iterations an epoch
 INTERVAL = 4  # checkpoint interval, iterations
+SHUTDOWN_TIMEOUT = 3  # seconds Ray waits for the held workers' process-group teardown
 
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """A head and two raylets, each with room for one training worker."""
-    cluster = Cluster(nodes=2, node_args=[f"--memory={3 * GIB}"])
+    cluster = Cluster(nodes=2, node_args=[f"--memory={3 * GIB}"],
+                      env={"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": str(SHUTDOWN_TIMEOUT)})
     try:
         cluster.start()
         yield cluster
