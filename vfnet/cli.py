@@ -5,7 +5,7 @@
     vfnet tune ...          (Ray Tune: the flags of `python -m orchestration.tune`)
     vfnet eval    --checkpoint FILE [--ann FILE --images DIR] [--out DIR] [--set key=value ...]
     vfnet predict --checkpoint FILE --out DIR [--score-thr S] [--set key=value ...] IMAGE|DIR...
-    vfnet export  --checkpoint FILE --format onnx|torch --out FILE [--set key=value ...]
+    vfnet export  --checkpoint FILE --out FILE.onnx|FILE.pt2 [FILE ...] [--format onnx|torch] [--set key=value ...]
     vfnet convert mmdet IN.pth OUT.pt
     vfnet data synth   --out DIR [--images N] [--size PX] [--seed S]
     vfnet data convert --voc XML_DIR --images DIR [--split LIST] --out FILE.json
@@ -143,15 +143,40 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_SUFFIXES = {".onnx": "onnx", ".pt2": "torch"}
+
+
+def export_targets(outs: Sequence[str], fmt: str | None) -> list[tuple[str, Path]]:
+    """(format, file) for each `--out` of `vfnet export`: `--format` for a single file, else
+    each file's suffix (.onnx: ONNX, .pt2: torch.export); one file per format."""
+    if fmt is not None:
+        if len(outs) > 1:
+            raise ArgumentError("--format gives the format of a single --out file; for several, leave it out "
+                                "and end each file in .onnx or .pt2")
+        return [(fmt, Path(outs[0]))]
+    targets = []
+    for out in outs:
+        if Path(out).suffix.lower() not in EXPORT_SUFFIXES:
+            raise ArgumentError(f"--out {out}: the format is not clear from the name: end it in .onnx or .pt2, "
+                                "or give --format")
+        targets.append((EXPORT_SUFFIXES[Path(out).suffix.lower()], Path(out)))
+    if len({kind for kind, _ in targets}) < len(targets):
+        raise ArgumentError("--out: one file per format (one .onnx, one .pt2)")
+    return targets
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from vfnet.api import Detector
-    from vfnet.interop.export import require_onnx
+    from vfnet.interop.export import export_onnx, export_program, export_torch, require_onnx
 
-    if args.format == "onnx":
+    targets = export_targets(args.out, args.format)
+    if any(fmt == "onnx" for fmt, _ in targets):
         require_onnx()  # before loading anything
     detector = Detector.from_checkpoint(args.checkpoint, device="cpu", overrides=args.set)
-    path = detector.to_onnx(args.out) if args.format == "onnx" else detector.to_torch_export(args.out)
-    print(f"wrote {path} ({args.format})")
+    program = export_program(detector.model)  # one trace for every file
+    for fmt, out in targets:
+        path = (export_onnx if fmt == "onnx" else export_torch)(detector.model, out, program=program)
+        print(f"wrote {path} ({fmt})")
     return 0
 
 
@@ -260,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or directories of images")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or a torch.export program")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX and/or a torch.export program")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", required=True, choices=["onnx", "torch"])
-    p.add_argument("--out", required=True, help="file to write (.onnx or .pt2)")
+    p.add_argument("--out", required=True, nargs="+", metavar="FILE",
+                   help="file(s) to write, the format from the suffix: .onnx (ONNX), .pt2 (torch.export); "
+                        "both from one trace")
+    p.add_argument("--format", choices=["onnx", "torch"], help="the format of a single --out file, whatever its name")
     p.add_argument("--set", **sets)
     p.set_defaults(func=cmd_export)
 

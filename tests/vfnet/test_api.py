@@ -127,6 +127,18 @@ def test_predict_accepts_a_directory(setup, tmp_path, capsys):
     assert "no images" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--format", "onnx", "--out", "a.onnx", "b.pt2"], "--format gives the format of a single --out file"),
+    (["--out", "model.bin"], "--out model.bin: the format is not clear from the name"),
+    (["--out", "a.onnx", "b.ONNX"], "--out: one file per format"),
+])
+def test_export_files_that_do_not_say_their_format_are_one_line(argv, message, capsys):
+    """Refused before the checkpoint (here none) is read."""
+    assert main(["export", "--checkpoint", "missing.pt", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
 def test_export_without_onnx_is_one_line(setup, monkeypatch, capsys):
     _, checkpoint, _ = setup
     real = importlib.util.find_spec

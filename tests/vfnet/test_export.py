@@ -199,9 +199,9 @@ def test_the_onnx_export_leaves_out_the_skipped_rewrite_rules_and_only_during_th
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """The tiny model saved as a checkpoint and exported by `vfnet export` in both formats, as a
-    user would: the model, the loaded torch.export program, an onnxruntime session on the ONNX
-    file, the ONNX file, and what each command printed ({format: stdout})."""
+    """The tiny model saved as a checkpoint and exported by `vfnet export` to both formats at
+    once (one trace), as a user would: the model, the loaded torch.export program, an onnxruntime
+    session on the ONNX file, the files, and what the command printed."""
     pytest.importorskip("onnxruntime")
     import onnxruntime
 
@@ -213,11 +213,9 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     checkpoint = save_checkpoint(out, model=model, optimizer=None, iteration=0, epoch=0, config=model.cfg)
     files = {"onnx": out / "model.onnx", "torch": out / "model.pt2"}
-    printed = {}
-    for fmt, path in files.items():
-        with contextlib.redirect_stdout(io.StringIO()) as stdout:
-            assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(path)]) == 0
-        printed[fmt] = stdout.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", *map(str, files.values())]) == 0
+    printed = stdout.getvalue()
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     session = onnxruntime.InferenceSession(str(files["onnx"]), options, providers=["CPUExecutionProvider"])
@@ -272,12 +270,11 @@ def test_small_images_run_in_onnxruntime(exported):
 
 
 def test_vfnet_export_command_writes_user_files(exported):
-    """`vfnet export` of a checkpoint (the fixture ran it): one line per written file, and the files
-    give the detection outputs only (boxes, scores, labels, num_detections; their values are
-    checked against PyTorch above)."""
+    """`vfnet export` of a checkpoint to both files (the fixture ran it): one line per written
+    file, and the files give the detection outputs only (boxes, scores, labels, num_detections;
+    their values are checked against PyTorch above)."""
     _, program, session, files, printed = exported
-    for fmt, path in files.items():
-        assert f"wrote {path}" in printed[fmt]
+    assert printed.splitlines() == [f"wrote {path} ({fmt})" for fmt, path in files.items()]
     assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels", "num_detections"]
     with torch.no_grad():
         assert len(program(crowded_batch(1, (256, 224)))) == 4
