@@ -1,13 +1,11 @@
-"""Run storage on an object store: `RunStorage` against moto's S3 server on loopback, and a
-2-worker Ray Train run (packed shards, checkpoints, worker records, work dir, result.json) stored
-there."""
+"""Run storage on an object store: `RunStorage` against moto's S3 server on loopback, and a Tune
+sweep stored there (a 2-worker Ray Train run on S3 is test_train.py's train-and-resume test)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,11 +13,9 @@ import pytest
 from holding_proxy import HoldingProxy
 from pyarrow.fs import FileSelector
 
-from orchestration import common
 from orchestration import train as otrain
 from orchestration.storage import RetryPolicy, RunStorage, WorkdirSync, attempt_workdir, is_transient, redact
 from vfnet.core.atomic import atomic_write
-from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.errors import ArgumentError
 from vfnet.train.metrics_log import MetricsLog
 
@@ -117,36 +113,6 @@ def test_work_dirs_of_ended_attempts_are_removed(tmp_path: Path) -> None:
             assert not killed.exists() and running.is_dir() and current.is_dir()
     assert not any(parent.iterdir())
     parent.rmdir()
-
-
-def load_remote_checkpoint(storage: RunStorage, uri: str) -> dict:
-    """Load an engine checkpoint stored at `uri` (a file of `storage`)."""
-    path = uri.split("://", 1)[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "checkpoint.pt"
-        with storage.fs.open_input_stream(path) as src:
-            local.write_bytes(src.read())
-        return load_checkpoint(local)
-
-
-@pytest.mark.ray
-def test_two_workers_on_s3(tiny_config, s3_storage: str, ray_session) -> None:
-    summary = otrain.run_training(tiny_config(), num_workers=2, storage=s3_storage, name="pair")
-    storage = RunStorage.parse(s3_storage)
-    assert summary == storage.read_json(storage.path("pair", otrain.RESULT_NAME))
-    assert summary["run_dir"] == f"{s3_storage}/pair" and summary["iterations"] == 4
-    assert summary["checkpoint"].startswith(f"{s3_storage}/pair/checkpoint_")
-    assert int(load_remote_checkpoint(storage, summary["checkpoint"])["iteration"]) == 4
-    records = [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, n))
-               for n in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
-    assert sorted(r["rank"] for r in records) == [0, 1]
-    (key,) = [i.base_name for i in storage.fs.get_file_info(FileSelector(storage.path(common.PACKED_DIR)))]
-    assert storage.exists(storage.path(common.PACKED_DIR, key, "_COMPLETE"))
-    assert storage.list(storage.path("pair", otrain.WORKDIR_NAME, "tensorboard"))
-    with storage.fs.open_input_stream(storage.path("pair", otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
-        lines = [json.loads(line) for line in src.read().decode().splitlines()]
-    assert [r["iter"] for r in lines if r["mode"] == "train"] == [1, 2, 3, 4]
-    # restarting from S3 (work dir fetched back, checkpoint restored) is test_cluster's SIGKILL test
 
 
 @pytest.mark.ray

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 from corrupt import flip_tensor_bit
+from pyarrow.fs import FileSelector, FileType
+from ray_cluster import load_run_checkpoint
 
 from orchestration import common
 from orchestration import train as otrain
+from orchestration.storage import RunStorage
 from orchestration.tracking import RUN_DIR_TAG, MlflowTarget
 from vfnet.core.checkpoint import checkpoint_config, load_checkpoint, save_checkpoint
 from vfnet.core.errors import CheckpointError
@@ -137,51 +140,73 @@ def test_unreachable_cluster_is_one_line(capsys, monkeypatch) -> None:
     assert err == ["vfnet: error: cannot connect to Ray (127.0.0.1:1): Could not find any running Ray instance."]
 
 
-def test_two_workers_train_and_resume(tiny_config, tmp_path: Path, ray_session) -> None:
-    storage = tmp_path / "runs"
+def test_two_workers_train_and_resume(tiny_config, s3_storage: str, tmp_path: Path, ray_session) -> None:
+    """A 2-worker run stored on the S3 server (packed shards, checkpoints, worker records, work
+    dir, result.json; MLflow beside it), then the same name again with a longer schedule: it
+    resumes from the registered checkpoint (the work dir fetched back from the store), which is
+    not a restart after a failure."""
+    storage = RunStorage.parse(s3_storage)
     mlflow = MlflowTarget((tmp_path / "mlruns").as_uri(), "pairs")
-    summary = otrain.run_training(tiny_config(), num_workers=2, storage=storage, name="pair", mlflow=mlflow)
-    run_dir = storage / "pair"
-    assert json.loads((run_dir / otrain.RESULT_NAME).read_text()) == summary
+    summary = otrain.run_training(tiny_config(), num_workers=2, storage=s3_storage, name="pair", mlflow=mlflow)
+    assert storage.read_json(storage.path("pair", otrain.RESULT_NAME)) == summary
+    assert summary["run_dir"] == f"{s3_storage}/pair"
+    assert summary["checkpoint"].startswith(f"{s3_storage}/pair/checkpoint_")
     assert summary["iterations"] == 4 and summary["restarts"] == 0 and summary["num_workers"] == 2
     assert 0.0 <= summary["bbox_mAP"] <= 1.0 and "bbox_mAP_50" in summary
-    state = load_checkpoint(Path(summary["checkpoint"]))
+    state = _checkpoint(storage, summary["checkpoint"])
     assert int(state["iteration"]) == 4
     assert checkpoint_config(state).model.class_names == list(CLASSES)  # from the shards (issue #19, defect 2)
-    records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
+    records = _worker_records(storage)
     assert sorted(r["rank"] for r in records) == [0, 1]
     assert all(r["world_size"] == 2 and r["resumed_from"] is None for r in records)
     assert len({r["pid"] for r in records}) == 2
-    assert (run_dir / otrain.WORKDIR_NAME / "eval.json").is_file()
+    (key,) = [i.base_name for i in storage.fs.get_file_info(FileSelector(storage.path(common.PACKED_DIR)))]
+    assert storage.exists(storage.path(common.PACKED_DIR, key, "_COMPLETE"))
+    assert storage.exists(storage.path("pair", otrain.WORKDIR_NAME, "eval.json"))
+    assert [r["iter"] for r in _records(storage) if r["mode"] == "train"] == [1, 2, 3, 4]
     # rank 0 alone writes TensorBoard events (every rank has the same work dir path)
-    assert len(list((run_dir / otrain.WORKDIR_NAME / "tensorboard").glob("events.out.tfevents.*"))) == 1
-    # The same name again, with a longer schedule: resumes from the registered checkpoint,
-    # which is not a restart after a failure.
+    events = storage.list(storage.path("pair", otrain.WORKDIR_NAME, "tensorboard"))
+    assert len([name for name in events if name.startswith("events.out.tfevents.")]) == 1
+    # The same name again, with a longer schedule
     more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2,
-                               storage=storage, name="pair", mlflow=mlflow)
+                               storage=s3_storage, name="pair", mlflow=mlflow)
     assert more["iterations"] == 6 and more["restarts"] == 0
-    assert int(load_checkpoint(Path(more["checkpoint"]))["iteration"]) == 6
-    resumed = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).iterdir()]
-    assert sum(r["resumed_from"] is not None for r in resumed) == 2
+    assert int(_checkpoint(storage, more["checkpoint"])["iteration"]) == 6
+    assert sum(r["resumed_from"] is not None for r in _worker_records(storage)) == 2
     # train.keep_checkpoints = 2 registered checkpoints are kept
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+    run = storage.fs.get_file_info(FileSelector(storage.path("pair")))
+    assert len([i for i in run if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")]) == 2
     # one MLflow run for both invocations: the first config's parameters, rank 0's records
-    check_mlflow_run(mlflow, run_dir, [r for r in _records(run_dir) if r["mode"] == "train"], more["bbox_mAP"])
+    check_mlflow_run(mlflow, more["run_dir"], [r for r in _records(storage) if r["mode"] == "train"],
+                     more["bbox_mAP"])
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / otrain.WORKDIR_NAME / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
+def _checkpoint(storage: RunStorage, uri: str) -> dict:
+    """The engine checkpoint result.json names (`<ray checkpoint dir>/checkpoint.pt` on the store)."""
+    checkpoint_dir, name = uri.rsplit("/", 1)
+    assert name == common.CHECKPOINT_NAME
+    return load_run_checkpoint(storage, checkpoint_dir)
 
 
-def check_mlflow_run(target: MlflowTarget, run_dir: Path, train_records: list[dict], final_map: float) -> None:
+def _worker_records(storage: RunStorage) -> list[dict]:
+    return [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, name))
+            for name in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
+
+
+def _records(storage: RunStorage) -> list[dict]:
+    """The run's metrics.jsonl records."""
+    with storage.fs.open_input_stream(storage.path("pair", otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
+        return [json.loads(line) for line in src.read().decode().splitlines()]
+
+
+def check_mlflow_run(target: MlflowTarget, run_dir: str, train_records: list[dict], final_map: float) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=target.uri)
     experiment = client.get_experiment_by_name(target.experiment)
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
-    assert run.data.tags[RUN_DIR_TAG] == str(run_dir)
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.rsplit("/", 1)[-1]
+    assert run.data.tags[RUN_DIR_TAG] == run_dir
     assert run.data.params["train.max_iters"] == "4" and run.data.params["model.depth"] == "18"
     loss = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert loss == [(r["iter"], pytest.approx(r["loss"])) for r in train_records]  # steps 1..6, once each
