@@ -155,11 +155,12 @@ def export_targets(outs: Sequence[str], fmt: str | None) -> list[tuple[str, Path
                                 "and end each file in .onnx or .pt2")
         return [(fmt, Path(outs[0]))]
     targets = []
-    for out in outs:
-        if Path(out).suffix.lower() not in EXPORT_SUFFIXES:
+    for out in map(Path, outs):
+        kind = EXPORT_SUFFIXES.get(out.suffix.lower())
+        if kind is None:
             raise ArgumentError(f"--out {out}: the format is not clear from the name: end it in .onnx or .pt2, "
                                 "or give --format")
-        targets.append((EXPORT_SUFFIXES[Path(out).suffix.lower()], Path(out)))
+        targets.append((kind, out))
     if len({kind for kind, _ in targets}) < len(targets):
         raise ArgumentError("--out: one file per format (one .onnx, one .pt2)")
     return targets

@@ -10,6 +10,7 @@ Ray process outlives it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from orchestration import common
+from orchestration import train as otrain
 from orchestration.storage import RunStorage
 from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.errors import EnvError
@@ -187,6 +189,19 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 def run_storage(run: Path | RunStorage) -> RunStorage:
     """A run directory as a storage: a local path, or a RunStorage (e.g. on the S3 server)."""
     return run if isinstance(run, RunStorage) else RunStorage.parse(run)
+
+
+def worker_records(run_dir: Path | RunStorage) -> list[dict]:
+    """The run's worker records (`workers/rank<r>-<start>.json`: one per rank per group start)."""
+    run = run_storage(run_dir)
+    return [run.read_json(run.path(otrain.WORKERS_DIR, n)) for n in run.list(run.path(otrain.WORKERS_DIR))]
+
+
+def metrics_records(run_dir: Path | RunStorage) -> list[dict]:
+    """The records of the run's work dir `metrics.jsonl`, in file order."""
+    run = run_storage(run_dir)
+    with run.fs.open_input_stream(run.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
+        return [json.loads(line) for line in src.read().decode().splitlines()]
 
 
 def registered_checkpoints(run_dir: Path | RunStorage) -> list[dict]:

@@ -22,9 +22,10 @@ from ray_cluster import (
     Cluster,
     assert_registered_checkpoints_verify,
     load_run_checkpoint,
+    metrics_records,
     node_ip,
     registered_checkpoints,
-    run_storage,
+    worker_records,
 )
 
 from orchestration import common
@@ -54,11 +55,6 @@ def _config_file(cfg: Config, directory: Path) -> Path:
     return path
 
 
-def _records(run_dir: Path | RunStorage) -> list[dict]:
-    run = run_storage(run_dir)
-    return [run.read_json(run.path(otrain.WORKERS_DIR, n)) for n in run.list(run.path(otrain.WORKERS_DIR))]
-
-
 def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
     """`ray job submit --working-dir .` of `python -m orchestration.train`, one worker per node."""
     config = _config_file(tiny_config(), tmp_path)
@@ -73,7 +69,7 @@ def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     result = json.loads((storage / "job2" / otrain.RESULT_NAME).read_text())
     assert result["iterations"] == 4 and result["num_workers"] == 2 and result["restarts"] == 0
-    records = _records(storage / "job2")
+    records = worker_records(storage / "job2")
     assert sorted(r["rank"] for r in records) == [0, 1]
     assert len({r["node_id"] for r in records}) == 2
     assert {r["node_ip"] for r in records} == {HEAD_IP, NODE_IP}
@@ -146,7 +142,7 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
         _wait_until(proc, lambda: proxy.held.is_set() and bool(registered_checkpoints(run_dir)))
         held_dir = proxy.held_path.decode().split("/")[-2]  # the checkpoint being uploaded
         registered_before = [e["checkpoint_dir_name"] for e in registered_checkpoints(run_dir)]
-        victim = _records(run_dir)[0]["pid"]
+        victim = worker_records(run_dir)[0]["pid"]
         os.kill(victim, signal.SIGKILL)
         proxy.release()
         output = _finish(proc)
@@ -163,7 +159,7 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["restarts"] >= 1 and result["iterations"] == 16
     assert result["checkpoint"].startswith(f"{s3_storage}/ft/checkpoint_")
-    records = _records(run_dir)
+    records = worker_records(run_dir)
     assert victim in {r["pid"] for r in records}
     resumed = [r for r in records if r["resumed_from"] is not None]
     assert resumed and all(r["pid"] != victim for r in resumed)
@@ -172,9 +168,7 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
     assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
     assert_registered_checkpoints_verify(run_dir)
     # the work dir came back from S3: every iteration's record once, the redone ones replaced
-    with run_dir.fs.open_input_stream(run_dir.path(otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
-        lines = [json.loads(line) for line in src.read().decode().splitlines()]
-    assert [r["iter"] for r in lines if r["mode"] == "train"] == list(range(1, 17))
+    assert [r["iter"] for r in metrics_records(run_dir) if r["mode"] == "train"] == list(range(1, 17))
     with capsys.disabled():
         print("\nworker killed mid-upload of the checkpoint of iteration 8: resumed from 4, "
               "4 iterations redone")
@@ -196,12 +190,12 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "lost-node",
                    "--num-workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD")
     try:
-        _wait_until(proc, lambda: proxy.held.is_set() and len(_records(run_dir)) == 2
+        _wait_until(proc, lambda: proxy.held.is_set() and len(worker_records(run_dir)) == 2
                     and bool(registered_checkpoints(run_dir)))
-        assert {r["node_ip"] for r in _records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
+        assert {r["node_ip"] for r in worker_records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
         registered_before = assert_registered_checkpoints_verify(run_dir)
         cluster.kill_node()
-        _wait_until(proc, lambda: any(r["resumed_from"] for r in _records(run_dir)))
+        _wait_until(proc, lambda: any(r["resumed_from"] for r in worker_records(run_dir)))
         proxy.release()
         output = _finish(proc)
     finally:
@@ -213,7 +207,7 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     assert registered_before == [4]
     result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["restarts"] >= 1 and result["iterations"] == 16
-    resumed = [r for r in _records(run_dir) if r["resumed_from"] is not None]
+    resumed = [r for r in worker_records(run_dir) if r["resumed_from"] is not None]
     assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
     assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
     assert 16 in assert_registered_checkpoints_verify(run_dir)
@@ -238,12 +232,12 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
     flags = ("--num-workers", "1", "--cpus-per-worker", "1")
     proc = _driver(cluster, config, storage, None, *flags)
     try:
-        _wait_until(proc, lambda: proxy.held.is_set() and bool(_records(run_dir))
+        _wait_until(proc, lambda: proxy.held.is_set() and bool(worker_records(run_dir))
                     and bool(registered_checkpoints(run_dir)))
         proc.kill()
         proc.wait(timeout=30)
         proxy.release()
-        first = {r["pid"] for r in _records(run_dir)}
+        first = {r["pid"] for r in worker_records(run_dir)}
         again = _driver(cluster, config, storage, None, *flags)
         output = _finish(again)
     finally:
@@ -253,7 +247,7 @@ def test_killed_driver_same_command_resumes_the_run(cluster: Cluster, tiny_confi
     assert again.returncode == 0, output[-6000:]
     result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
     assert result["iterations"] == 16 and result["restarts"] == 0  # a re-run, not a restart
-    resumed = [r for r in _records(run_dir) if r["pid"] not in first]
+    resumed = [r for r in worker_records(run_dir) if r["pid"] not in first]
     assert resumed and resumed[0]["resumed_from"] is not None
     assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
     assert 16 in assert_registered_checkpoints_verify(run_dir)

@@ -1,14 +1,13 @@
 """orchestration.train: the Ray Train driver and worker hooks, run on the session's local Ray."""
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 from corrupt import flip_tensor_bit
 from pyarrow.fs import FileSelector, FileType
-from ray_cluster import load_run_checkpoint
+from ray_cluster import load_run_checkpoint, metrics_records, worker_records
 
 from orchestration import common
 from orchestration import train as otrain
@@ -146,9 +145,10 @@ def test_two_workers_train_and_resume(tiny_config, s3_storage: str, tmp_path: Pa
     resumes from the registered checkpoint (the work dir fetched back from the store), which is
     not a restart after a failure."""
     storage = RunStorage.parse(s3_storage)
+    run = storage.child("pair")
     mlflow = MlflowTarget((tmp_path / "mlruns").as_uri(), "pairs")
     summary = otrain.run_training(tiny_config(), num_workers=2, storage=s3_storage, name="pair", mlflow=mlflow)
-    assert storage.read_json(storage.path("pair", otrain.RESULT_NAME)) == summary
+    assert run.read_json(run.path(otrain.RESULT_NAME)) == summary
     assert summary["run_dir"] == f"{s3_storage}/pair"
     assert summary["checkpoint"].startswith(f"{s3_storage}/pair/checkpoint_")
     assert summary["iterations"] == 4 and summary["restarts"] == 0 and summary["num_workers"] == 2
@@ -156,29 +156,29 @@ def test_two_workers_train_and_resume(tiny_config, s3_storage: str, tmp_path: Pa
     state = _checkpoint(storage, summary["checkpoint"])
     assert int(state["iteration"]) == 4
     assert checkpoint_config(state).model.class_names == list(CLASSES)  # from the shards (issue #19, defect 2)
-    records = _worker_records(storage)
+    records = worker_records(run)
     assert sorted(r["rank"] for r in records) == [0, 1]
     assert all(r["world_size"] == 2 and r["resumed_from"] is None for r in records)
     assert len({r["pid"] for r in records}) == 2
     (key,) = [i.base_name for i in storage.fs.get_file_info(FileSelector(storage.path(common.PACKED_DIR)))]
     assert storage.exists(storage.path(common.PACKED_DIR, key, "_COMPLETE"))
-    assert storage.exists(storage.path("pair", otrain.WORKDIR_NAME, "eval.json"))
-    assert [r["iter"] for r in _records(storage) if r["mode"] == "train"] == [1, 2, 3, 4]
+    assert run.exists(run.path(otrain.WORKDIR_NAME, "eval.json"))
+    assert [r["iter"] for r in metrics_records(run) if r["mode"] == "train"] == [1, 2, 3, 4]
     # rank 0 alone writes TensorBoard events (every rank has the same work dir path)
-    events = storage.list(storage.path("pair", otrain.WORKDIR_NAME, "tensorboard"))
+    events = run.list(run.path(otrain.WORKDIR_NAME, "tensorboard"))
     assert len([name for name in events if name.startswith("events.out.tfevents.")]) == 1
     # The same name again, with a longer schedule
     more = otrain.run_training(tiny_config(**{"train.max_iters": 6}), num_workers=2,
                                storage=s3_storage, name="pair", mlflow=mlflow)
     assert more["iterations"] == 6 and more["restarts"] == 0
     assert int(_checkpoint(storage, more["checkpoint"])["iteration"]) == 6
-    assert sum(r["resumed_from"] is not None for r in _worker_records(storage)) == 2
+    assert sum(r["resumed_from"] is not None for r in worker_records(run)) == 2
     # train.keep_checkpoints = 2 registered checkpoints are kept
-    run = storage.fs.get_file_info(FileSelector(storage.path("pair")))
-    assert len([i for i in run if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")]) == 2
+    entries = storage.fs.get_file_info(FileSelector(run.path()))
+    assert len([i for i in entries if i.type == FileType.Directory and i.base_name.startswith("checkpoint_")]) == 2
     # one MLflow run for both invocations: the first config's parameters, rank 0's records
-    check_mlflow_run(mlflow, more["run_dir"], [r for r in _records(storage) if r["mode"] == "train"],
-                     more["bbox_mAP"])
+    train_records = [r for r in metrics_records(run) if r["mode"] == "train"]
+    check_mlflow_run(mlflow, more["run_dir"], train_records, more["bbox_mAP"])
 
 
 def _checkpoint(storage: RunStorage, uri: str) -> dict:
@@ -186,17 +186,6 @@ def _checkpoint(storage: RunStorage, uri: str) -> dict:
     checkpoint_dir, name = uri.rsplit("/", 1)
     assert name == common.CHECKPOINT_NAME
     return load_run_checkpoint(storage, checkpoint_dir)
-
-
-def _worker_records(storage: RunStorage) -> list[dict]:
-    return [storage.read_json(storage.path("pair", otrain.WORKERS_DIR, name))
-            for name in storage.list(storage.path("pair", otrain.WORKERS_DIR))]
-
-
-def _records(storage: RunStorage) -> list[dict]:
-    """The run's metrics.jsonl records."""
-    with storage.fs.open_input_stream(storage.path("pair", otrain.WORKDIR_NAME, "metrics.jsonl")) as src:
-        return [json.loads(line) for line in src.read().decode().splitlines()]
 
 
 def check_mlflow_run(target: MlflowTarget, run_dir: str, train_records: list[dict], final_map: float) -> None:
