@@ -29,6 +29,8 @@ from vfnet.core.checkpoint import load_checkpoint
 from vfnet.core.errors import EnvError
 
 HEAD_IP = "127.0.0.2"
+HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls its workers
+HEALTH_CHECK_INTERVAL = "0.5"  # seconds (Ray's default: 2)
 STARTED = "Ray runtime started."  # what `ray start` prints once its node is up
 
 
@@ -63,7 +65,7 @@ class Cluster:
             "RAY_AUTH_MODE": "token",  # with the session's token (conftest.py) or ~/.ray's
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1",  # faster checkpoint registration, failure detection
+            HEALTH_CHECK_ENV: HEALTH_CHECK_INTERVAL,  # faster checkpoint registration, failure detection
             # the GCS probes every raylet each second (Ray's default: 3 s), so a SIGKILLed node
             # (its probes refused at once) is marked dead after 5 probes, ~5 s instead of ~15 s; a
             # live node still has Ray's 10 s per probe to answer
