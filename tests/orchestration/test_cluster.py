@@ -1,4 +1,5 @@
-"""Real multi-process Ray clusters: `ray start` heads, `ray job submit`, two nodes, a SIGKILLed worker.
+"""Real multi-process Ray clusters: `ray start` heads, `ray job submit`, two nodes, a lost node, a
+SIGKILLed worker, a killed driver.
 
 The module starts its own cluster (`ray_cluster.Cluster`): a head on 127.0.0.2 and a second
 raylet on 127.0.0.3, two real nodes on one machine, stopped at the end of the module.
@@ -53,26 +54,6 @@ def _config_file(cfg: Config, directory: Path) -> Path:
     path = directory / "config.toml"
     save_config(cfg, path)
     return path
-
-
-def test_job_submit_two_workers_on_two_nodes(cluster: Cluster, tiny_config, tmp_path: Path) -> None:
-    """`ray job submit --working-dir .` of `python -m orchestration.train`, one worker per node."""
-    config = _config_file(tiny_config(), tmp_path)
-    storage = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit",
-           f"--address={cluster.dashboard}", "--working-dir", ".",
-           "--runtime-env-json", json.dumps({"excludes": ["/.git/"]}), "--",
-           "python", "-m", "orchestration.train", "--config", str(config), "--num-workers", "2",
-           "--cpus-per-worker", "1", "--placement-strategy", "STRICT_SPREAD",
-           "--storage", str(storage), "--name", "job2"]
-    out = subprocess.run(cmd, cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    result = json.loads((storage / "job2" / otrain.RESULT_NAME).read_text())
-    assert result["iterations"] == 4 and result["num_workers"] == 2 and result["restarts"] == 0
-    records = worker_records(storage / "job2")
-    assert sorted(r["rank"] for r in records) == [0, 1]
-    assert len({r["node_id"] for r in records}) == 2
-    assert {r["node_ip"] for r in records} == {HEAD_IP, NODE_IP}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +155,24 @@ def test_worker_killed_mid_checkpoint_upload(cluster: Cluster, tiny_config, tmp_
               "4 iterations redone")
 
 
-def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, tiny_config, tmp_path: Path,
-                                                            s3_storage: str, capsys) -> None:
-    """Two workers spread over the two nodes; the second node's raylet and workers are SIGKILLed
-    after a checkpoint was registered. The run restarts on the head node from the latest
-    registered checkpoint, completes, and result.json counts the restart.
+def _job_submit(cluster: Cluster, config: Path, storage: str, name: str, *flags: str) -> subprocess.Popen:
+    """`ray job submit --working-dir .` of `python -m orchestration.train` (the repository uploaded
+    as the job's working directory, its driver on the head node); the command streams the job's
+    log and exits with its status."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={cluster.dashboard}",
+         "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": ["/.git/"]}), "--",
+         "python", "-m", "orchestration.train", "--config", str(config), "--storage", storage, "--name", name,
+         *flags],
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_submitted_job_on_two_nodes_completes_after_a_lost_node(cluster: Cluster, tiny_config, tmp_path: Path,
+                                                                s3_storage: str, capsys) -> None:
+    """`ray job submit --working-dir .` of a 2-worker run, one worker per node; the second node's
+    raylet and workers are SIGKILLed after a checkpoint was registered. The run restarts on the
+    head node from the latest registered checkpoint, completes, the job succeeds, and result.json
+    counts the restart.
 
     The run is held before it can end: the run storage is on the S3 server behind `HoldingProxy`,
     which freezes the upload of the second checkpoint (iteration 8 of 16), so the node is always
@@ -187,12 +181,12 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
     config = _faulty_run_config(tiny_config, tmp_path)
     run_dir = RunStorage.parse(s3_storage).child("lost-node")  # the test reads the server directly
     proxy = HoldingProxy(_s3_port(), _CHECKPOINT_PUT, skip=1)
-    proc = _driver(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "lost-node",
-                   "--num-workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD")
+    proc = _job_submit(cluster, config, proxy.uri(s3_storage.removeprefix("s3://")), "lost-node",
+                       "--num-workers", "2", "--cpus-per-worker", "0.5", "--placement-strategy", "SPREAD")
     try:
         _wait_until(proc, lambda: proxy.held.is_set() and len(worker_records(run_dir)) == 2
                     and bool(registered_checkpoints(run_dir)))
-        assert {r["node_ip"] for r in worker_records(run_dir)} == {HEAD_IP, NODE_IP}, "workers not spread"
+        spread = worker_records(run_dir)
         registered_before = assert_registered_checkpoints_verify(run_dir)
         cluster.kill_node()
         _wait_until(proc, lambda: any(r["resumed_from"] for r in worker_records(run_dir)))
@@ -204,9 +198,11 @@ def test_lost_node_run_completes_from_registered_checkpoint(cluster: Cluster, ti
             proc.kill()
         cluster.add_node()  # for the tests after this one
     assert proc.returncode == 0, output[-6000:]
+    assert sorted(r["rank"] for r in spread) == [0, 1] and len({r["node_id"] for r in spread}) == 2
+    assert {r["node_ip"] for r in spread} == {HEAD_IP, NODE_IP}, "workers not spread"
     assert registered_before == [4]
     result = run_dir.read_json(run_dir.path(otrain.RESULT_NAME))
-    assert result["restarts"] >= 1 and result["iterations"] == 16
+    assert result["restarts"] >= 1 and result["iterations"] == 16 and result["num_workers"] == 2
     resumed = [r for r in worker_records(run_dir) if r["resumed_from"] is not None]
     assert resumed and all(r["node_ip"] == HEAD_IP for r in resumed)
     assert load_run_checkpoint(run_dir, resumed[0]["resumed_from"])["iteration"] == 4
