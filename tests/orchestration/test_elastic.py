@@ -7,12 +7,17 @@ started again and the run grows back to 3 and completes. The seconds from the no
 from the new node's arrival) to the next trained iteration, and the iterations redone, are
 printed: docs/ray.md, Elastic training, quotes them.
 
-The run is held still (its workers SIGSTOPped) once it has trained at 2 workers, until it has
-grown back: otherwise a fast machine could finish the run before Ray notices the new node, and
-the test's verdict would depend on the machine's speed. Ray ends the stopped workers itself
-when it resizes the group, after asking them to tear down their torch process group: stopped,
-they never answer, so the cluster's Ray waits `SHUTDOWN_TIMEOUT` seconds for that instead of its
-default 30 s (`TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`; healthy workers answer at once).
+The run is held still (its workers SIGSTOPped) twice, so that how far it gets while the test
+reacts depends less on the machine's speed: the 3 workers once they have a checkpoint
+registered, just before the node is killed (so they cannot train on while the node dies and Ray
+notices: the 2 workers resume from the checkpoint registered then), and the 2 workers once they
+have a checkpoint registered, until the run has grown back (otherwise a fast machine, or a slow
+test process, could let the run finish before Ray notices the new node). Ray ends the stopped
+workers itself when it replaces the group, after asking them to tear down their torch process
+group: stopped, they never answer, so the cluster's Ray waits `SHUTDOWN_TIMEOUT` seconds for
+that instead of its default 30 s (`TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S`; healthy workers
+answer at once). A doubly loaded machine once let the unheld 3 workers train on during the
+kill, and the 2 workers finish the run before the test held them.
 A worker-group start waits `START_TIMEOUT` seconds for its resources (the driver's elastic
 default: 30 s): the first restart after the loss asks for 3 workers on Ray's stale view of the
 cluster and waits that long before it decides again; with the test clusters' 1 s GCS probes
@@ -136,6 +141,12 @@ def _trained_from(run_dir: Path, group: dict) -> bool:
     return written > group["started"] and max(_train_iters(run_dir), default=0) > group["iteration"]
 
 
+def _group_pids(run_dir: Path, world_size: int) -> list[int]:
+    """The pids of the workers of the run's groups of `world_size` (from their worker records)."""
+    records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).glob("rank*.json")]
+    return [r["pid"] for r in records if r["world_size"] == world_size]
+
+
 def _stop(pids: list[int], sig: signal.Signals) -> None:
     for pid in pids:
         try:
@@ -160,13 +171,16 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
                       "--memory-per-worker", "2", "--resize-interval", "5"], cluster.env)
     stopped: list[int] = []
     try:
-        # 3 workers, one per node; a checkpoint registered (iteration 4) before the loss
+        # 3 workers, one per node; a checkpoint registered before the loss
         _wait(driver, "3 workers training", lambda: [g["world_size"] for g in _rank0_groups(run_dir)] == [3]
-              and INTERVAL in _train_iters(run_dir))
+              and INTERVAL in _train_iters(run_dir) and bool(registered_checkpoints(run_dir)))
+        stopped = _group_pids(run_dir, 3)
+        _stop(stopped, signal.SIGSTOP)
         at_loss = max(_train_iters(run_dir))
         cluster.kill_node()
         lost = time.monotonic()
         _wait(driver, "a group of 2", lambda: len(_rank0_groups(run_dir)) == 2)
+        stopped = []  # Ray ended them when it replaced the group
         shrunk = _rank0_groups(run_dir)[1]
         assert shrunk["world_size"] == 2 and shrunk["batch_per_worker"] == 3  # the global batch kept
         trained_at_2 = _wait(driver, "training at 2 workers", lambda: _trained_from(run_dir, shrunk))
@@ -175,8 +189,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
         _wait(driver, "a checkpoint at 2 workers", lambda: [
             e for e in registered_checkpoints(run_dir)
             if e["metrics"]["iteration"] > shrunk["iteration"] and e["metrics"]["world_size"] == 2])
-        records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).glob("rank*.json")]
-        stopped = [r["pid"] for r in records if r["world_size"] == 2]
+        stopped = _group_pids(run_dir, 2)
         _stop(stopped, signal.SIGSTOP)
         at_hold = max(_train_iters(run_dir))
         cluster.add_node()
@@ -199,7 +212,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back(cluster: Cluster, tin
     finally:
         _stop(stopped, signal.SIGCONT)  # those Ray has not ended already
         output = driver.finish(timeout=0)  # ended already, unless the test failed
-    (tmp_path / "driver.log").write_text(output)  # Ray's resize decisions, for a look afterwards
+        (tmp_path / "driver.log").write_text(output)  # Ray's resize decisions, for a look afterwards
     assert driver.proc.returncode == 0, output[-6000:]
     assert grown["world_size"] == 3 and grown["batch_per_worker"] == 2
     result = json.loads((run_dir / otrain.RESULT_NAME).read_text())
