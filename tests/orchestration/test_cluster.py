@@ -70,11 +70,15 @@ def _faulty_run_config(tiny_config, tmp_path: Path) -> Path:
                                                   "train.keep_checkpoints": 20}), tmp_path)
 
 
-def _driver(cluster: Cluster, config: Path, storage: Path | str, name: str | None, *flags: str) -> subprocess.Popen:
+def _train_args(config: Path, storage: Path | str, name: str | None, *flags: str) -> list[str]:
+    """The arguments of `python` for `-m orchestration.train` (no --name: named after the config)."""
     named = ["--name", name] if name else []
+    return ["-m", "orchestration.train", "--config", str(config), "--storage", str(storage), *named, *flags]
+
+
+def _driver(cluster: Cluster, config: Path, storage: Path | str, name: str | None, *flags: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestration.train", "--config", str(config), "--storage", str(storage),
-         *named, "--address", cluster.address, *flags],
+        [sys.executable, *_train_args(config, storage, name, "--address", cluster.address, *flags)],
         cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -162,8 +166,7 @@ def _job_submit(cluster: Cluster, config: Path, storage: str, name: str, *flags:
     return subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", f"--address={cluster.dashboard}",
          "--working-dir", ".", "--runtime-env-json", json.dumps({"excludes": ["/.git/"]}), "--",
-         "python", "-m", "orchestration.train", "--config", str(config), "--storage", storage, "--name", name,
-         *flags],
+         "python", *_train_args(config, storage, name, *flags)],
         cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

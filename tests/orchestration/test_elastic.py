@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from ray_cluster import Cluster, assert_registered_checkpoints_verify, registered_checkpoints
+from ray_cluster import Cluster, assert_registered_checkpoints_verify, registered_checkpoints, worker_records
 
 from orchestration import train as otrain
 from vfnet.core.checkpoint import load_checkpoint
@@ -68,13 +68,7 @@ def cluster() -> Iterator[Cluster]:
 
 def _rank0_groups(run_dir: Path) -> list[dict]:
     """The rank-0 worker records (one per worker-group start), oldest first."""
-    records = []
-    for path in (run_dir / otrain.WORKERS_DIR).glob("rank0-*.json"):
-        try:
-            records.append(json.loads(path.read_text()))
-        except ValueError:  # caught mid-write
-            continue
-    return sorted(records, key=lambda r: r["started"])
+    return sorted((r for r in worker_records(run_dir) if r["rank"] == 0), key=lambda r: r["started"])
 
 
 def _train_iters(run_dir: Path) -> list[int]:
@@ -143,8 +137,7 @@ def _trained_from(run_dir: Path, group: dict) -> bool:
 
 def _group_pids(run_dir: Path, world_size: int) -> list[int]:
     """The pids of the workers of the run's groups of `world_size` (from their worker records)."""
-    records = [json.loads(p.read_text()) for p in (run_dir / otrain.WORKERS_DIR).glob("rank*.json")]
-    return [r["pid"] for r in records if r["world_size"] == world_size]
+    return [r["pid"] for r in worker_records(run_dir) if r["world_size"] == world_size]
 
 
 def _stop(pids: list[int], sig: signal.Signals) -> None:
